@@ -1,0 +1,23 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test
+
+$(VENV)/.fl2t-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Never replace an existing torch; with none, take the CPU build unless CUDA is present.
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
+	  else $(PY) -m pip install torch==2.13.0; fi; }
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.fl2t-installed
+
+demo: install
+	$(VENV)/bin/fl2t demo
+
+test: install
+	$(PY) -m pytest

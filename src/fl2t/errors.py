@@ -1,0 +1,5 @@
+"""The one exception type for errors a user can cause."""
+
+
+class Fl2tError(Exception):
+    """A user error: the message says what was wrong and what to do. The CLI prints it on one line, exit 2."""
