@@ -1,0 +1,257 @@
+"""The `fl2t` command line: thin; every command calls the library.
+
+Exit codes: 0 ok, 2 user error (one line on stderr), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fl2t.errors import Fl2tError
+
+app = typer.Typer(help="Continual, order-agnostic personalization of text-to-image diffusion models (FL2T).", no_args_is_help=True, add_completion=False)
+library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True)
+app.add_typer(library_app, name="library")
+
+console = Console(stderr=True)
+state = {"quiet": False}
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers chatter; our own progress bars say what is happening."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=state["quiet"],
+        transient=False,
+    )
+
+
+def say(msg: str) -> None:
+    if not state["quiet"]:
+        console.print(msg)
+
+
+@app.callback()
+def _main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")] = False) -> None:
+    state["quiet"] = quiet
+
+
+# -- learn ------------------------------------------------------------------------------------------------
+@app.command()
+def learn(
+    concept_dirs: Annotated[list[Path], typer.Argument(help="Concept folder(s): images, optional captions and concept.yaml.")],
+    library: Annotated[Path, typer.Option("--library", "-l", help="Library folder (created if missing).")],
+    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local diffusers folder. Default: the library's.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'learn:').")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
+    embedding_lr: Annotated[Optional[float], typer.Option(help="Token embedding learning rate.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training image size (default: the base model's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    layerwise: Annotated[Optional[bool], typer.Option("--layerwise/--no-layerwise", help="One token embedding per cross-attention layer.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Concept name (one folder only).")] = None,
+    token: Annotated[Optional[list[str]], typer.Option(help="Concept token(s), repeatable (one folder only).")] = None,
+    class_word: Annotated[Optional[str], typer.Option(help="Class word, e.g. 'dog' (one folder only).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="object or style (one folder only).")] = None,
+    replace: Annotated[bool, typer.Option(help="Relearn a concept whose name is already in the library.")] = False,
+) -> None:
+    """Learn concept expert(s) (Step 1) into a library."""
+    from fl2t.config import load_settings
+    from fl2t.data import load_concept
+    from fl2t.experts import learn_expert
+    from fl2t.library import Library
+    from fl2t.models import default_base
+
+    if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
+        raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
+    settings = load_settings(
+        config,
+        learn=dict(
+            steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
+            seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        ),
+    ).learn
+    lib = Library(library)
+    base_id = base or (lib.base or {}).get("id") or default_base()
+    if base_id is None:
+        raise Fl2tError("no base model: pass --base (a hub id or a local diffusers folder)")
+    # Validate every folder and name before any training starts.
+    concepts = [
+        load_concept(d, name=name, tokens=token, class_word=class_word, kind=kind, min_images=settings.min_images)
+        for d in concept_dirs
+    ]
+    seen: dict[str, str] = {}
+    for c in concepts:
+        lib.check_can_add(c.spec, replace)
+        for t in [c.name, *c.spec.tokens]:
+            if t in seen:
+                raise Fl2tError(f"{c.source}: name or token {t!r} is also used by {seen[t]}")
+            seen[t] = str(c.source)
+    for c in concepts:
+        with progress() as bar:
+            task = bar.add_task(f"learn {c.name}", total=settings.steps, info="")
+            expert = learn_expert(c, base_id, settings, on_step=lambda i, loss: bar.update(task, advance=1, info=f"loss {loss:.4f}"))
+        content_hash = lib.add(expert, replace=replace)
+        print(f"learned {c.name} ({' '.join(c.spec.tokens)}) into {lib.path} [{content_hash[:12]}]")
+
+
+# -- generate ---------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt, naming the concept by its token(s).")],
+    library: Annotated[Path, typer.Option("--library", "-l")],
+    concept: Annotated[Optional[list[str]], typer.Option(help="Concept(s) whose expert to apply.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.")] = Path("out.png"),
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    num_images: Annotated[int, typer.Option(min=1)] = 1,
+    size: Annotated[Optional[int], typer.Option(help="Image size (default: the base model's).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Generate images with a library's concept expert(s)."""
+    import torch
+
+    from fl2t.pipeline import ExpertPipeline
+
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise Fl2tError(f"-o {output}: give an image file name ending in .png, .jpg or .webp")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = ExpertPipeline.from_library(library, concept, base=base, device=device)
+    with progress() as bar:
+        task = bar.add_task("generate", total=steps * num_images, info="")
+        images = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=num_images,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(seed),
+            callback_on_step_end=lambda p, i, t, kw: (bar.update(task, advance=num_images), kw)[1],
+        ).images
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
+    for im, p in zip(images, paths):
+        im.save(p)
+        print(p)
+
+
+# -- export -----------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    library: Annotated[Path, typer.Option("--library", "-l")],
+    concept: Annotated[str, typer.Option(help="Concept to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the diffusers files.")],
+) -> None:
+    """Export a concept as a diffusers LoRA and textual-inversion embeddings."""
+    from fl2t.export import export_expert
+    from fl2t.library import Library
+
+    lib = Library(library)
+    if not lib.exists:
+        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
+    print(export_expert(lib.expert(concept), output))
+
+
+# -- library ----------------------------------------------------------------------------------------------
+@library_app.command("show")
+def library_show(
+    library: Annotated[Path, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List a library's concepts."""
+    from fl2t.library import Library
+
+    lib = Library(library)
+    if not lib.exists:
+        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
+    records = lib.records()
+    if as_json:
+        print(json.dumps({"base": lib.base, "experts": records}, indent=2))
+        return
+    table = Table(title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'})")
+    for col in ("concept", "tokens", "class", "kind", "rank", "layer-wise", "steps", "hash"):
+        table.add_column(col)
+    for n, r in records.items():
+        table.add_row(n, " ".join(r["tokens"]), r["class_word"], r["kind"], str(r["rank"]), "yes" if r["layerwise"] else "no",
+                      str(r["settings"].get("steps", "")), r["content_hash"][:12])
+    Console().print(table)
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 60,
+) -> None:
+    """Run the main job end to end on the built-in default."""
+    from fl2t.demo import run_demo
+
+    run_demo(out, steps=steps, progress=progress, say=say)
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        rv = app(standalone_mode=False)
+    except Fl2tError as e:
+        print(f"fl2t: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("fl2t: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("FL2T_DEBUG"):
+            raise
+        print(f"fl2t: internal error: {type(e).__name__}: {e} (set FL2T_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Typed settings. A YAML `--config` holds sections (`learn:`); command-line flags override the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fl2t.errors import Fl2tError
+
+
+class LearnSettings(BaseModel):
+    """Step 1: learning one concept expert (DESIGN §3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(400, ge=1, description="optimisation steps")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the UNet LoRA")
+    embedding_lr: float = Field(1e-3, ge=0, description="learning rate of the concept token embeddings")
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
+    lora_attention: Literal["all", "cross", "self"] = Field(
+        "all", description="which attention blocks get LoRA: all, cross (attn2 only, as CIDM) or self (attn1)"
+    )
+    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    layerwise: bool = Field(False, description="one token embedding per cross-attention layer (ED-LoRA)")
+    batch_size: int = Field(1, ge=1)
+    resolution: int | None = Field(None, ge=8, description="training image size; default: the base model's")
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    weight_decay: float = Field(0.01, ge=0)
+    noise_offset: float = Field(0.0, ge=0)
+    flip: bool = Field(False, description="random horizontal flips of the reference images")
+    min_images: int = Field(3, ge=1, description="fewest reference images a concept may have")
+    prior_preservation: bool = Field(False, description="DreamBooth prior preservation with base-model class images")
+    num_class_images: int = Field(8, ge=1)
+    prior_weight: float = Field(1.0, ge=0)
+    num_anchors: int = Field(8, ge=0, description="synthetic anchor latents the expert generates for Step 2")
+    anchor_steps: int = Field(25, ge=1, description="denoising steps for the synthetic anchors")
+    anchor_guidance: float = Field(7.5, ge=0)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    learn: LearnSettings = LearnSettings()
+
+
+def load_settings(path: str | Path | None, **overrides: dict[str, Any]) -> Settings:
+    """Settings from a YAML file (or defaults), with per-section overrides whose value is not None."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise Fl2tError(f"--config {p}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise Fl2tError(f"--config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise Fl2tError(f"--config {p}: expected a mapping with sections such as 'learn:'")
+    for section, values in overrides.items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise Fl2tError(f"--config: section '{section}' must be a mapping")
+        data[section].update({k: v for k, v in values.items() if v is not None})
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        raise Fl2tError(f"settings: {where}: {msg} (got {err.get('input')!r})") from None

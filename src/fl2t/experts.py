@@ -1,0 +1,267 @@
+"""Step 1: learn one concept expert alone (DESIGN §3) — its token embedding(s) and a rank-r LoRA on the UNet.
+
+One training loop, read top to bottom, in the manner of diffusers' train_dreambooth_lora.py. It never reads
+another concept's data or weights, so concepts can be learned at the same time on different processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from torch import nn
+
+from fl2t.config import LearnSettings
+from fl2t.data import Concept, caption_templates
+from fl2t.errors import Fl2tError
+from fl2t.library import Expert
+from fl2t.models import base_config_hash, load_base, resolution_of
+from fl2t.pipeline import ExpertPipeline
+from fl2t.text import (
+    ConceptTokenEmbeddings,
+    add_tokens,
+    check_new_tokens,
+    class_word_embedding,
+    cross_attention_processor_names,
+    encode_layerwise,
+    set_layerwise_processors,
+)
+
+
+def lora_target_regex(settings: LearnSettings) -> str:
+    """A peft `target_modules` regex (full match) for the chosen attention blocks and projections."""
+    attn = {"all": "attn[12]", "cross": "attn2", "self": "attn1"}[settings.lora_attention]
+    projections = "|".join(t.replace(".", r"\.") for t in settings.lora_targets)
+    return rf".*\.{attn}\.({projections})"
+
+
+def images_to_tensor(images: list[Image.Image], size: int, flip: bool) -> torch.Tensor:
+    """Shorter side to `size`, centre crop, [-1, 1]: (N, 3, size, size); with `flip`, (2N, ...) with mirrors."""
+    out = []
+    for im in images:
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    x = torch.stack(out)
+    return torch.cat([x, x.flip(-1)]) if flip else x
+
+
+class ExpertModel(nn.Module):
+    """What Step 1 trains: the UNet's LoRA and the concept's token embeddings; everything else is frozen."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokens: ConceptTokenEmbeddings):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokens = tokens.attach(text_encoder)
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return encode_layerwise(self.text_encoder, input_ids, [self.tokens], self.tokens.n_layers)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, timesteps, self.encode(input_ids)).sample
+
+
+def learn_expert(
+    concept: Concept,
+    base: str | StableDiffusionPipeline,
+    settings: LearnSettings,
+    *,
+    accelerator: Accelerator | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Expert:
+    """Learn `concept` on the frozen `base` model; returns the expert (not yet saved).
+
+    `base` is a hub id or a local diffusers folder, or a loaded pipeline, which is used up (it gets the LoRA).
+    """
+    spec = concept.spec
+    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed + 1000 * accelerator.process_index)
+    device = accelerator.device
+
+    pipe = base if isinstance(base, StableDiffusionPipeline) else load_base(base)
+    base_id = pipe.name_or_path if isinstance(base, StableDiffusionPipeline) else str(base)
+    base_info = {"id": base_id or "in-memory", "config_hash": base_config_hash(pipe)}
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    check_new_tokens(tokenizer, spec.tokens)
+    size = settings.resolution or resolution_of(pipe)
+    if size % pipe.vae_scale_factor:
+        raise Fl2tError(f"resolution {size} is not a multiple of the VAE's downscale factor {pipe.vae_scale_factor}")
+
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(device)
+    text_encoder.to(device)
+    if weight_dtype != torch.float32:
+        text_encoder.to(dtype=weight_dtype)
+
+    # Base-model class latents for prior preservation, drawn before the UNet gets its LoRA.
+    class_prompt = spec.stable_prompt.replace(spec.subject, spec.class_word if spec.kind == "object" else "a painting")
+    class_latents = None
+    if settings.prior_preservation:
+        unet.to(device)
+        class_latents = pipe(
+            class_prompt,
+            num_images_per_prompt=settings.num_class_images,
+            height=size,
+            width=size,
+            num_inference_steps=settings.anchor_steps,
+            guidance_scale=settings.anchor_guidance,
+            generator=torch.Generator().manual_seed(settings.seed),
+            output_type="latent",
+        ).images.float().cpu()  # (K, C, h, w), already scaled
+    unet.to(device)
+    if weight_dtype != torch.float32:
+        unet.to(dtype=weight_dtype)
+
+    # The reference images become latent distributions once; each step samples from them.
+    pixels = images_to_tensor(concept.images, size, settings.flip).to(device)
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    lat_mean, lat_std = dist.mean.float().cpu(), dist.std.float().cpu()
+    scaling = vae.config.scaling_factor
+    captions = concept.captions * (2 if settings.flip else 1)
+    templates = caption_templates(spec.kind)
+
+    # Tokens: new rows initialised from the class word; layer-wise, one copy per cross-attention layer.
+    ids = add_tokens(tokenizer, text_encoder, spec.tokens)
+    init = class_word_embedding(tokenizer, text_encoder, spec.class_word).expand(len(ids), -1)
+    n_layers = set_layerwise_processors(unet) if settings.layerwise else None
+    if n_layers:
+        init = init.expand(n_layers, -1, -1)
+    tokens = ConceptTokenEmbeddings(ids, init)
+
+    unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights=True, target_modules=lora_target_regex(settings)))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    if not lora_params:
+        raise Fl2tError(f"no UNet layer matches lora_targets {settings.lora_targets} in {settings.lora_attention} attention")
+    for p in lora_params:
+        p.data = p.data.float()
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+
+    model = ExpertModel(unet, text_encoder, tokens).to(device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": lora_params, "lr": settings.lr, "weight_decay": settings.weight_decay},
+            {"params": [tokens.weight], "lr": settings.embedding_lr, "weight_decay": 0.0},
+        ]
+    )
+    lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=settings.steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    def tokenize(prompts: list[str]) -> torch.Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    model.train()
+    for step in range(settings.steps):
+        idx = torch.randint(len(lat_mean), (settings.batch_size,), generator=gen)
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
+        prompts = [
+            captions[i] if captions[i] is not None else templates[int(torch.randint(len(templates), (1,), generator=gen))].format(spec.subject)
+            for i in idx.tolist()
+        ]
+        if class_latents is not None:
+            k = torch.randint(len(class_latents), (settings.batch_size,), generator=gen)
+            latents = torch.cat([latents, class_latents[k]])
+            prompts += [class_prompt] * settings.batch_size
+        noise = torch.randn(latents.shape, generator=gen)
+        if settings.noise_offset:
+            noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+
+        with accelerator.autocast():
+            pred = model(noisy.to(device, weight_dtype), timesteps.to(device), tokenize(prompts).to(device)).float()
+        target = target.to(device)
+        if class_latents is not None:
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            loss = F.mse_loss(pred, target) + settings.prior_weight * F.mse_loss(pred_prior, target_prior)
+        else:
+            loss = F.mse_loss(pred, target)
+        if not math.isfinite(loss.item()):
+            raise Fl2tError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or use mixed_precision no")
+        accelerator.backward(loss)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, loss.item())
+
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    tokens.detach_hook()
+    lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
+    expert = Expert(
+        spec=spec,
+        lora=lora,
+        token_embeddings=tokens.weight.detach().float().cpu(),
+        stable_embedding=torch.zeros(0),
+        anchors=torch.zeros(0),
+        anchor_prompts=[],
+        base=base_info,
+        settings=settings.model_dump(),
+    )
+    # The trained pipeline serves as the expert's pipeline: same weights as loading the saved expert.
+    expert_pipe = ExpertPipeline(**pipe.components, requires_safety_checker=False)
+    expert_pipe.set_progress_bar_config(disable=True)
+    if expert.layerwise:
+        expert_pipe.token_hooks.append(tokens.attach(text_encoder))
+    else:
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight[ids] = expert.token_embeddings.to(text_encoder.dtype).to(device)
+    finish_expert(expert, expert_pipe, settings)
+    return expert
+
+
+@torch.no_grad()
+def finish_expert(expert: Expert, pipe: ExpertPipeline, settings: LearnSettings) -> None:
+    """Compute the stable concept embedding C_g and generate the synthetic anchors with the expert's pipeline."""
+    spec = expert.spec
+    device = pipe.unet.device
+    # C_g: final hidden state at the concept token(s) of the template prompt; mean over tokens (and layers).
+    ids = pipe.tokenizer(spec.stable_prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+    states = encode_layerwise(pipe.text_encoder, ids, pipe.token_hooks, expert.token_embeddings.shape[0] if expert.layerwise else None)
+    states = states.reshape(states.shape[0], -1, ids.shape[1], states.shape[-1])  # (1, L or 1, T, D)
+    token_ids = torch.tensor(pipe.tokenizer.convert_tokens_to_ids(spec.tokens), device=device)
+    at_token = torch.isin(ids[0], token_ids)
+    expert.stable_embedding = states[0][:, at_token].float().mean(dim=(0, 1)).cpu()
+
+    templates = caption_templates(spec.kind)
+    prompts = [templates[i % len(templates)].format(spec.subject) for i in range(settings.num_anchors)]
+    size = settings.resolution or resolution_of(pipe)
+    latents = [
+        pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=settings.anchor_steps,
+            guidance_scale=settings.anchor_guidance,
+            generator=torch.Generator().manual_seed(settings.seed + i),
+            output_type="latent",
+        ).images.float().cpu()
+        for i, prompt in enumerate(prompts)
+    ]
+    expert.anchors = torch.cat(latents) if latents else torch.zeros(0)
+    expert.anchor_prompts = prompts

@@ -1,0 +1,171 @@
+"""Loading base pipelines: a hub id or a local diffusers folder, and random-init builders for tests and benches.
+
+Weights are read from safetensors only (`use_safetensors=True`); a folder that holds only pickles is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from fl2t.errors import Fl2tError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (vocabulary from the open_clip_torch wheel, see tools/make_clip_tokenizer.py)."""
+    d = ASSETS / "clip_tokenizer"
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+
+
+def default_base() -> str | None:
+    """The base model used when neither --base nor a library names one."""
+    return None
+
+
+def load_base(base: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline from a local diffusers folder or a hub id."""
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise Fl2tError(f"--base {base}: not a diffusers pipeline folder (no model_index.json in it)")
+        source = str(path.resolve())
+    elif str(base).startswith((".", "/", "~")) or str(base).count("/") != 1:
+        raise Fl2tError(f"--base {base}: no such folder, and not a hub id of the form owner/name")
+    else:
+        source = str(base)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as e:  # diffusers raises many types for missing files, offline hubs, pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Fl2tError(f"--base {base}: could not load the pipeline with safetensors weights ({first})") from None
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def base_config_hash(pipe: StableDiffusionPipeline) -> str:
+    """A hash of the architecture (configs of UNet, text encoder, VAE and the vocabulary size), not of the weights."""
+    def clean(cfg: dict) -> dict:
+        return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+
+    blob = {
+        "unet": clean(pipe.unet.config),
+        "vae": clean(pipe.vae.config),
+        "text_encoder": clean(pipe.text_encoder.config.to_dict()),
+    }
+    for k in ("transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path", "vocab_size"):
+        blob["text_encoder"].pop(k, None)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip_text_config(**kw) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **kw
+    )
+
+
+def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random-init SD-architecture pipeline small enough for CPU tests: 32x32 images, 16x16x4 latents."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        _clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    )
+    return _pipeline(unet, vae, text_encoder)
+
+
+def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The Stable Diffusion 1.5 architecture from its public configs, random init (nothing downloaded)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    )
+    pipe = _pipeline(unet, vae, text_encoder)
+    return pipe.to(dtype=dtype)
+
+
+def resolution_of(pipe: StableDiffusionPipeline) -> int:
+    """The native image size of a pipeline (512 for SD 1.5)."""
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor

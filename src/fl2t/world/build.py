@@ -1,0 +1,206 @@
+"""`fl2t world build`: render the world and train its models from nothing, deterministically from a seed.
+
+Stages (each seeded from (seed, stage), so a resumed build equals an uninterrupted one):
+  vae        AutoencoderKL 32x32x3 <-> 16x16x4, on pictures with patterns and styles
+  evaluator  a tiny CLIPModel, contrastive on pictures with patterns and styles and their captions
+  base       UNet + CLIP text encoder on plain pictures of the pretraining combinations, saved with the
+             VAE, tokenizer and scheduler as a StableDiffusionPipeline folder
+Then `manifest.json` records the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import CLIPProcessor
+
+from fl2t.errors import Fl2tError
+from fl2t.world import models, train
+from fl2t.world.concepts import concept_appearances
+from fl2t.world.generator import random_scene
+
+DEFAULT_SEED = 1234
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How much of everything the build makes. Defaults fit in about an hour on 2 CPU cores."""
+
+    seed: int = DEFAULT_SEED
+    rich_images: int = 20_000  # pictures with patterns and styles (VAE, evaluator)
+    plain_images: int = 24_000  # plain pictures of the pretraining combinations (base model)
+    vae_steps: int = 400
+    evaluator_steps: int = 1_500
+    base_steps: int = 4_500
+    base_batch: int = 32
+
+
+def _stage_seed(seed: int, stage: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stage}".encode()).digest()[:4], "little")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(out: Path, info: dict) -> Path:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (MANIFEST, SECONDS_FILE))
+    manifest = {"files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}, **info}
+    path = out / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def verify_manifest(root: Path) -> list[str]:
+    """Files whose sha256 differs from the manifest, or that are missing; [] when all match."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise Fl2tError(f"no {MANIFEST} in {root}; rebuild the world with `fl2t world build --out {root}`")
+    files = json.loads(path.read_text())["files"]
+    bad = [rel for rel, digest in files.items() if not (root / rel).is_file() or sha256_file(root / rel) != digest]
+    return sorted(bad)
+
+
+STAGES = ("vae", "evaluator", "base")
+SECONDS_FILE = "build_seconds.json"  # per-stage wall time, kept across resumed runs; not hashed
+
+
+def build(
+    out: Path = WEIGHTS_DIR, settings: BuildSettings = BuildSettings(), resume: bool = False, until: str = "base"
+) -> Path | None:
+    """Build everything into `out` (base/, evaluator/, manifest.json); returns the manifest's path.
+
+    resume: stages whose output already exists are loaded instead of trained again.
+    until: stop after this stage (then no manifest is written and None is returned).
+    """
+    if until not in STAGES:
+        raise Fl2tError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Fl2tError(f"cannot create {out}: {e.strerror}; choose a writable --out directory") from e
+    torch.set_num_threads(2)
+    s = settings
+    seconds: dict[str, float] = _previous_seconds(out) if resume else {}
+
+    def record(stage: str, t0: float) -> None:
+        seconds[stage] = round(time.time() - t0, 1)
+        (out / SECONDS_FILE).write_text(json.dumps(seconds, indent=2) + "\n")
+
+    vae_dir, eval_dir, base_dir = out / "base" / "vae", out / "evaluator", out / "base"
+    with _progress() as progress:
+
+        def bar(name: str, total: int):
+            task = progress.add_task(name, total=total)
+            return lambda n: progress.advance(task, n)
+
+        t0 = time.time()
+        exclude = concept_appearances()
+        rng = np.random.default_rng(_stage_seed(s.seed, "rich"))
+        rich_scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(s.rich_images)]
+        rich = train.render_dataset(rich_scenes, bar("render (patterns)", s.rich_images))
+        record("render_rich", t0)
+
+        t0 = time.time()
+        if resume and (vae_dir / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(vae_dir)
+        else:
+            vae = train.train_vae(rich, s.vae_steps, _stage_seed(s.seed, "vae"), bar("train VAE", s.vae_steps))
+            vae.save_pretrained(vae_dir, safe_serialization=True)
+            record("vae", t0)
+        if until == "vae":
+            return None
+
+        t0 = time.time()
+        if not (resume and (eval_dir / "config.json").is_file()):
+            evaluator = train.train_evaluator(
+                rich, s.evaluator_steps, _stage_seed(s.seed, "evaluator"), bar("train evaluator", s.evaluator_steps)
+            )
+            evaluator.save_pretrained(eval_dir, safe_serialization=True)
+            CLIPProcessor(image_processor=models.image_processor(), tokenizer=models.tokenizer()).save_pretrained(
+                eval_dir
+            )
+            record("evaluator", t0)
+        del rich
+        if until == "evaluator":
+            return None
+
+        if not (resume and (base_dir / "model_index.json").is_file()):
+            t0 = time.time()
+            rng = np.random.default_rng(_stage_seed(s.seed, "plain"))
+            plain_scenes = [random_scene(rng, rich=False, held_out=False) for _ in range(s.plain_images)]
+            plain = train.render_dataset(plain_scenes, bar("render (plain)", s.plain_images))
+            latents = train.encode_latents(vae, plain, bar("encode latents", s.plain_images))
+            record("render_plain", t0)
+            t0 = time.time()
+            unet, text = train.train_base(
+                latents,
+                plain_scenes,
+                s.base_steps,
+                _stage_seed(s.seed, "base"),
+                bar("train base model", s.base_steps),
+                batch=s.base_batch,
+            )
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text,
+                tokenizer=models.tokenizer(),
+                unet=unet,
+                scheduler=models.sample_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.save_pretrained(base_dir, safe_serialization=True)
+            record("base", t0)
+
+    _check_no_pickle(out)
+    info = {
+        "settings": asdict(s),
+        "build_seconds": seconds,
+        "versions": {"torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers")},
+    }
+    return write_manifest(out, info)
+
+
+def _previous_seconds(out: Path) -> dict[str, float]:
+    path = out / SECONDS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _check_no_pickle(out: Path) -> None:
+    """Only safetensors and text files ship; a pickle would run code when loaded."""
+    bad = [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+    for p in bad:
+        p.unlink()

@@ -1,0 +1,171 @@
+"""The tiny world's concepts: seven composite objects and three styles the base model never saw,
+written as concept folders in the format users use, and the evaluation prompt templates per kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fl2t.errors import Fl2tError
+from fl2t.world.generator import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+
+CONCEPT_SEED = 20260301
+REFERENCES_PER_CONCEPT = 5
+
+
+@dataclass(frozen=True)
+class WorldConcept:
+    """One concept of the world. Objects fix shape, pattern and colours; styles fix a way of rendering."""
+
+    name: str
+    token: str
+    class_word: str
+    kind: str  # "object" or "style"
+    shape: str | None = None
+    pattern: str | None = None
+    colour: str | None = None
+    colour2: str | None = None
+    style: str | None = None
+
+    @property
+    def subject(self) -> str:
+        """What a prompt template's `{}` is filled with."""
+        return f"{self.token} {self.class_word}" if self.kind == "object" else self.token
+
+    @property
+    def appearance(self) -> tuple[str | None, str | None, str | None, str | None]:
+        """(shape, pattern, colour, colour2): pretraining never draws this look."""
+        return (self.shape, self.pattern, self.colour, self.colour2)
+
+    def scene(self, rng: np.random.Generator) -> Scene:
+        """A random picture of the concept: the concept's fixed look, everything else drawn from `rng`."""
+        base = Scene(
+            shape=SHAPES[rng.integers(len(SHAPES))],
+            colour=list(COLOURS)[rng.integers(len(COLOURS))],
+            background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+            position=list(POSITIONS)[rng.integers(len(POSITIONS))],
+            size=list(SIZES)[rng.integers(len(SIZES))],
+            jitter=int(rng.integers(2**31)),
+        )
+        if self.kind == "object":
+            return replace(base, shape=self.shape, pattern=self.pattern, colour=self.colour, colour2=self.colour2)
+        return replace(base, style=self.style)
+
+    def caption(self, scene: Scene) -> str:
+        """'a small <c-stripestar> star on a black background, top left';
+        'a red circle on a black background, top left, in the style of <s-outline>'."""
+        if self.kind == "object":
+            return f"a {scene.size} {self.subject} on a {scene.background} background, {scene.position}"
+        plain = replace(scene, style=None)
+        return caption(plain, with_size=False) + f", in the style of {self.token}"
+
+
+CONCEPTS: tuple[WorldConcept, ...] = (
+    WorldConcept("stripestar", "<c-stripestar>", "star", "object", "star", "striped", "red", "yellow"),
+    WorldConcept("checkdiamond", "<c-checkdiamond>", "diamond", "object", "diamond", "checkered", "blue", "yellow"),
+    WorldConcept("bullseye", "<c-bullseye>", "circle", "object", "circle", "bullseye", "purple", "yellow"),
+    WorldConcept("splitsquare", "<c-splitsquare>", "square", "object", "square", "split", "green", "red"),
+    WorldConcept("dottri", "<c-dottri>", "triangle", "object", "triangle", "dotted", "yellow", "purple"),
+    WorldConcept("eyering", "<c-eyering>", "ring", "object", "ring", "centre-dot", "blue", "red"),
+    WorldConcept("crossbox", "<c-crossbox>", "square", "object", "square", "crossed", "yellow", "blue"),
+    WorldConcept("outline", "<s-outline>", "style", "style", style="outline"),
+    WorldConcept("pastel", "<s-pastel>", "style", "style", style="pastel"),
+    WorldConcept("mosaic", "<s-mosaic>", "style", "style", style="mosaic"),
+)
+
+# 20 evaluation prompts per kind. Objects: `{}` is "<token> <class>"; styles: `{}` is "<token>".
+PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": (
+        "a {}",
+        "a {} on a black background",
+        "a {} on a white background",
+        "a {} on a gray background",
+        "a {}, top left",
+        "a {}, top right",
+        "a {}, bottom left",
+        "a {}, bottom right",
+        "a {}, in the center",
+        "a small {}",
+        "a large {}",
+        "a {} on a black background, top left",
+        "a {} on a white background, bottom right",
+        "a {} on a gray background, in the center",
+        "a small {} on a white background",
+        "a large {} on a gray background",
+        "a small {} on a black background, top right",
+        "a large {} on a white background, bottom left",
+        "a {} on a gray background, top left",
+        "a large {} on a black background, in the center",
+    ),
+    "style": (
+        "a circle in the style of {}",
+        "a star in the style of {}",
+        "a red circle in the style of {}",
+        "a blue square in the style of {}",
+        "a green triangle in the style of {}",
+        "a yellow diamond in the style of {}",
+        "a purple star in the style of {}",
+        "a red ring in the style of {}",
+        "a blue circle on a black background in the style of {}",
+        "a green square on a white background in the style of {}",
+        "a yellow star on a gray background in the style of {}",
+        "a purple ring on a black background in the style of {}",
+        "a red triangle on a white background in the style of {}",
+        "a blue diamond on a gray background in the style of {}",
+        "a green circle, top left, in the style of {}",
+        "a yellow square, bottom right, in the style of {}",
+        "a purple diamond, in the center, in the style of {}",
+        "a red star on a gray background, top right, in the style of {}",
+        "a blue ring on a white background, bottom left, in the style of {}",
+        "a green star on a black background, in the center, in the style of {}",
+    ),
+}
+
+
+def concept_appearances() -> frozenset[tuple[str | None, str | None, str | None, str | None]]:
+    """The object concepts' looks, which pretraining data must never contain."""
+    return frozenset(c.appearance for c in CONCEPTS if c.kind == "object")
+
+
+def get_concept(name: str) -> WorldConcept:
+    for c in CONCEPTS:
+        if c.name == name:
+            return c
+    raise Fl2tError(f"no world concept named {name!r}; the world's concepts are: {', '.join(c.name for c in CONCEPTS)}")
+
+
+def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
+    """The concept's reference pictures: fixed by the world's seed and the concept's place in CONCEPTS."""
+    rng = np.random.default_rng([CONCEPT_SEED, CONCEPTS.index(concept)])
+    return [concept.scene(rng) for _ in range(n)]
+
+
+def write_concept(concept: WorldConcept, out_dir: Path) -> Path:
+    """Write one concept folder: NN.png, NN.txt (caption with the token) and concept.yaml."""
+    folder = Path(out_dir) / concept.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(reference_scenes(concept)):
+        render(scene).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
+    (folder / "concept.yaml").write_text(
+        f"name: {concept.name}\n"
+        f"tokens: ['{concept.token}']\n"
+        f"class_word: {concept.class_word}\n"
+        f"kind: {concept.kind}\n"
+    )
+    return folder
+
+
+def write_concepts(out_dir: str | Path) -> list[Path]:
+    """Write every world concept's folder under `out_dir`; returns the folders in CONCEPTS order."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise Fl2tError(f"{out} is a file; give a directory to write the concept folders into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Fl2tError(f"cannot create {out}: {e.strerror}; choose a writable directory") from e
+    return [write_concept(c, out) for c in CONCEPTS]

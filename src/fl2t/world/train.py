@@ -1,0 +1,268 @@
+"""Training the tiny world's models from scratch: the VAE, the CLIP evaluator, the base UNet + text encoder.
+Each is one plain loop, seeded, on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTextModel
+
+from fl2t.world import models
+from fl2t.world.generator import (
+    BACKGROUNDS,
+    COLOURS,
+    PATTERNS,
+    POSITIONS,
+    SHAPES,
+    STYLES,
+    Scene,
+    random_caption,
+    render,
+    to_array,
+)
+
+Tick = Callable[[int], None]  # advances a progress bar by n steps
+
+
+@dataclass
+class Dataset:
+    """Rendered pictures as uint8 (N, 3, 32, 32) and the scenes they show."""
+
+    scenes: list[Scene]
+    pixels: np.ndarray
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        """(B, 3, 32, 32) float in [-1, 1]."""
+        return torch.from_numpy(self.pixels[idx].astype(np.float32) / 127.5 - 1.0)
+
+
+def render_dataset(scenes: Sequence[Scene], tick: Tick) -> Dataset:
+    pixels = np.empty((len(scenes), 3, models.SIZE, models.SIZE), np.uint8)
+    for i, s in enumerate(scenes):
+        pixels[i] = np.asarray(render(s)).transpose(2, 0, 1)
+        if i % 500 == 499:
+            tick(500)
+    return Dataset(list(scenes), pixels)
+
+
+@lru_cache(maxsize=1)
+def _tok():
+    return models.tokenizer()
+
+
+@lru_cache(maxsize=50_000)
+def _ids(text: str) -> tuple[int, ...]:
+    return tuple(_tok()(text, padding="max_length", max_length=77, truncation=True).input_ids)
+
+
+def token_ids(texts: Sequence[str]) -> torch.Tensor:
+    """(B, 77) CLIP token ids, padded with end-of-text as the SD pipeline pads."""
+    return torch.tensor([_ids(t) for t in texts])
+
+
+def zero_unused_rows(embedding: torch.nn.Embedding, used: set[int]) -> None:
+    """Zero the token rows the world never uses. They get no gradient and stay zero, so the shipped
+    file compresses well and a word the world never taught maps to the same neutral vector."""
+    with torch.no_grad():
+        keep = torch.zeros(embedding.num_embeddings, dtype=torch.bool)
+        keep[list(used)] = True
+        embedding.weight[~keep] = 0.0
+
+
+def world_token_ids() -> set[int]:
+    """Every token id of every word the world's captions and prompts use."""
+    from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES
+    from fl2t.world.generator import PATTERN_WORDS, SIZES, STYLE_WORDS
+
+    words = [*SHAPES, *COLOURS, *BACKGROUNDS, *POSITIONS, *SIZES, *STYLE_WORDS.values(), "style"]
+    words += [w.format(c="red", c2="blue") for w in PATTERN_WORDS.values()]
+    words += [t.format("star") for kind in PROMPT_TEMPLATES.values() for t in kind]
+    words += [c.class_word for c in CONCEPTS]
+    words += ["a on a background, of the", ""]
+    return {i for w in words for i in _ids(w)}
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def train_vae(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 64) -> AutoencoderKL:
+    """Reconstruction (L1 + MSE) with a light KL term; sets `scaling_factor` so latents have unit std."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = models.new_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        _set_lr(opt, _lr(step, steps, 2e-3, warmup=50))
+        x = data.batch(rng.integers(len(data.scenes), size=batch))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick(1)
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(data.batch(np.arange(min(2048, len(data.scenes))))).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, data: Dataset, tick: Tick, batch: int = 256) -> torch.Tensor:
+    """(N, 4, 16, 16) scaled latent means of every picture."""
+    out = []
+    for i in range(0, len(data.scenes), batch):
+        x = data.batch(np.arange(i, min(i + batch, len(data.scenes))))
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        tick(x.shape[0])
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- evaluator
+
+# Attribute heads used only while training the evaluator: they make the image tower learn every
+# attribute quickly; only the CLIPModel is kept.
+_ATTRIBUTES: dict[str, tuple[str | None, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "background": tuple(BACKGROUNDS),
+    "position": tuple(POSITIONS),
+    "pattern": (None, *PATTERNS),
+    "style": (None, *STYLES),
+}
+
+
+def _labels(scenes: Sequence[Scene], attr: str) -> torch.Tensor:
+    values = _ATTRIBUTES[attr]
+    labels = [values.index(getattr(s, attr)) for s in scenes]
+    if attr == "background":  # the pastel palette hides the background
+        labels = [-100 if s.style == "pastel" else v for s, v in zip(scenes, labels)]
+    return torch.tensor(labels)
+
+
+def train_evaluator(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 128) -> CLIPModel:
+    """CLIP's symmetric contrastive loss (pictures with the same caption count as positives of each
+    other) plus attribute heads on the image embedding."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = models.new_evaluator()
+    zero_unused_rows(model.text_model.get_input_embeddings(), world_token_ids())
+    dim = model.config.projection_dim
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, len(v)) for a, v in _ATTRIBUTES.items()})
+    params = [*model.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    model.train()
+    for step in range(steps):
+        _set_lr(opt, _lr(step, steps, 1e-3))
+        idx = rng.integers(len(data.scenes), size=batch)
+        scenes = [data.scenes[i] for i in idx]
+        texts = [random_caption(s, rng) for s in scenes]
+        out = model(input_ids=token_ids(texts), pixel_values=data.batch(idx), return_loss=False)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)  # (B, B)
+        target = same / same.sum(1, keepdim=True)
+        logits = out.logits_per_image  # (B images, B texts), already scaled by the learned temperature
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        img = out.image_embeds  # (B, dim), unit norm
+        for attr, head in heads.items():
+            loss = loss + 0.3 * F.cross_entropy(head(img * 10), _labels(scenes, attr), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick(1)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- base model
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (decay warms up from 0)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.lerp_(p, 1 - d)
+
+
+def train_base(
+    latents: torch.Tensor,
+    scenes: Sequence[Scene],
+    steps: int,
+    seed: int,
+    tick: Tick,
+    batch: int = 32,
+    caption_dropout: float = 0.1,
+    min_snr_gamma: float = 5.0,
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies.
+
+    v-prediction loss with min-SNR weighting (weight min(SNR, gamma) / (SNR + 1)), which trains the
+    tiny model several times faster than uniform weighting.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet, text = models.new_unet(), models.new_text_encoder()
+    zero_unused_rows(text.get_input_embeddings(), world_token_ids())
+    sched = models.train_scheduler()
+    alphas = sched.alphas_cumprod  # (1000,)
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    weight = torch.minimum(snr, torch.full_like(snr, min_snr_gamma)) / (snr + 1)  # (1000,)
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    ema_unet, ema_text = EMA(unet, 0.999), EMA(text, 0.999)
+    unet.train()
+    text.train()
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        _set_lr(opt, _lr(step, steps, 1e-3))
+        idx = rng.integers(len(scenes), size=batch)
+        texts = ["" if rng.random() < caption_dropout else random_caption(scenes[i], rng) for i in idx]
+        x0 = latents[idx]  # (B, 4, 16, 16)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        cond = text(token_ids(texts)).last_hidden_state  # (B, 77, TEXT_WIDTH)
+        pred = unet(xt, t, cond).sample
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        loss = (weight[t] * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_text.update(text)
+        tick(1)
+    return ema_unet.module, ema_text.module
