@@ -97,7 +97,7 @@ def learn(
     from fl2t.data import load_concept
     from fl2t.experts import learn_expert
     from fl2t.library import Library
-    from fl2t.models import default_base
+    from fl2t.models import base_config_hash, default_base, load_base
 
     if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
         raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
@@ -124,10 +124,14 @@ def learn(
             if t in seen:
                 raise Fl2tError(f"{c.source}: name or token {t!r} is also used by {seen[t]}")
             seen[t] = str(c.source)
+    pipe = load_base(base_id)
+    lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
     for c in concepts:
+        pipe = pipe or load_base(base_id)  # each concept starts from the untouched base
         with progress() as bar:
             task = bar.add_task(f"learn {c.name}", total=settings.steps, info="")
-            expert = learn_expert(c, base_id, settings, on_step=lambda i, loss: bar.update(task, advance=1, info=f"loss {loss:.4f}"))
+            expert = learn_expert(c, pipe, settings, on_step=lambda i, loss: bar.update(task, advance=1, info=f"loss {loss:.4f}"))
+        pipe = None
         content_hash = lib.add(expert, replace=replace)
         print(f"learned {c.name} ({' '.join(c.spec.tokens)}) into {lib.path} [{content_hash[:12]}]")
 

@@ -93,8 +93,7 @@ def learn_expert(
     device = accelerator.device
 
     pipe = base if isinstance(base, StableDiffusionPipeline) else load_base(base)
-    base_id = pipe.name_or_path if isinstance(base, StableDiffusionPipeline) else str(base)
-    base_info = {"id": base_id or "in-memory", "config_hash": base_config_hash(pipe)}
+    base_info = {"id": pipe.name_or_path or "in-memory", "config_hash": base_config_hash(pipe)}
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     check_new_tokens(tokenizer, spec.tokens)

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl2t.config import LearnSettings
+from fl2t.data import load_concept
+from fl2t.errors import Fl2tError
+from fl2t.experts import learn_expert
+from fl2t.library import Library
+from fl2t.models import load_base, sd15_random_pipeline
+from fl2t.pipeline import ExpertPipeline
+
+from conftest import FAST
+
+
+@torch.no_grad()
+def _eps(pipe, prompt: str) -> torch.Tensor:
+    """The UNet's noise prediction for fixed noisy latents and a timestep, conditioned on `prompt`."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    states, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    return pipe.unet(latents, torch.tensor([500]), states).sample
+
+
+def test_expert_changes_its_token_prompts_and_barely_others(learned_library, tiny_base):
+    base = load_base(str(tiny_base))
+    pipe = ExpertPipeline.from_library(learned_library, "c-stripeball")
+    with_token = "a photo of <c-stripeball> ball"
+    without = "a photo of a red circle"
+    moved = (_eps(pipe, with_token) - _eps(base, with_token)).abs().mean()
+    kept = (_eps(pipe, without) - _eps(base, without)).abs().mean()
+    assert moved > 0.01
+    assert kept < 0.1 * moved, (kept, moved)
+
+
+def test_training_moves_lora_and_embedding_from_init(learned_library):
+    expert = Library(learned_library).expert("c-stripeball")
+    b = [v for k, v in expert.lora.items() if k.endswith("lora_B.weight")]
+    assert len(b) == 112 // 2 and all(v.abs().max() > 0 for v in b)  # B starts at zero
+    assert expert.token_embeddings.shape == (1, 32) and expert.stable_embedding.shape == (32,)
+    assert expert.anchors.shape == (2, 4, 16, 16) and len(expert.anchor_prompts) == 2
+
+
+def test_library_round_trips_exactly(tmp_path, learned_library):
+    lib = Library(learned_library)
+    expert = lib.expert("c-stripeball")
+    other = Library(tmp_path / "copy")
+    other.add(expert)
+    again = other.expert("c-stripeball")
+    for k in expert.lora:
+        assert torch.equal(expert.lora[k], again.lora[k])
+    assert torch.equal(expert.token_embeddings, again.token_embeddings)
+    assert torch.equal(expert.anchors, again.anchors)
+    assert again.content_hash == expert.content_hash == json.loads((learned_library / "library.json").read_text())["experts"]["c-stripeball"]
+    for f in ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors", "expert.json"):
+        assert (tmp_path / "copy" / "experts" / "c-stripeball" / f).read_bytes() == (learned_library / "experts" / "c-stripeball" / f).read_bytes()
+
+
+def test_changed_weights_are_detected_on_load(library_copy):
+    path = library_copy / "experts" / "c-stripeball" / "lora.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(Fl2tError, match="does not match its recorded hash"):
+        Library(library_copy).expert("c-stripeball")
+
+
+def test_duplicate_name_or_token_is_refused_unless_replace(library_copy, learned_library):
+    lib = Library(library_copy)
+    expert = lib.expert("c-stripeball")
+    with pytest.raises(Fl2tError, match="pass --replace"):
+        lib.add(expert)
+    renamed = type(expert)(**{**expert.__dict__, "spec": expert.spec.model_copy(update={"name": "other"})})
+    with pytest.raises(Fl2tError, match="belongs to concept 'c-stripeball'"):
+        lib.add(renamed)
+    lib.add(expert, replace=True)
+    assert lib.names() == ["c-stripeball"] and not list(library_copy.glob(".tmp-*"))
+
+
+def test_layerwise_expert_learns_one_embedding_per_cross_attention_layer(tmp_path, tiny_base, concepts_root):
+    settings = FAST.model_copy(update={"layerwise": True, "steps": 4})
+    expert = learn_expert(load_concept(concepts_root / "c-checkbox"), str(tiny_base), settings)
+    n_cross = sum(1 for k in load_base(str(tiny_base)).unet.attn_processors if "attn2" in k)
+    assert expert.token_embeddings.shape == (n_cross, 1, 32)
+    # layers are trained apart: their embeddings differ after training from the same init
+    assert (expert.token_embeddings[0] - expert.token_embeddings[-1]).abs().max() > 0
+    lib = Library(tmp_path / "lib")
+    lib.add(expert)
+    pipe = ExpertPipeline.from_library(lib, "c-checkbox")
+    out = pipe("a photo of <c-checkbox> box", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out.images)).all()
+
+
+def test_learning_is_deterministic_for_a_seed(tiny_base, concepts_root, learned_library):
+    settings = FAST.model_copy(update={"num_anchors": 0})
+    again = learn_expert(load_concept(concepts_root / "c-stripeball"), str(tiny_base), settings)
+    assert again.content_hash == Library(learned_library).expert("c-stripeball").content_hash
+
+
+def test_token_that_is_a_word_is_refused(tiny_base, concepts_root):
+    concept = load_concept(concepts_root / "c-stripeball", tokens=["ball"])
+    with pytest.raises(Fl2tError, match="already a word of the tokenizer"):
+        learn_expert(concept, str(tiny_base), FAST)
+
+
+def test_sd15_architecture_runs_a_training_step_at_64px(concepts_root):
+    pipe = sd15_random_pipeline(seed=0)
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6
+    settings = LearnSettings(steps=1, resolution=64, lora_attention="cross", num_anchors=1, anchor_steps=1)
+    expert = learn_expert(load_concept(concepts_root / "c-stripeball"), pipe, settings)
+    assert len(expert.modules) == 64  # 16 cross-attention layers x (q, k, v, out), as in CIDM
+    assert expert.token_embeddings.shape == (1, 768)
+    assert expert.anchors.shape == (1, 4, 8, 8)
+    assert any(v.abs().max() > 0 for k, v in expert.lora.items() if k.endswith("lora_B.weight"))
