@@ -1,24 +1,29 @@
-"""fl2t: continual, order-agnostic personalization of text-to-image diffusion models (FL2T)."""
+"""fl2t: continual, order-agnostic personalization of text-to-image diffusion models (FL2T).
 
-from fl2t.config import LearnSettings, Settings
-from fl2t.data import Concept, ConceptSpec, load_concept
-from fl2t.errors import Fl2tError
-from fl2t.experts import learn_expert
-from fl2t.export import export_expert
-from fl2t.library import Expert, Library
-from fl2t.pipeline import ExpertPipeline
+The public names are imported lazily, so `fl2t --help` and error paths do not pay for torch and diffusers.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "Concept",
-    "ConceptSpec",
-    "Expert",
-    "ExpertPipeline",
-    "Fl2tError",
-    "LearnSettings",
-    "Library",
-    "Settings",
-    "export_expert",
-    "learn_expert",
-    "load_concept",
-]
+
+_EXPORTS = {
+    "Concept": "fl2t.data",
+    "ConceptSpec": "fl2t.data",
+    "load_concept": "fl2t.data",
+    "Expert": "fl2t.library",
+    "Library": "fl2t.library",
+    "ExpertPipeline": "fl2t.pipeline",
+    "Fl2tError": "fl2t.errors",
+    "LearnSettings": "fl2t.config",
+    "Settings": "fl2t.config",
+    "export_expert": "fl2t.export",
+    "learn_expert": "fl2t.experts",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fl2t' has no attribute {name!r}")

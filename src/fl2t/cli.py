@@ -20,6 +20,11 @@ from rich.table import Table
 
 from fl2t.errors import Fl2tError
 
+# Before transformers/diffusers are imported: keep their chatter off the user's terminal.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(help="Continual, order-agnostic personalization of text-to-image diffusion models (FL2T).", no_args_is_help=True, add_completion=False)
 library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True)
 app.add_typer(library_app, name="library")
@@ -29,19 +34,10 @@ state = {"quiet": False}
 
 
 def quiet_libraries() -> None:
-    """Silence diffusers/transformers chatter; our own progress bars say what is happening."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    """Silence library warnings; our own progress bars and messages say what is happening."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def progress() -> Progress:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from fl2t.errors import Fl2tError
 
@@ -40,6 +42,9 @@ def load_base(base: str | Path, *, device: torch.device | str | None = None, dty
         raise Fl2tError(f"--base {base}: no such folder, and not a hub id of the form owner/name")
     else:
         source = str(base)
+    # Loading bars of diffusers/transformers would interleave with ours.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
