@@ -87,6 +87,9 @@ def learn(
     class_word: Annotated[Optional[str], typer.Option(help="Class word, e.g. 'dog' (one folder only).")] = None,
     kind: Annotated[Optional[str], typer.Option(help="object or style (one folder only).")] = None,
     replace: Annotated[bool, typer.Option(help="Relearn a concept whose name is already in the library.")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).")] = None,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Learn concept expert(s) (Step 1) into a library."""
     from fl2t.config import load_settings
@@ -102,6 +105,7 @@ def learn(
         learn=dict(
             steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
             seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every,
         ),
     ).learn
     lib = Library(library)
@@ -113,6 +117,12 @@ def learn(
         load_concept(d, name=name, tokens=token, class_word=class_word, kind=kind, min_images=settings.min_images)
         for d in concept_dirs
     ]
+    if resume:  # finish interrupted work: concepts already in the library are done
+        done = set(lib.names())
+        for c in concepts:
+            if c.name in done:
+                say(f"{c.name}: already in the library, skipped")
+        concepts = [c for c in concepts if c.name not in done]
     seen: dict[str, str] = {}
     for c in concepts:
         lib.check_can_add(c.spec, replace)
@@ -126,10 +136,18 @@ def learn(
         pipe = pipe or load_base(base_id)  # each concept starts from the untouched base
         with progress() as bar:
             task = bar.add_task(f"learn {c.name}", total=settings.steps, info="")
-            expert = learn_expert(c, pipe, settings, on_step=lambda i, loss: bar.update(task, advance=1, info=f"loss {loss:.4f}"))
+            expert = learn_expert(
+                c, pipe, settings,
+                on_step=lambda i, loss: bar.update(task, completed=i + 1, info=f"loss {loss:.4f}"),
+                checkpoint=lib.checkpoint_path(c.name),
+                resume=resume and lib.checkpoint_path(c.name).is_file(),
+            )
         pipe = None
         content_hash = lib.add(expert, replace=replace)
-        print(f"learned {c.name} ({' '.join(c.spec.tokens)}) into {lib.path} [{content_hash[:12]}]")
+        if as_json:
+            print(json.dumps({"concept": c.name, "tokens": c.spec.tokens, "library": str(lib.path), "content_hash": content_hash}))
+        else:
+            print(f"learned {c.name} ({' '.join(c.spec.tokens)}) into {lib.path} [{content_hash[:12]}]")
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -146,6 +164,7 @@ def generate(
     num_images: Annotated[int, typer.Option(min=1)] = 1,
     size: Annotated[Optional[int], typer.Option(help="Image size (default: the base model's).")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Generate images with a library's concept expert(s)."""
     import torch
@@ -173,7 +192,7 @@ def generate(
     paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
     for im, p in zip(images, paths):
         im.save(p)
-        print(p)
+    print(json.dumps({"images": [str(p) for p in paths], "seed": seed}) if as_json else "\n".join(map(str, paths)))
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -182,40 +201,61 @@ def export(
     library: Annotated[Path, typer.Option("--library", "-l")],
     concept: Annotated[str, typer.Option(help="Concept to export.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the diffusers files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export a concept as a diffusers LoRA and textual-inversion embeddings."""
     from fl2t.export import export_expert
-    from fl2t.library import Library
 
-    lib = Library(library)
-    if not lib.exists:
-        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
-    print(export_expert(lib.expert(concept), output))
+    out = export_expert(_open_library(library).expert(concept), output)
+    print(json.dumps({"export": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}) if as_json else out)
 
 
 # -- library ----------------------------------------------------------------------------------------------
+def _open_library(path: Path):
+    from fl2t.library import Library
+
+    lib = Library(path)
+    if not lib.exists:
+        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
+    return lib
+
+
 @library_app.command("show")
 def library_show(
     library: Annotated[Path, typer.Argument()],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List a library's concepts."""
-    from fl2t.library import Library
-
-    lib = Library(library)
-    if not lib.exists:
-        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
+    lib = _open_library(library)
     records = lib.records()
     if as_json:
-        print(json.dumps({"base": lib.base, "experts": records}, indent=2))
+        print(json.dumps({"base": lib.base, "experts": {n: r.model_dump() for n, r in records.items()}}, indent=2))
         return
     table = Table(title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'})")
     for col in ("concept", "tokens", "class", "kind", "rank", "layer-wise", "steps", "hash"):
         table.add_column(col)
     for n, r in records.items():
-        table.add_row(n, " ".join(r["tokens"]), r["class_word"], r["kind"], str(r["rank"]), "yes" if r["layerwise"] else "no",
-                      str(r["settings"].get("steps", "")), r["content_hash"][:12])
+        table.add_row(n, " ".join(r.tokens), r.class_word, r.kind, str(r.rank), "yes" if r.layerwise else "no",
+                      str(r.settings.get("steps", "")), r.content_hash[:12])
     Console().print(table)
+
+
+@library_app.command("check")
+def library_check(
+    library: Annotated[Path, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Verify every file of a library against its recorded hashes and schema."""
+    lib = _open_library(library)
+    problems = lib.check()
+    if as_json:
+        print(json.dumps({"library": str(lib.path), "ok": not problems, "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"{lib.path}: " + (f"{len(problems)} problem(s) found" if problems else f"ok, {len(lib.names())} concept(s) verified"))
+    if problems:
+        raise typer.Exit(2)
 
 
 # -- demo -------------------------------------------------------------------------------------------------

@@ -6,7 +6,12 @@ another concept's data or weights, so concepts can be learned at the same time o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,12 +23,14 @@ from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from fl2t.config import LearnSettings
 from fl2t.data import Concept, caption_templates
 from fl2t.errors import Fl2tError
-from fl2t.library import Expert
+from fl2t.library import Expert, kill_point
 from fl2t.models import base_config_hash, load_base, resolution_of
 from fl2t.pipeline import ExpertPipeline
 from fl2t.text import (
@@ -81,10 +88,14 @@ def learn_expert(
     *,
     accelerator: Accelerator | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> Expert:
     """Learn `concept` on the frozen `base` model; returns the expert (not yet saved).
 
     `base` is a hub id or a local diffusers folder, or a loaded pipeline, which is used up (it gets the LoRA).
+    With `checkpoint` (a file path), the training state is saved there every `settings.checkpoint_every` steps
+    and removed at the end; `resume` continues from it, giving the same weights as an uninterrupted run.
     """
     spec = concept.spec
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
@@ -168,8 +179,14 @@ def learn_expert(
     def tokenize(prompts: list[str]) -> torch.Tensor:
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
+    fingerprint = _fingerprint(concept, settings, base_info)
+    start = 0
+    if resume:
+        start = _load_checkpoint(checkpoint, fingerprint, model, optimizer, lr_scheduler, gen, accelerator)
+
     model.train()
-    for step in range(settings.steps):
+    for step in range(start, settings.steps):
+        kill_point(f"step:{step}")
         idx = torch.randint(len(lat_mean), (settings.batch_size,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         prompts = [
@@ -207,6 +224,10 @@ def learn_expert(
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step, loss.item())
+        done = step + 1
+        if checkpoint is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
+            if accelerator.is_main_process:
+                _save_checkpoint(checkpoint, fingerprint, done, accelerator.unwrap_model(model), optimizer, lr_scheduler, gen)
 
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -231,7 +252,64 @@ def learn_expert(
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[ids] = expert.token_embeddings.to(text_encoder.dtype).to(device)
     finish_expert(expert, expert_pipe, settings)
+    if checkpoint is not None and accelerator.is_main_process:
+        checkpoint.unlink(missing_ok=True)
     return expert
+
+
+def _fingerprint(concept: Concept, settings: LearnSettings, base_info: dict) -> str:
+    """What a checkpoint is valid for: the same concept data, settings and base architecture."""
+    h = hashlib.sha256(json.dumps([concept.spec.model_dump(), concept.captions, settings.model_dump(), base_info["config_hash"]], sort_keys=True).encode())
+    for im in concept.images:
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, fingerprint: str, step: int, model: ExpertModel, optimizer, lr_scheduler, gen: torch.Generator) -> None:
+    """The whole training state in one safetensors file (tensors + JSON metadata), replaced atomically."""
+    tensors = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"optimizer.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["generator"] = gen.get_state()
+    meta = {
+        "fingerprint": fingerprint,
+        "step": str(step),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "lr_scheduler": json.dumps(lr_scheduler.state_dict()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path | None, fingerprint: str, model: nn.Module, optimizer, lr_scheduler, gen: torch.Generator, accelerator: Accelerator) -> int:
+    if path is None or not path.is_file():
+        raise Fl2tError(f"nothing to resume: no checkpoint at {path}; run without --resume to start over")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise Fl2tError(f"{path}: not a readable checkpoint ({e}); run without --resume to start over") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise Fl2tError(f"{path}: checkpoint was made with other data or settings; run without --resume to start over")
+    unwrapped = accelerator.unwrap_model(model)
+    with torch.no_grad():
+        for n, p in unwrapped.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors[f"param.{n}"])
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    lr_scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
+    gen.set_state(tensors["generator"])
+    return int(meta["step"])
 
 
 @torch.no_grad()

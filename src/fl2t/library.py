@@ -6,15 +6,20 @@
     LIB/experts/<name>/embeddings.safetensors  token_embeddings (n, d) or (L, n, d); stable_embedding (d,)
     LIB/experts/<name>/anchors.safetensors     latents (N, C, h, w) the expert generated, for Step 2
 
-Every write goes to a temporary folder inside LIB and is renamed into place; the manifest is replaced last, so
-it names only complete experts. Only safetensors are ever read.
+Every write happens under an exclusive lock (`LIB/.lock`, released by the kernel if the process dies), goes to a
+temporary folder inside LIB and is renamed into place; the manifest is replaced last and is the commit point.
+A replaced expert is parked in `LIB/.old-<name>-*` until the manifest names its successor, so a writer killed at
+any moment leaves a library that reads as the old state or the new one (see `Library._recover`).
+Only safetensors are ever read; a pickle anywhere in a library is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -27,12 +32,60 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from fl2t.data import ConceptSpec
 from fl2t.errors import Fl2tError
 
 FORMAT = 1
 MANIFEST = "library.json"
 WEIGHT_FILES = ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors")
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class BaseRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    config_hash: str
+
+
+class ManifestRecord(BaseModel):
+    """Schema of LIB/library.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
+    base: BaseRef | None = None
+    experts: dict[str, str] = {}  # name -> content hash
+
+
+class ExpertRecord(BaseModel):
+    """Schema of LIB/experts/<name>/expert.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
+    name: str
+    tokens: list[str]
+    class_word: str
+    kind: str
+    base: BaseRef
+    rank: int = Field(ge=1)
+    layerwise: bool
+    modules: int = Field(ge=1)
+    anchor_prompts: list[str]
+    settings: dict[str, Any]
+    files: dict[str, str]
+    content_hash: str = Field(pattern=SHA256)
+
+    @property
+    def spec(self) -> ConceptSpec:
+        return ConceptSpec(name=self.name, tokens=self.tokens, class_word=self.class_word, kind=self.kind)
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the crash tests: `FL2T_KILL_AT=<name>` makes the process die here as if SIGKILLed."""
+    if os.environ.get("FL2T_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -115,39 +168,41 @@ class Expert:
 
     @classmethod
     def load(cls, folder: Path) -> "Expert":
-        record = _read_json(folder / "expert.json")
+        record = read_expert_record(folder)
         tensors = {}
         for fname in WEIGHT_FILES:
             path = folder / fname
             if not path.is_file():
                 raise Fl2tError(f"{path}: missing; the expert is incomplete; relearn it with --replace")
             blob = path.read_bytes()
-            if hashlib.sha256(blob).hexdigest() != record.get("files", {}).get(fname):
+            if hashlib.sha256(blob).hexdigest() != record.files.get(fname):
                 raise Fl2tError(f"{path}: content does not match its recorded hash; the file was changed or damaged")
             try:
                 tensors[fname] = st_load(blob)
             except SafetensorError as e:
                 raise Fl2tError(f"{path}: not a valid safetensors file ({e})") from None
-        try:
-            spec = ConceptSpec(**{k: record[k] for k in ("name", "tokens", "class_word", "kind")})
-        except (KeyError, ValueError) as e:
-            raise Fl2tError(f"{folder / 'expert.json'}: invalid expert record ({e})") from None
         emb = tensors["embeddings.safetensors"]
+        for fname, keys in (("embeddings.safetensors", ("token_embeddings", "stable_embedding")), ("anchors.safetensors", ("latents",))):
+            if any(k not in tensors[fname] for k in keys):
+                raise Fl2tError(f"{folder / fname}: lacks tensors {keys}; the expert is damaged; relearn it with --replace")
         return cls(
-            spec=spec,
+            spec=record.spec,
             lora=tensors["lora.safetensors"],
             token_embeddings=emb["token_embeddings"],
             stable_embedding=emb["stable_embedding"],
             anchors=tensors["anchors.safetensors"]["latents"],
-            anchor_prompts=list(record.get("anchor_prompts", [])),
-            base=dict(record["base"]),
-            settings=dict(record.get("settings", {})),
+            anchor_prompts=record.anchor_prompts,
+            base=record.base.model_dump(),
+            settings=record.settings,
         )
 
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -155,9 +210,27 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise Fl2tError(f"{path}: missing") from None
+        raise Fl2tError(f"{path}: missing; the library is damaged") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Fl2tError(f"{path}: not valid JSON ({e}); the library is damaged") from None
+
+
+def _validated(model: type[BaseModel], path: Path) -> Any:
+    try:
+        return model(**_read_json(path))
+    except (TypeError, ValidationError) as e:
+        detail = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+        where = ".".join(str(x) for x in detail["loc"]) or "file"
+        raise Fl2tError(f"{path}: {where}: {detail['msg']}; the file does not follow fl2t's schema") from None
+
+
+def read_expert_record(folder: Path) -> ExpertRecord:
+    record = _validated(ExpertRecord, folder / "expert.json")
+    try:
+        record.spec
+    except ValidationError as e:
+        raise Fl2tError(f"{folder / 'expert.json'}: {e.errors()[0]['msg']}") from None
+    return record
 
 
 class Library:
@@ -167,7 +240,8 @@ class Library:
         self.path = Path(path).expanduser()
         if self.path.exists() and not self.path.is_dir():
             raise Fl2tError(f"library {self.path}: is a file, not a folder; choose another --library path")
-        if self.path.is_dir() and any(self.path.iterdir()) and not (self.path / MANIFEST).is_file():
+        visible = self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir())
+        if visible and not (self.path / MANIFEST).is_file():
             raise Fl2tError(f"library {self.path}: folder is not empty and has no {MANIFEST}; it is not an fl2t library")
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -175,59 +249,113 @@ class Library:
     def exists(self) -> bool:
         return (self.path / MANIFEST).is_file()
 
-    def manifest(self) -> dict[str, Any]:
+    def _refuse_pickles(self) -> None:
+        for p in self.path.rglob("*"):
+            if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file():
+                raise Fl2tError(
+                    f"{p}: pickled weights are never loaded (unpickling can run arbitrary code); fl2t reads only "
+                    "safetensors: remove the file"
+                )
+
+    def manifest(self) -> ManifestRecord:
         if not self.exists:
-            return {"format": FORMAT, "base": None, "experts": {}}
-        data = _read_json(self.path / MANIFEST)
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("experts"), dict):
-            raise Fl2tError(f"{self.path / MANIFEST}: not an fl2t library manifest (format {FORMAT})")
-        return data
+            return ManifestRecord()
+        self._refuse_pickles()
+        return _validated(ManifestRecord, self.path / MANIFEST)
 
     @property
     def base(self) -> dict[str, str] | None:
-        return self.manifest()["base"]
+        base = self.manifest().base
+        return base.model_dump() if base else None
+
+    def checkpoint_path(self, name: str) -> Path:
+        """Where `fl2t learn` keeps the training state of `name` for --resume."""
+        return self.path / ".checkpoints" / f"{name}.safetensors"
 
     def names(self) -> list[str]:
-        return sorted(self.manifest()["experts"])
+        return sorted(self.manifest().experts)
 
-    def records(self) -> dict[str, dict[str, Any]]:
-        return {name: _read_json(self.path / "experts" / name / "expert.json") for name in self.names()}
+    def expert_dir(self, name: str) -> Path:
+        """The folder holding the manifest's version of `name`: normally experts/<name>; after a writer was
+        killed while replacing it, the parked old version."""
+        manifest = self.manifest()
+        if name not in manifest.experts:
+            known = ", ".join(sorted(manifest.experts)) or "none"
+            raise Fl2tError(f"library {self.path}: no concept named {name!r} (it has: {known})")
+        want = manifest.experts[name]
+        for folder in [self.path / "experts" / name, *sorted(self.path.glob(f".old-{name}-*"))]:
+            if (folder / "expert.json").is_file() and _read_json(folder / "expert.json").get("content_hash") == want:
+                return folder
+        if not (self.path / "experts" / name / "expert.json").is_file():
+            raise Fl2tError(f"library {self.path}: expert {name!r} is missing or half-written; relearn it with --replace")
+        raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed")
+
+    def records(self) -> dict[str, ExpertRecord]:
+        return {name: read_expert_record(self.expert_dir(name)) for name in self.names()}
 
     def expert(self, name: str) -> Expert:
-        entries = self.manifest()["experts"]
-        if name not in entries:
-            known = ", ".join(sorted(entries)) or "none"
-            raise Fl2tError(f"library {self.path}: no concept named {name!r} (it has: {known})")
-        expert = Expert.load(self.path / "experts" / name)
-        if expert.content_hash != entries[name]:
+        folder = self.expert_dir(name)
+        expert = Expert.load(folder)
+        if expert.content_hash != self.manifest().experts[name]:
             raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed")
         return expert
 
     def experts(self) -> list[Expert]:
         return [self.expert(n) for n in self.names()]
 
+    def check(self) -> list[str]:
+        """Verify every expert against its hashes and schema; returns one line per problem (empty: all good)."""
+        problems = []
+        try:
+            names = self.names()
+        except Fl2tError as e:
+            return [str(e)]
+        for name in names:
+            try:
+                self.expert(name)
+            except Fl2tError as e:
+                problems.append(str(e))
+        return problems
+
     # -- writing -----------------------------------------------------------------------------------------
     @contextmanager
     def _writing(self) -> Iterator[Path]:
-        """Hold the library's lock; yields a fresh temporary folder inside it, removed afterwards."""
+        """Hold the library's exclusive lock; yields a fresh temporary folder inside it, removed afterwards."""
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / ".lock"
+        fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise Fl2tError(
-                f"library {self.path}: another fl2t process is writing it (lock {lock}); wait for it, "
-                "or delete the lock file if no fl2t process is running"
-            ) from None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Fl2tError(f"library {self.path}: another fl2t process is writing it; wait for it to finish") from None
         tmp = self.path / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
         try:
+            if not self.exists:  # a new library is a valid empty one before anything else is written
+                _write_json(self.path / MANIFEST, ManifestRecord().model_dump())
+            self._recover()
+            tmp.mkdir()
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            lock.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Under the lock: put back any expert whose replacement a killed writer left unfinished, drop leftovers."""
+        experts = self.manifest().experts
+        for name in experts:
+            folder = self.expert_dir(name)
+            if folder.name != name or folder.parent != self.path / "experts":
+                current = self.path / "experts" / name
+                if current.exists():
+                    os.replace(current, self.path / f".tmp-{uuid.uuid4().hex}")
+                os.replace(folder, current)
+        for leftover in [*self.path.glob(".old-*"), *self.path.glob(".tmp-*")]:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        for folder in (self.path / "experts").glob("*") if (self.path / "experts").is_dir() else []:
+            if folder.name not in experts:  # written, but killed before the manifest named it
+                shutil.rmtree(folder, ignore_errors=True)
 
     def check_can_add(self, spec: ConceptSpec, replace: bool = False) -> None:
         """Refuse a concept whose name or a token is already taken (unless replacing that same name)."""
@@ -238,7 +366,7 @@ class Library:
                         f"library {self.path}: a concept named {name!r} exists; pass --replace to relearn it"
                     )
                 continue
-            clash = set(rec["tokens"]) & set(spec.tokens)
+            clash = set(rec.tokens) & set(spec.tokens)
             if clash:
                 raise Fl2tError(
                     f"library {self.path}: token {sorted(clash)[0]!r} belongs to concept {name!r}; choose other tokens"
@@ -261,14 +389,19 @@ class Library:
             staged = tmp / expert.name
             staged.mkdir()
             record = expert.save(staged)
-            experts_dir = self.path / "experts"
-            experts_dir.mkdir(exist_ok=True)
-            final = experts_dir / expert.name
+            kill_point("staged")
+            (self.path / "experts").mkdir(exist_ok=True)
+            final = self.path / "experts" / expert.name
             if final.exists():
-                os.replace(final, tmp / "old")
+                os.replace(final, self.path / f".old-{expert.name}-{uuid.uuid4().hex[:8]}")
+                kill_point("parked")
             os.replace(staged, final)
-            manifest["experts"][expert.name] = record["content_hash"]
-            if manifest["base"] is None:
-                manifest["base"] = expert.base
-            _write_json(self.path / MANIFEST, manifest)
+            kill_point("renamed")
+            manifest.experts[expert.name] = record["content_hash"]
+            if manifest.base is None:
+                manifest.base = BaseRef(**expert.base)
+            _write_json(self.path / MANIFEST, manifest.model_dump())
+            kill_point("committed")
+            for old in self.path.glob(f".old-{expert.name}-*"):
+                shutil.rmtree(old)
         return record["content_hash"]
