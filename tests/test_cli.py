@@ -51,7 +51,7 @@ def test_learn_generate_export_from_the_command_line(tmp_path, tiny_base, concep
 
 
 def test_generate_is_reproducible_for_a_seed(tmp_path, learned_library, capsys):
-    args = ["generate", "a photo of <c-stripeball> ball", "-l", learned_library, "--steps", "3", "--seed", "7"]
+    args = ["generate", "a photo of <c-stripeball> ball", "-l", learned_library, "--concept", "c-stripeball", "--steps", "3", "--seed", "7"]
     assert run([*args, "-o", tmp_path / "a.png"], capsys)[0] == 0
     assert run([*args, "-o", tmp_path / "b.png"], capsys)[0] == 0
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()

@@ -14,6 +14,8 @@ _EXPORTS = {
     "Expert": "fl2t.library",
     "Library": "fl2t.library",
     "ExpertPipeline": "fl2t.pipeline",
+    "FL2TPipeline": "fl2t.consolidate.pipeline",
+    "ConsolidateSettings": "fl2t.config",
     "Fl2tError": "fl2t.errors",
     "LearnSettings": "fl2t.config",
     "Settings": "fl2t.config",

@@ -89,50 +89,69 @@ def learn(
     replace: Annotated[bool, typer.Option(help="Relearn a concept whose name is already in the library.")] = False,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
+    data_parallel: Annotated[bool, typer.Option(help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Learn concept expert(s) (Step 1) into a library."""
-    from fl2t.config import load_settings
-    from fl2t.data import load_concept
-    from fl2t.experts import learn_expert
-    from fl2t.library import Library
-    from fl2t.models import base_config_hash, default_base, load_base
+    """Learn concept expert(s) (Step 1) into a library.
 
-    if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
-        raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
-    settings = load_settings(
-        config,
-        learn=dict(
-            steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
-            seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every,
-        ),
-    ).learn
-    lib = Library(library)
-    base_id = base or (lib.base or {}).get("id") or default_base()
-    if base_id is None:
-        raise Fl2tError("no base model: pass --base (a hub id or a local diffusers folder)")
-    # Validate every folder and name before any training starts.
-    concepts = [
-        load_concept(d, name=name, tokens=token, class_word=class_word, kind=kind, min_images=settings.min_images)
-        for d in concept_dirs
-    ]
-    if resume:  # finish interrupted work: concepts already in the library are done
-        done = set(lib.names())
+    Under `torchrun` or `accelerate launch`, concept i is learned by process i % N; the main process writes.
+    """
+    from fl2t.config import load_settings
+    from fl2t.data import Concept, load_concept
+    from fl2t.experts import learn_expert
+    from fl2t.library import Expert, Library
+    from fl2t.models import base_config_hash, default_base, load_base
+    from fl2t.parallel import learn_concepts, process_state
+    from fl2t.text import check_new_tokens
+
+    proc = process_state()
+    if not proc.is_main_process:  # one terminal: only the main process draws bars and talks
+        state["quiet"] = True
+    # Every process validates everything before any training starts; the main process reports a user error,
+    # the others exit with the same code quietly.
+    try:
+        if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
+            raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
+        settings = load_settings(
+            config,
+            learn=dict(
+                steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
+                seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                checkpoint_every=checkpoint_every,
+            ),
+        ).learn
+        lib = Library(library)
+        base_id = base or (lib.base or {}).get("id") or default_base()
+        if base_id is None:
+            raise Fl2tError("no base model: pass --base (a hub id or a local diffusers folder)")
+        concepts = [
+            load_concept(d, name=name, tokens=token, class_word=class_word, kind=kind, min_images=settings.min_images)
+            for d in concept_dirs
+        ]
+        if resume:  # finish interrupted work: concepts already in the library are done
+            done = set(lib.names())
+            for c in concepts:
+                if c.name in done:
+                    say(f"{c.name}: already in the library, skipped")
+            concepts = [c for c in concepts if c.name not in done]
+        seen: dict[str, str] = {}
         for c in concepts:
-            if c.name in done:
-                say(f"{c.name}: already in the library, skipped")
-        concepts = [c for c in concepts if c.name not in done]
-    seen: dict[str, str] = {}
-    for c in concepts:
-        lib.check_can_add(c.spec, replace)
-        for t in [c.name, *c.spec.tokens]:
-            if t in seen:
-                raise Fl2tError(f"{c.source}: name or token {t!r} is also used by {seen[t]}")
-            seen[t] = str(c.source)
-    pipe = load_base(base_id)
-    lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
-    for c in concepts:
+            lib.check_can_add(c.spec, replace)
+            for t in [c.name, *c.spec.tokens]:
+                if t in seen:
+                    raise Fl2tError(f"{c.source}: name or token {t!r} is also used by {seen[t]}; give each concept its own name and tokens")
+                seen[t] = str(c.source)
+        pipe = load_base(base_id)
+        lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
+        for c in concepts:  # here, not when the concept's turn comes on some process hours later
+            check_new_tokens(pipe.tokenizer, c.spec.tokens)
+    except Fl2tError:
+        if not proc.is_main_process:
+            raise typer.Exit(2)
+        raise
+
+    def learn_one(c: Concept) -> Expert:
+        nonlocal pipe
         pipe = pipe or load_base(base_id)  # each concept starts from the untouched base
         with progress() as bar:
             task = bar.add_task(f"learn {c.name}", total=settings.steps, info="")
@@ -141,13 +160,20 @@ def learn(
                 on_step=lambda i, loss: bar.update(task, completed=i + 1, info=f"loss {loss:.4f}"),
                 checkpoint=lib.checkpoint_path(c.name),
                 resume=resume and lib.checkpoint_path(c.name).is_file(),
+                data_parallel=data_parallel,
             )
         pipe = None
+        return expert
+
+    def add(expert: Expert) -> None:
         content_hash = lib.add(expert, replace=replace)
+        tokens = expert.spec.tokens
         if as_json:
-            print(json.dumps({"concept": c.name, "tokens": c.spec.tokens, "library": str(lib.path), "content_hash": content_hash}))
+            print(json.dumps({"concept": expert.name, "tokens": tokens, "library": str(lib.path), "content_hash": content_hash}))
         else:
-            print(f"learned {c.name} ({' '.join(c.spec.tokens)}) into {lib.path} [{content_hash[:12]}]")
+            print(f"learned {expert.name} ({' '.join(tokens)}) into {lib.path} [{content_hash[:12]}]")
+
+    learn_concepts(concepts, lib, learn_one, add, data_parallel=data_parallel, say=say)
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -155,7 +181,7 @@ def learn(
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt, naming the concept by its token(s).")],
     library: Annotated[Path, typer.Option("--library", "-l")],
-    concept: Annotated[Optional[list[str]], typer.Option(help="Concept(s) whose expert to apply.")] = None,
+    concept: Annotated[Optional[list[str]], typer.Option(help="Use these concepts' experts alone instead of the consolidated model.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.")] = Path("out.png"),
     base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -166,15 +192,19 @@ def generate(
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Generate images with a library's concept expert(s)."""
+    """Generate images with a library: its consolidated model, or named experts alone."""
     import torch
 
+    from fl2t.consolidate.pipeline import FL2TPipeline
     from fl2t.pipeline import ExpertPipeline
 
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise Fl2tError(f"-o {output}: give an image file name ending in .png, .jpg or .webp")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = ExpertPipeline.from_library(library, concept, base=base, device=device)
+    if concept:  # the named experts alone, as plain LoRAs
+        pipe = ExpertPipeline.from_library(library, concept, base=base, device=device)
+    else:  # the consolidated model: every concept of the library, chosen by the prompt
+        pipe = FL2TPipeline.from_pretrained(base, library=library, device=device)
     with progress() as bar:
         task = bar.add_task("generate", total=steps * num_images, info="")
         images = pipe(
@@ -258,6 +288,87 @@ def library_check(
         raise typer.Exit(2)
 
 
+# -- consolidate, inspect, forget ---------------------------------------------------------------------------
+def run_consolidate(library: Path, base: Optional[str], settings) -> str:
+    """Step 2 for the library's current set, with a progress bar; returns the set hash."""
+    from fl2t.consolidate import consolidate as consolidate_library
+    from fl2t.consolidate import save_consolidated
+
+    lib = _open_library(library)
+    with progress() as bar:
+        task = bar.add_task(f"consolidate {len(lib.names())} concepts", total=settings.steps, info="")
+        model, record = consolidate_library(lib, settings, base=base, on_step=lambda i, loss: bar.update(task, completed=i + 1, info=f"loss {loss:.4f}"))
+    save_consolidated(lib, model, record)
+    return record["set_hash"]
+
+
+@app.command()
+def consolidate(
+    library: Annotated[Path, typer.Option("--library", "-l")],
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Mixed with the set's hash.")] = None,
+    gates: Annotated[Optional[bool], typer.Option("--gates/--no-gates", help="Per-rank feature-selection gates.")] = None,
+    shared: Annotated[Optional[bool], typer.Option("--shared/--no-shared", help="Shared LoRA learned in Step 2.")] = None,
+    contrastive: Annotated[Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")] = None,
+    proxy_attention: Annotated[Optional[bool], typer.Option("--proxy-attention/--no-proxy-attention", help="Self-attention among proxies.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Consolidate a library's experts (Step 2) into LIB/consolidated/."""
+    from fl2t.config import load_settings
+
+    settings = load_settings(config, consolidate=dict(steps=steps, lr=lr, seed=seed, gates=gates, shared=shared,
+                                                      contrastive=contrastive, proxy_attention=proxy_attention)).consolidate
+    h = run_consolidate(library, base, settings)
+    print(json.dumps({"library": str(library), "set_hash": h}) if as_json else f"consolidated {library} [{h[:12]}]")
+
+
+@app.command()
+def inspect(
+    prompt: Annotated[str, typer.Argument()],
+    library: Annotated[Path, typer.Option("--library", "-l")],
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Per-layer weights as JSON.")] = False,
+) -> None:
+    """Show which concepts a prompt selects, per UNet block."""
+    from fl2t.consolidate.pipeline import FL2TPipeline
+
+    pipe = FL2TPipeline.from_pretrained(base, library=library)
+    rel = pipe.relevance(prompt)
+    if as_json:
+        print(json.dumps(rel, indent=2))
+        return
+    blocks: dict[str, list[dict[str, float]]] = {}
+    for layer, weights in rel.items():
+        blocks.setdefault(".".join(layer.split(".")[:3]), []).append(weights)  # e.g. down_blocks.0.attentions
+    table = Table(title=f"concept weights per block: {prompt!r}")
+    table.add_column("block")
+    for n in [*pipe.concept_names, "none"]:
+        table.add_column(n, justify="right")
+    for block, rows in blocks.items():
+        table.add_row(block, *(f"{sum(r[n] for r in rows) / len(rows):.2f}" for n in [*pipe.concept_names, "none"]))
+    Console().print(table)
+
+
+@app.command()
+def forget(
+    name: Annotated[str, typer.Argument(help="Concept to remove.")],
+    library: Annotated[Path, typer.Option("--library", "-l")],
+    consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Re-consolidate the remaining set.")] = True,
+) -> None:
+    """Remove a concept from a library and re-consolidate the rest."""
+    from fl2t.config import load_settings
+
+    lib = _open_library(library)
+    lib.remove(name)
+    print(f"forgot {name}")
+    if consolidate_after and lib.names():
+        h = run_consolidate(library, None, load_settings(None).consolidate)
+        print(f"consolidated {library} [{h[:12]}]")
+
+
 # -- demo -------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
@@ -275,7 +386,9 @@ def main() -> None:
     try:
         rv = app(standalone_mode=False)
     except Fl2tError as e:
-        print(f"fl2t: error: {e}", file=sys.stderr)
+        # One line, whatever a path holds: control characters are shown escaped, never sent to the terminal.
+        msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+        print(f"fl2t: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -43,10 +43,35 @@ class LearnSettings(BaseModel):
     anchor_guidance: float = Field(7.5, ge=0)
 
 
+class ConsolidateSettings(BaseModel):
+    """Step 2: consolidating the set of experts with proxies and a set-invariant decoder (DESIGN §3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1, description="prompts per step")
+    decoder_layers: int = Field(2, ge=1, description="N: self-attention, cross-attention and MLP blocks")
+    heads: int = Field(4, ge=1, description="attention heads of the decoder")
+    mlp_ratio: int = Field(2, ge=1)
+    gates: bool = Field(True, description="per-rank-component feature-selection gates gamma")
+    shared: bool = Field(True, description="a shared LoRA per layer, trained in Step 2 ('learning together')")
+    shared_rank: int = Field(2, ge=1)
+    contrastive: bool = Field(True, description="InfoNCE between pooled prompt states and decoded proxies")
+    proxy_attention: bool = Field(True, description="self-attention among the proxies")
+    lambda_base: float = Field(0.5, ge=0, description="weight of matching the base model on prompts naming no concept")
+    lambda_con: float = Field(0.1, ge=0, description="weight of the contrastive term")
+    temperature: float = Field(0.1, gt=0)
+    base_share: float = Field(0.25, ge=0, le=1, description="share of each batch with prompts naming no concept")
+    multi_share: float = Field(0.1, ge=0, le=1, description="share of each batch with two-concept prompts")
+    seed: int = Field(0, description="mixed with the set's hash; the same set and seed give the same model")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learn: LearnSettings = LearnSettings()
+    consolidate: ConsolidateSettings = ConsolidateSettings()
 
 
 def load_settings(path: str | Path | None, **overrides: dict[str, Any]) -> Settings:

@@ -36,11 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fl2t.data import ConceptSpec
 from fl2t.errors import Fl2tError
+from fl2t.models import PICKLE_SUFFIXES
 
 FORMAT = 1
 MANIFEST = "library.json"
 WEIGHT_FILES = ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors")
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -212,7 +212,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise Fl2tError(f"{path}: missing; the library is damaged") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Fl2tError(f"{path}: not valid JSON ({e}); the library is damaged") from None
+        raise Fl2tError(f"{path}: not valid JSON ({e}); the library is damaged: restore it from a backup (`fl2t library check` lists what is wrong)") from None
 
 
 def _validated(model: type[BaseModel], path: Path) -> Any:
@@ -288,7 +288,7 @@ class Library:
                 return folder
         if not (self.path / "experts" / name / "expert.json").is_file():
             raise Fl2tError(f"library {self.path}: expert {name!r} is missing or half-written; relearn it with --replace")
-        raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed")
+        raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup")
 
     def records(self) -> dict[str, ExpertRecord]:
         return {name: read_expert_record(self.expert_dir(name)) for name in self.names()}
@@ -297,7 +297,7 @@ class Library:
         folder = self.expert_dir(name)
         expert = Expert.load(folder)
         if expert.content_hash != self.manifest().experts[name]:
-            raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed")
+            raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup")
         return expert
 
     def experts(self) -> list[Expert]:
@@ -351,6 +351,9 @@ class Library:
                 if current.exists():
                     os.replace(current, self.path / f".tmp-{uuid.uuid4().hex}")
                 os.replace(folder, current)
+        parked = sorted(self.path.glob(".old-consolidated-*"))
+        if parked and not (self.path / "consolidated").exists():  # killed between parking and renaming
+            os.replace(parked[0], self.path / "consolidated")
         for leftover in [*self.path.glob(".old-*"), *self.path.glob(".tmp-*")]:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         for folder in (self.path / "experts").glob("*") if (self.path / "experts").is_dir() else []:
@@ -405,3 +408,52 @@ class Library:
             for old in self.path.glob(f".old-{expert.name}-*"):
                 shutil.rmtree(old)
         return record["content_hash"]
+
+    # -- the consolidated model ----------------------------------------------------------------------------
+    def consolidated(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and record of LIB/consolidated/ (hash-checked); the record names the set it was made for."""
+        folder = self.path / "consolidated"
+        if not (folder / "consolidated.json").is_file():
+            parked = sorted(self.path.glob(".old-consolidated-*"))
+            if not parked:
+                raise Fl2tError(f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`")
+            folder = parked[0]  # a writer was killed while replacing it: the old one is still valid
+        self._refuse_pickles()
+        record = _read_json(folder / "consolidated.json")
+        blob = (folder / "consolidated.safetensors").read_bytes() if (folder / "consolidated.safetensors").is_file() else b""
+        if not isinstance(record, dict) or hashlib.sha256(blob).hexdigest() != record.get("files", {}).get("consolidated.safetensors"):
+            raise Fl2tError(f"{folder}: consolidated model is damaged (hash mismatch); run `fl2t consolidate --library {self.path}`")
+        try:
+            return st_load(blob), record
+        except SafetensorError as e:
+            raise Fl2tError(f"{folder}: not a valid safetensors file ({e})") from None
+
+    def save_consolidated(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> str:
+        """Write LIB/consolidated/ atomically; returns the weights' sha256."""
+        blob = st_save(tensors)
+        digest = hashlib.sha256(blob).hexdigest()
+        with self._writing() as tmp:
+            staged = tmp / "consolidated"
+            staged.mkdir()
+            (staged / "consolidated.safetensors").write_bytes(blob)
+            _write_json(staged / "consolidated.json", {**record, "format": FORMAT, "files": {"consolidated.safetensors": digest}})
+            kill_point("consolidated-staged")
+            final = self.path / "consolidated"
+            if final.exists():
+                os.replace(final, self.path / f".old-consolidated-{uuid.uuid4().hex[:8]}")
+                kill_point("consolidated-parked")
+            os.replace(staged, final)
+            kill_point("consolidated-renamed")
+            for old in self.path.glob(".old-consolidated-*"):
+                shutil.rmtree(old)
+        return digest
+
+    def remove(self, name: str) -> None:
+        """Take a concept out of the library (its consolidated model then no longer matches the set)."""
+        self.expert_dir(name)
+        with self._writing() as tmp:
+            manifest = self.manifest()
+            del manifest.experts[name]
+            _write_json(self.path / MANIFEST, manifest.model_dump())
+            kill_point("removed")
+            shutil.rmtree(self.path / "experts" / name, ignore_errors=True)

@@ -31,20 +31,34 @@ def default_base() -> str | None:
     return None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 def load_base(base: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline from a local diffusers folder or a hub id."""
+    """Load a Stable Diffusion pipeline from a local diffusers folder or a hub id (safetensors weights only)."""
     path = Path(base).expanduser()
+    if path.is_file():
+        kind = "a pickled checkpoint" if path.suffix.lower() in PICKLE_SUFFIXES else "a file"
+        raise Fl2tError(
+            f"--base {base}: is {kind}, not a diffusers pipeline folder; fl2t loads only diffusers folders with "
+            "safetensors weights (convert it with diffusers' from_single_file(...).save_pretrained(folder))"
+        )
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise Fl2tError(f"--base {base}: not a diffusers pipeline folder (no model_index.json in it)")
+        _refuse_pickled_only(path, str(base))
         source = str(path.resolve())
     elif str(base).startswith((".", "/", "~")) or str(base).count("/") != 1:
         raise Fl2tError(f"--base {base}: no such folder, and not a hub id of the form owner/name")
     else:
         source = str(base)
-    # Loading bars of diffusers/transformers would interleave with ours.
+    # Loading bars of diffusers/transformers would interleave with ours, and their error logs would add lines
+    # to our one-line error.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    transformers_logging.set_verbosity(transformers_logging.CRITICAL)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
@@ -56,10 +70,26 @@ def load_base(base: str | Path, *, device: torch.device | str | None = None, dty
     except Exception as e:  # diffusers raises many types for missing files, offline hubs, pickles
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Fl2tError(f"--base {base}: could not load the pipeline with safetensors weights ({first})") from None
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def _refuse_pickled_only(folder: Path, base: str) -> None:
+    """A component folder whose weights are only pickles cannot be loaded: say so (unpickling runs code)."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in sub.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise Fl2tError(
+                f"--base {base}: {sub.name}/{pickles[0].name} holds pickled weights, and fl2t loads only safetensors "
+                "(unpickling can run arbitrary code); convert the pipeline with "
+                "save_pretrained(folder, safe_serialization=True) in a trusted environment"
+            )
 
 
 def base_config_hash(pipe: StableDiffusionPipeline) -> str:

@@ -64,6 +64,13 @@ class ExpertPipeline(StableDiffusionPipeline):
 
     def apply_expert(self, expert: Expert) -> None:
         """Add one expert's tokens and LoRA; every applied expert's LoRA is active at weight 1."""
+        self.add_expert_tokens(expert)
+        self.load_lora_weights(diffusers_lora(expert), adapter_name=expert.name)
+        names = list(dict.fromkeys(self.get_list_adapters().get("unet", [])))
+        self.set_adapters(names, adapter_weights=[1.0] * len(names))
+
+    def add_expert_tokens(self, expert: Expert) -> None:
+        """Teach the tokenizer and text encoder an expert's tokens (layer-wise: a hook swaps them in per layer)."""
         if expert.layerwise:
             ids = add_tokens(self.tokenizer, self.text_encoder, expert.spec.tokens)
             hook = ConceptTokenEmbeddings(ids, expert.token_embeddings).to(self.text_encoder.device)
@@ -76,9 +83,6 @@ class ExpertPipeline(StableDiffusionPipeline):
                 )
         else:
             add_tokens(self.tokenizer, self.text_encoder, expert.spec.tokens, rows=expert.token_embeddings)
-        self.load_lora_weights(diffusers_lora(expert), adapter_name=expert.name)
-        names = list(dict.fromkeys(self.get_list_adapters().get("unet", [])))
-        self.set_adapters(names, adapter_weights=[1.0] * len(names))
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, **kwargs):
         hooks = self.token_hooks

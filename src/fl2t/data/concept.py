@@ -25,8 +25,10 @@ from fl2t.data.templates import STABLE_TEMPLATE
 from fl2t.errors import Fl2tError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-TOKEN_RE = re.compile(r"^[^\s]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # whole string (fullmatch): it names a folder
+TOKEN_RE = re.compile(r"[^\s]{1,64}")
+# What each concept.yaml key looks like, for error messages.
+SPEC_EXAMPLES = {"name": "name: my-dog", "tokens": "tokens: ['<my-dog>']", "class_word": "class_word: dog", "kind": "kind: object (or style)"}
 # Images larger than this on their longer side are downscaled while loading.
 MAX_SIDE = 2048
 
@@ -58,11 +60,17 @@ class ConceptSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
-                f"concept name {v!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+                f"concept name {v!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a letter or digit "
+                "(set it with --name or name: in concept.yaml)"
             )
         return v
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _one_token(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v  # tokens: <my-dog> means one token
 
     @field_validator("tokens")
     @classmethod
@@ -70,7 +78,7 @@ class ConceptSpec(BaseModel):
         if not v:
             raise ValueError("a concept needs at least one token, e.g. ['<c-dog>']")
         for t in v:
-            if not TOKEN_RE.match(t) or any(unicodedata.category(c).startswith("C") for c in t):
+            if not TOKEN_RE.fullmatch(t) or any(unicodedata.category(c).startswith("C") for c in t):
                 raise ValueError(f"token {t!r} is not allowed: one word without spaces or control characters")
         if len(set(v)) != len(v):
             raise ValueError(f"tokens {v} repeat a token")
@@ -114,36 +122,72 @@ class Concept:
 
 
 def load_image(path: Path, max_side: int = MAX_SIDE) -> Image.Image:
-    """Decode an image fully into 8-bit RGB, upright per EXIF, longer side at most `max_side`."""
+    """Decode an image fully into 8-bit RGB, upright per EXIF, longer side at most `max_side`.
+
+    Pillow's guard against decompression bombs is kept: an image of over twice `Image.MAX_IMAGE_PIXELS` (about
+    179 megapixels) is refused before it is decoded. Anything smaller is decoded (a big JPEG at a reduced size)
+    and downscaled before it is converted to RGB, so a huge image is never copied at full size in RGB.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise Fl2tError(f"{path}: file is empty (0 bytes); replace or remove it")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Only DecompressionBombError (over twice the limit) refuses; the warning below it would refuse
+            # ordinary 10000x10000 pictures.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.format == "JPEG":
                     im.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced size
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                im = _to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Fl2tError(f"{path}: image is too large to decode safely ({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise Fl2tError(f"{path}: not a readable image ({e}); replace or remove the file") from None
+                im = _to_rgb(_shrink(_to_8bit(im), max_side))
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels, " if pixels else ""
+        raise Fl2tError(
+            f"{path}: image is too large to decode safely ({size}over Pillow's limit of "
+            f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); downscale it to at most {max_side} pixels a side"
+        ) from None
+    except MemoryError:
+        raise Fl2tError(f"{path}: not enough memory to decode this image; downscale it to at most {max_side} pixels a side") from None
+    except UnidentifiedImageError:
+        raise Fl2tError(f"{path}: not a readable image (not a jpg, png or webp file); replace or remove the file") from None
+    except Exception as e:  # a damaged file can make a decoder raise anything: truncation, bad chunks, ...
+        raise Fl2tError(
+            f"{path}: not a readable image, damaged or incomplete ({e or type(e).__name__}); replace or remove the file"
+        ) from None
     if min(im.size) < 8:
-        raise Fl2tError(f"{path}: image is {im.size[0]}x{im.size[1]} pixels, too small to learn from")
+        raise Fl2tError(
+            f"{path}: image is {im.size[0]}x{im.size[1]} pixels, too small to learn from; use images at least 8 pixels a side"
+        )
+    return im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """An 8-bit mode Pillow resizes well: L, LA, RGB, RGBA or CMYK."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the type's range, not by clipping.
+        a = np.asarray(im)
+        top = 65535 if im.mode.startswith("I;16") or a.max() > 255 else 255
+        a = (a.clip(0, top).astype(np.uint32) * 255 + top // 2) // top
+        return Image.fromarray(a.astype(np.uint8), mode="L")
+    if im.mode in ("LA", "RGBA", "CMYK") or (im.mode in ("L", "RGB") and "transparency" not in im.info):
+        return im
+    if im.mode == "1":
+        return im.convert("L")
+    # Palette colours, a transparent colour key, premultiplied alpha and the rest.
+    return im.convert("RGBA" if im.has_transparency_data else "RGB")
+
+
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
     if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits by the type's range, not by clipping.
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else 255.0
-        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
+    if im.mode in ("RGBA", "LA"):
         # Transparent areas become white, as image viewers show them.
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -153,7 +197,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the text
     except UnicodeDecodeError:
         raise Fl2tError(f"{path}: not UTF-8 text; save it as UTF-8") from None
 
@@ -171,11 +215,14 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
-        raise Fl2tError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise Fl2tError(f"{path}: not valid YAML{at} ({what}); fix or delete the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise Fl2tError(f"{path}: expected a mapping with keys name, tokens, class_word, kind")
+        raise Fl2tError(f"{path}: expected a mapping with keys name, tokens, class_word, kind (e.g. 'name: my-dog')")
     return data
 
 
@@ -247,10 +294,15 @@ def load_concept(
         where = ".".join(str(x) for x in err["loc"]) or "concept"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; the keys are name, tokens, class_word, kind"
+            msg = "unknown key in concept.yaml; the keys are name, tokens, class_word, kind"
+        elif err["type"] != "value_error":  # a wrong type or value: show it and a right one
+            msg = f"{msg} (got {err.get('input')!r}); write e.g. {SPEC_EXAMPLES.get(str(err['loc'][0]), 'name: my-dog')}"
         raise Fl2tError(f"{folder}: {where}: {msg}") from None
 
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files (macOS "._x.jpg" resource forks and the like) are not reference images.
+    paths = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if len(paths) < min_images:
         found = "no images" if not paths else f"{len(paths)} image{'s' if len(paths) > 1 else ''}"
         raise Fl2tError(

@@ -1,0 +1,171 @@
+"""Step 2: the set-invariant decoder, fused inference, order-agnostic libraries, the CLI around them."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fl2t.config import ConsolidateSettings
+from fl2t.consolidate import ConsolidatedModel, consolidate, save_consolidated
+from fl2t.consolidate.pipeline import FL2TPipeline
+from fl2t.data import load_concept
+from fl2t.demo import write_demo_concept
+from fl2t.errors import Fl2tError
+from fl2t.experts import learn_expert
+from fl2t.fusion import AggregatedLoRA, stack_experts
+from fl2t.library import Library
+from fl2t.models import load_base
+from fl2t.pipeline import ExpertPipeline
+
+from conftest import FAST
+from test_cli import run
+
+STEP2 = ConsolidateSettings(steps=6, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def four_experts(tmp_path_factory, tiny_base):
+    root = tmp_path_factory.mktemp("four")
+    settings = FAST.model_copy(update={"steps": 4})
+    return [
+        learn_expert(load_concept(write_demo_concept(root / f"c-{p}", f"c-{p}", p)), str(tiny_base), settings)
+        for p in ("stripes", "checks", "rings", "dots")
+    ]
+
+
+@pytest.fixture(scope="session")
+def consolidated_library(tmp_path_factory, four_experts):
+    lib = Library(tmp_path_factory.mktemp("cons") / "library")
+    for e in four_experts[:2]:
+        lib.add(e)
+    save_consolidated(lib, *consolidate(lib, STEP2))
+    return lib.path
+
+
+@pytest.mark.parametrize("proxy_attention", [True, False])
+def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
+    torch.manual_seed(0)
+    G, d, L, r = 5, 32, 7, 4
+    settings = ConsolidateSettings(proxy_attention=proxy_attention)
+    model = ConsolidatedModel(torch.randn(G, d), {f"layer{i}": (16, 16) for i in range(L)}, r, settings)
+    with torch.no_grad():
+        model.relevance.weight.normal_()
+        model.gate.weight.normal_()
+    text, pad = torch.randn(3, 9, d), torch.zeros(3, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    alpha, gamma, z = model(text, pad)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        model.proxies.copy_(model.proxies[perm])
+    alpha_p, gamma_p, z_p = model(text, pad)
+    assert torch.allclose(z_p, z[:, perm], atol=1e-6)
+    assert torch.allclose(alpha_p, alpha[:, :, perm], atol=1e-6)
+    assert torch.allclose(gamma_p, gamma[:, :, perm], atol=1e-6)
+    assert alpha.shape == (3, L, G) and gamma.shape == (3, L, G, r) and (alpha.sum(-1) < 1).all()
+
+
+def test_ablation_switches_remove_their_component():
+    proxies, shapes = torch.randn(3, 32), {"a.to_q": (16, 16)}
+    full = ConsolidatedModel(proxies, shapes, 4, ConsolidateSettings())
+    bare = ConsolidatedModel(proxies, shapes, 4, ConsolidateSettings(gates=False, shared=False, contrastive=False, proxy_attention=False))
+    assert {"gate.weight", "shared_A.a__to_q", "prompt_proj.weight", "layers.0.self_attn.in_proj_weight"} <= set(full.state_dict())
+    assert not any(k.startswith(("gate", "shared", "prompt_proj")) or "self_attn" in k for k in bare.state_dict())
+    alpha, gamma, _ = bare(torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool))
+    assert gamma is None and bare.shared_factors() is None
+
+
+def test_fused_update_equals_per_sample_hooks_and_unfuse_restores_exact_weights(four_experts, tiny_base):
+    base = load_base(str(tiny_base))
+    unet = base.unet
+    stack = stack_experts(four_experts, unet)
+    agg = AggregatedLoRA(unet, stack)
+    L, G, r = len(stack.modules), stack.n_experts, stack.rank
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.softmax(torch.randn(L, G + 1, generator=g), -1)[:, :G]
+    gamma = torch.rand(L, G, r, generator=g)
+    x, t, states = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with torch.no_grad():
+        agg.set(alpha.expand(2, L, G), gamma.expand(2, L, G, r))
+        hooked = unet(x, t, states).sample
+        agg.fuse(alpha, gamma)
+        fused = unet(x, t, states).sample
+        agg.unfuse()
+        plain = unet(x, t, states).sample
+    assert torch.allclose(fused, hooked, atol=1e-5)
+    assert (fused - plain).abs().max() > 1e-4
+    assert all(torch.equal(before[n], p) for n, p in unet.named_parameters())
+
+
+def test_one_hot_weights_reproduce_the_expert_alone(four_experts, tmp_path):
+    """The aggregation algebra agrees with peft: alpha one-hot on g, gamma 1 == expert g's LoRA."""
+    lib = Library(tmp_path / "lib")
+    lib.add(four_experts[2])
+    alone = ExpertPipeline.from_library(lib, four_experts[2].name)
+    base = load_base(lib.base["id"])
+    agg = AggregatedLoRA(base.unet, stack_experts(four_experts, base.unet))
+    onehot = torch.zeros(1, len(agg.stack.modules), 4)
+    onehot[..., 2] = 1
+    g = torch.Generator().manual_seed(1)
+    x, t, states = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        agg.set(onehot)
+        ours = base.unet(x, t, states).sample
+        theirs = alone.unet(x, t, states).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_consolidated_library_generates_and_explains_its_choice(consolidated_library):
+    lib = Library(consolidated_library)
+    record = json.loads((consolidated_library / "consolidated" / "consolidated.json").read_text())
+    assert [e["name"] for e in record["experts"]] == [e.name for e in sorted(lib.experts(), key=lambda e: e.content_hash)]
+    pipe = FL2TPipeline.from_pretrained(library=consolidated_library)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    prompts = ["a photo of <c-stripes> ball", "a photo of <c-checks> box", "a photo of <c-stripes> ball"]
+    out = pipe(prompts, num_inference_steps=2, num_images_per_prompt=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (6, 32, 32, 3)
+    assert all(torch.equal(before[n], p) for n, p in pipe.unet.named_parameters())
+    rel = pipe.relevance("a photo of <c-stripes> ball")
+    assert len(rel) == len(pipe.aggregated.stack.modules)
+    assert all(set(w) == {"c-stripes", "c-checks", "none"} and abs(sum(w.values()) - 1) < 1e-5 for w in rel.values())
+
+
+def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts):
+    orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]]
+    blobs, images = [], []
+    for k, order in enumerate(orders):
+        lib = Library(tmp_path / f"lib{k}")
+        for i in order:  # incremental: consolidate after each arrival
+            lib.add(four_experts[i])
+            save_consolidated(lib, *consolidate(lib, STEP2.model_copy(update={"steps": 2 if len(lib.names()) < 4 else 6})))
+        blobs.append((lib.path / "consolidated" / "consolidated.safetensors").read_bytes())
+        pipe = FL2TPipeline.from_pretrained(library=lib)
+        images.append(pipe("a photo of <c-rings> ring", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(4)).images)
+    assert blobs[0] == blobs[1] == blobs[2]
+    assert (images[0] == images[1]).all() and (images[0] == images[2]).all()
+
+
+def test_stale_consolidation_is_reported(tmp_path, consolidated_library, four_experts):
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    lib = Library(tmp_path / "lib")
+    lib.add(four_experts[3])
+    with pytest.raises(Fl2tError, match="run `fl2t consolidate"):
+        FL2TPipeline.from_pretrained(library=lib)
+
+
+def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(consolidated_library, lib)
+    code, out, err = run(["consolidate", "-l", lib, "--steps", "3", "--no-gates", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["set_hash"] == json.loads((lib / "consolidated" / "consolidated.json").read_text())["set_hash"]
+    code, out, err = run(["generate", "a photo of <c-stripes> ball and <c-checks> box", "-l", lib, "--steps", "2", "-o", tmp_path / "x.png"], capsys)
+    assert code == 0 and (tmp_path / "x.png").is_file(), err
+    code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib, "--json"], capsys)
+    assert code == 0 and all("c-stripes" in w for w in json.loads(out).values())
+    code, out, err = run(["forget", "c-checks", "-l", lib], capsys)
+    assert code == 0, err
+    assert Library(lib).names() == ["c-stripes"]
+    record = json.loads((lib / "consolidated" / "consolidated.json").read_text())
+    assert [e["name"] for e in record["experts"]] == ["c-stripes"]
