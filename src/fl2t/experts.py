@@ -90,17 +90,26 @@ def learn_expert(
     on_step: Callable[[int, float], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    data_parallel: bool = False,
 ) -> Expert:
     """Learn `concept` on the frozen `base` model; returns the expert (not yet saved).
 
     `base` is a hub id or a local diffusers folder, or a loaded pipeline, which is used up (it gets the LoRA).
     With `checkpoint` (a file path), the training state is saved there every `settings.checkpoint_every` steps
     and removed at the end; `resume` continues from it, giving the same weights as an uninterrupted run.
+
+    Under `torchrun` or `accelerate launch`, each process learns alone by default (concept-parallel: the
+    expert is the same whichever process learns it, and however many there are). With `data_parallel`, all
+    processes must call this for the same concept: they train it together with DDP, each drawing its own
+    samples, so a step sees N x batch_size images; the result then depends on the number of processes.
     """
     spec = concept.spec
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
+    shared = data_parallel and accelerator.num_processes > 1
+    rank = accelerator.process_index if shared else 0
+    owner = accelerator.is_main_process or not shared  # writes and removes this concept's checkpoint
     torch.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed + 1000 * accelerator.process_index)
+    gen = torch.Generator().manual_seed(settings.seed + 1000 * rank)  # only data-parallel ranks need other samples
     device = accelerator.device
 
     pipe = base if isinstance(base, StableDiffusionPipeline) else load_base(base)
@@ -174,7 +183,12 @@ def learn_expert(
         ]
     )
     lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=settings.steps)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # The optimizer is prepared for fp16 loss scaling. The model only when sharing a concept: prepared on
+    # several processes it becomes DDP and syncs gradients, which learning alone must not. The scheduler never:
+    # accelerate's wrapper steps it once per process, so the schedule would depend on the number of processes.
+    optimizer = accelerator.prepare(optimizer)
+    if shared:
+        model = accelerator.prepare(model)
 
     def tokenize(prompts: list[str]) -> torch.Tensor:
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -182,7 +196,7 @@ def learn_expert(
     fingerprint = _fingerprint(concept, settings, base_info)
     start = 0
     if resume:
-        start = _load_checkpoint(checkpoint, fingerprint, model, optimizer, lr_scheduler, gen, accelerator)
+        start = _load_checkpoint(checkpoint, fingerprint, model, optimizer, lr_scheduler, gen, accelerator, rank)
 
     model.train()
     for step in range(start, settings.steps):
@@ -226,8 +240,10 @@ def learn_expert(
             on_step(step, loss.item())
         done = step + 1
         if checkpoint is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-            if accelerator.is_main_process:
-                _save_checkpoint(checkpoint, fingerprint, done, accelerator.unwrap_model(model), optimizer, lr_scheduler, gen)
+            # Every data-parallel rank's sampling state goes into the one file, so a resume continues each stream.
+            gens = accelerator.gather(gen.get_state()[None].to(device)).cpu() if shared else gen.get_state()[None]
+            if owner:
+                _save_checkpoint(checkpoint, fingerprint, done, accelerator.unwrap_model(model), optimizer, lr_scheduler, gens)
 
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -252,7 +268,7 @@ def learn_expert(
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[ids] = expert.token_embeddings.to(text_encoder.dtype).to(device)
     finish_expert(expert, expert_pipe, settings)
-    if checkpoint is not None and accelerator.is_main_process:
+    if checkpoint is not None and owner:
         checkpoint.unlink(missing_ok=True)
     return expert
 
@@ -265,14 +281,19 @@ def _fingerprint(concept: Concept, settings: LearnSettings, base_info: dict) -> 
     return h.hexdigest()
 
 
-def _save_checkpoint(path: Path, fingerprint: str, step: int, model: ExpertModel, optimizer, lr_scheduler, gen: torch.Generator) -> None:
-    """The whole training state in one safetensors file (tensors + JSON metadata), replaced atomically."""
+def _save_checkpoint(path: Path, fingerprint: str, step: int, model: ExpertModel, optimizer, lr_scheduler, gens: torch.Tensor) -> None:
+    """The whole training state in one safetensors file (tensors + JSON metadata), replaced atomically.
+
+    `gens`: the sampling generators' states, one row per data-parallel rank (one row when learning alone).
+    """
     tensors = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
     for i, state in opt["state"].items():
         for k, v in state.items():
             tensors[f"optimizer.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["generator"] = gen.get_state()
+    tensors["generator"] = gens[0]
+    for r in range(1, len(gens)):
+        tensors[f"generator.{r}"] = gens[r]
     meta = {
         "fingerprint": fingerprint,
         "step": str(step),
@@ -285,7 +306,9 @@ def _save_checkpoint(path: Path, fingerprint: str, step: int, model: ExpertModel
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path | None, fingerprint: str, model: nn.Module, optimizer, lr_scheduler, gen: torch.Generator, accelerator: Accelerator) -> int:
+def _load_checkpoint(
+    path: Path | None, fingerprint: str, model: nn.Module, optimizer, lr_scheduler, gen: torch.Generator, accelerator: Accelerator, rank: int
+) -> int:
     if path is None or not path.is_file():
         raise Fl2tError(f"nothing to resume: no checkpoint at {path}; run without --resume to start over")
     try:
@@ -308,7 +331,8 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model: nn.Module, opti
             state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     lr_scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
-    gen.set_state(tensors["generator"])
+    # A rank the checkpoint has no stream for (resumed with more processes) continues rank 0's.
+    gen.set_state(tensors.get(f"generator.{rank}", tensors["generator"]))
     return int(meta["step"])
 
 
