@@ -398,6 +398,6 @@ def test_hidden_files_in_a_concept_folder_are_not_images(tmp_path):
 def test_a_concept_of_odd_images_learns_from_the_command_line(tmp_path, tiny_base, capsys):
     d = _odd_images(tmp_path / "c-odd")
     (tmp_path / "settings.yaml").write_text("learn:\n  steps: 1\n  num_anchors: 0\n")
-    code, out, err = run(["-q", "learn", d, "-l", tmp_path / "lib", "--base", tiny_base, "--config", tmp_path / "settings.yaml"], capsys)
+    code, out, err = run(["-q", "learn", d, "-l", tmp_path / "lib", "--base", tiny_base, "--config", tmp_path / "settings.yaml", "--no-consolidate"], capsys)
     assert code == 0, err
     assert "learned c-odd" in out and (tmp_path / "lib" / "experts" / "c-odd" / "lora.safetensors").is_file()

@@ -26,10 +26,10 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 def test_learn_generate_export_from_the_command_line(tmp_path, tiny_base, concepts_root):
     """The real console script, in a subprocess, as a user runs it."""
     lib = tmp_path / "lib"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ)
     fl2t = [sys.executable, "-m", "fl2t.cli"]
     cfg = tmp_path / "settings.yaml"
-    cfg.write_text("learn:\n  steps: 3\n  num_anchors: 1\n  anchor_steps: 2\n  rank: 2\n")
+    cfg.write_text("learn:\n  steps: 3\n  num_anchors: 1\n  anchor_steps: 2\n  rank: 2\nconsolidate:\n  steps: 2\n")
     r = subprocess.run([*fl2t, "-q", "learn", concepts_root / "c-checkbox", "--library", lib, "--base", tiny_base, "--config", cfg, "--seed", "1"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

@@ -9,38 +9,15 @@ import torch
 from fl2t.config import ConsolidateSettings
 from fl2t.consolidate import ConsolidatedModel, consolidate, save_consolidated
 from fl2t.consolidate.pipeline import FL2TPipeline
-from fl2t.data import load_concept
-from fl2t.demo import write_demo_concept
 from fl2t.errors import Fl2tError
-from fl2t.experts import learn_expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
 
-from conftest import FAST
+from conftest import STEP2
 from test_cli import run
 
-STEP2 = ConsolidateSettings(steps=6, batch_size=4)
-
-
-@pytest.fixture(scope="session")
-def four_experts(tmp_path_factory, tiny_base):
-    root = tmp_path_factory.mktemp("four")
-    settings = FAST.model_copy(update={"steps": 4})
-    return [
-        learn_expert(load_concept(write_demo_concept(root / f"c-{p}", f"c-{p}", p)), str(tiny_base), settings)
-        for p in ("stripes", "checks", "rings", "dots")
-    ]
-
-
-@pytest.fixture(scope="session")
-def consolidated_library(tmp_path_factory, four_experts):
-    lib = Library(tmp_path_factory.mktemp("cons") / "library")
-    for e in four_experts[:2]:
-        lib.add(e)
-    save_consolidated(lib, *consolidate(lib, STEP2))
-    return lib.path
 
 
 @pytest.mark.parametrize("proxy_attention", [True, False])
@@ -164,7 +141,8 @@ def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library,
     assert code == 0 and (tmp_path / "x.png").is_file(), err
     code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib, "--json"], capsys)
     assert code == 0 and all("c-stripes" in w for w in json.loads(out).values())
-    code, out, err = run(["forget", "c-checks", "-l", lib], capsys)
+    (tmp_path / "s.yaml").write_text("consolidate:\n  steps: 2\n")
+    code, out, err = run(["forget", "c-checks", "-l", lib, "--config", tmp_path / "s.yaml"], capsys)
     assert code == 0, err
     assert Library(lib).names() == ["c-stripes"]
     record = json.loads((lib / "consolidated" / "consolidated.json").read_text())

@@ -1,8 +1,8 @@
 """A library survives writers killed at any moment, a second writer, and interrupted training (--resume)."""
 
 import fcntl
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,13 +10,14 @@ import time
 
 import pytest
 
+from fl2t.consolidate.pipeline import FL2TPipeline
 from fl2t.library import Library
 
-SETTINGS = "learn:\n  steps: 6\n  num_anchors: 1\n  anchor_steps: 1\n  checkpoint_every: 2\n"
+SETTINGS = "learn:\n  steps: 6\n  num_anchors: 1\n  anchor_steps: 1\n  checkpoint_every: 2\nconsolidate:\n  steps: 2\n"
 
 
 def fl2t(args, env=None, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)], capture_output=True, text=True, env=env, **kw)
 
 
@@ -92,3 +93,19 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path, c
     # --resume again: nothing left to do
     r = fl2t(["learn", *base_args, "-l", interrupted, "--resume"])
     assert r.returncode == 0 and not (interrupted / ".checkpoints" / "c-checkbox.safetensors").exists()
+
+
+@pytest.mark.parametrize("moment", ["consolidated-staged", "consolidated-parked", "consolidated-renamed"])
+def test_killed_consolidate_leaves_a_usable_consolidated_model(moment, tmp_path, consolidated_library):
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    lib = Library(tmp_path / "lib")
+    old = (tmp_path / "lib" / "consolidated" / "consolidated.safetensors").read_bytes()
+    r = fl2t(["consolidate", "-l", tmp_path / "lib", "--steps", "2", "--seed", "1"], env={"FL2T_KILL_AT": moment})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    tensors, record = lib.consolidated()  # old or new, hash-checked
+    assert lib.check() == []
+    now = (tmp_path / "lib" / "consolidated" / "consolidated.safetensors")
+    assert (now.is_file() and now.read_bytes() != old) == (moment == "consolidated-renamed")
+    FL2TPipeline.from_pretrained(library=lib)  # loads: the consolidated model matches the set
+    lib.add(lib.expert("c-stripes"), replace=True)  # the next writer cleans up
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [".lock", "consolidated", "experts", "library.json"]

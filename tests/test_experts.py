@@ -3,7 +3,6 @@ import json
 import pytest
 from accelerate.state import AcceleratorState
 import torch
-from safetensors.torch import load_file
 
 from fl2t.config import LearnSettings
 from fl2t.data import load_concept

@@ -15,7 +15,7 @@ from fl2t.experts import learn_expert
 from fl2t.library import Library
 from fl2t.parallel import my_concepts
 
-SETTINGS = "learn:\n  steps: 4\n  num_anchors: 1\n  anchor_steps: 1\n"
+SETTINGS = "learn:\n  steps: 4\n  num_anchors: 1\n  anchor_steps: 1\nconsolidate:\n  steps: 2\n"
 # One thread per process, in the reference run too: two ranks fit on two cores, and the sums inside a matmul
 # are grouped the same way in every run, so the experts can be compared byte for byte.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -90,9 +90,10 @@ def learn(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
     data_parallel: Annotated[bool, typer.Option(help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each.")] = False,
+    consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Learn concept expert(s) (Step 1) into a library.
+    """Learn concept expert(s) (Step 1) into a library, then consolidate the new set (Step 2).
 
     Under `torchrun` or `accelerate launch`, concept i is learned by process i % N; the main process writes.
     """
@@ -112,14 +113,17 @@ def learn(
     try:
         if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
             raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
-        settings = load_settings(
+        all_settings = load_settings(
             config,
             learn=dict(
                 steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
                 seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                 checkpoint_every=checkpoint_every,
             ),
-        ).learn
+        )
+        settings = all_settings.learn
+        if consolidate_after and settings.num_anchors == 0:
+            raise Fl2tError("num_anchors 0 leaves Step 2 no synthetic anchors: set num_anchors >= 1, or pass --no-consolidate")
         lib = Library(library)
         base_id = base or (lib.base or {}).get("id") or default_base()
         if base_id is None:
@@ -174,6 +178,9 @@ def learn(
             print(f"learned {expert.name} ({' '.join(tokens)}) into {lib.path} [{content_hash[:12]}]")
 
     learn_concepts(concepts, lib, learn_one, add, data_parallel=data_parallel, say=say)
+    if consolidate_after and proc.is_main_process and concepts:
+        h = run_consolidate(library, base, all_settings.consolidate)
+        print(json.dumps({"library": str(lib.path), "set_hash": h}) if as_json else f"consolidated {lib.path} [{h[:12]}]")
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -357,15 +364,17 @@ def forget(
     name: Annotated[str, typer.Argument(help="Concept to remove.")],
     library: Annotated[Path, typer.Option("--library", "-l")],
     consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Re-consolidate the remaining set.")] = True,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').")] = None,
 ) -> None:
     """Remove a concept from a library and re-consolidate the rest."""
     from fl2t.config import load_settings
 
+    settings = load_settings(config).consolidate
     lib = _open_library(library)
     lib.remove(name)
     print(f"forgot {name}")
     if consolidate_after and lib.names():
-        h = run_consolidate(library, None, load_settings(None).consolidate)
+        h = run_consolidate(library, None, settings)
         print(f"consolidated {library} [{h[:12]}]")
 
 

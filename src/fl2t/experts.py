@@ -38,7 +38,6 @@ from fl2t.text import (
     add_tokens,
     check_new_tokens,
     class_word_embedding,
-    cross_attention_processor_names,
     encode_layerwise,
     set_layerwise_processors,
 )

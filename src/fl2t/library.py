@@ -451,7 +451,7 @@ class Library:
     def remove(self, name: str) -> None:
         """Take a concept out of the library (its consolidated model then no longer matches the set)."""
         self.expert_dir(name)
-        with self._writing() as tmp:
+        with self._writing():
             manifest = self.manifest()
             del manifest.experts[name]
             _write_json(self.path / MANIFEST, manifest.model_dump())
