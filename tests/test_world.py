@@ -167,7 +167,11 @@ def test_shipped_evaluator_loads_like_clip_and_reads_a_picture():
     model = CLIPModel.from_pretrained(evaluator_path()).eval()
     proc = CLIPProcessor.from_pretrained(evaluator_path())
     img = render(Scene("star", "red", "white", "in the center", "large", jitter=5))
-    texts = ["a red star on a white background", "a blue ring on a black background", "a green square on a gray background"]
+    texts = [
+        "a red star on a white background",
+        "a blue ring on a black background",
+        "a green square on a gray background",
+    ]
     inputs = proc(text=texts, images=[img], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**inputs).logits_per_image

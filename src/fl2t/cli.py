@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fl2t.errors import Fl2tError
+from fl2t.world.cli import app as world_app
 
 # Before transformers/diffusers are imported: keep their chatter off the user's terminal.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -28,6 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 app = typer.Typer(help="Continual, order-agnostic personalization of text-to-image diffusion models (FL2T).", no_args_is_help=True, add_completion=False)
 library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True)
 app.add_typer(library_app, name="library")
+app.add_typer(world_app, name="world")
 
 console = Console(stderr=True)
 state = {"quiet": False}

@@ -27,8 +27,11 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 
 def default_base() -> str | None:
-    """The base model used when neither --base nor a library names one."""
-    return None
+    """The base model used when neither --base nor a library names one: the tiny world's, when shipped."""
+    from fl2t.world import WEIGHTS_DIR
+
+    base = WEIGHTS_DIR / "base"
+    return str(base) if (base / "model_index.json").is_file() else None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -17,11 +17,12 @@ from PIL import Image
 
 from fl2t.errors import Fl2tError
 from fl2t.world.build import verify_manifest
+from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, held_out_combos, random_scene, render
 
 CHECK_SEED = 777
 EVALUATOR_IMAGES = 300
-BASE_SEEDS_PER_PROMPT = 2
+BASE_SEEDS_PER_PROMPT = 1
 
 
 class WorldEvaluator:
@@ -156,15 +157,57 @@ def gate_base(ctx: CheckContext) -> list[Row]:
     return rows
 
 
+def class_prompts(concept: WorldConcept) -> list[str]:
+    """The concept's evaluation prompts with the concept taken out: what the base model makes without it."""
+    templates = PROMPT_TEMPLATES[concept.kind]
+    if concept.kind == "object":
+        return [t.format(concept.class_word) for t in templates]
+    return [t.replace(", in the style of {}", "").replace(" in the style of {}", "") for t in templates]
+
+
+def concept_accuracy(
+    generated: torch.Tensor, own: str, references: dict[str, torch.Tensor], class_images: torch.Tensor
+) -> float:
+    """Share of generated images nearer (mean cosine) to `own`'s references than to any other concept's
+    references or to the base model's class images. All inputs are (N, D) unit-norm embeddings."""
+    own_score = (generated @ references[own].T).mean(dim=1)  # (N,)
+    rivals = [(generated @ r.T).mean(dim=1) for name, r in references.items() if name != own]
+    rivals.append((generated @ class_images.T).mean(dim=1))
+    best_rival = torch.stack(rivals).max(dim=0).values  # (N,)
+    return float((own_score > best_rival).float().mean())
+
+
+def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> list[Row]:
+    """Concept accuracy of fresh renders of each concept: the ceiling a learned concept can reach, and
+    proof that the evaluator tells each concept apart from the others and from its plain class."""
+    ev = ctx.evaluator
+    refs = {c.name: ev.image_embeds([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
+    accs = []
+    cache: dict[tuple[str, ...], torch.Tensor] = {}
+    for k, c in enumerate(CONCEPTS):
+        prompts = tuple(class_prompts(c)[:class_images])
+        if prompts not in cache:
+            seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
+            cache[prompts] = ev.image_embeds(generate(ctx.pipeline, prompts, seeds, ctx.steps, ctx.guidance_scale))
+        rng = np.random.default_rng([CHECK_SEED, k])
+        fresh = ev.image_embeds([render(c.scene(rng)) for _ in range(per_concept)])
+        accs.append(concept_accuracy(fresh, c.name, refs, cache[prompts]))
+    worst = CONCEPTS[int(np.argmin(accs))].name
+    detail = f"{per_concept * len(CONCEPTS)} renders, {len(CONCEPTS)} concepts; lowest {worst} {min(accs):.2f}"
+    return [Row("evaluator: fresh concept renders nearest own refs", float(np.mean(accs)), 0.95, detail)]
+
+
 # Concept accuracy after `fl2t learn` and sequential-LoRA forgetting come here once Step 1 exists.
-GATES: list[Callable[[CheckContext], list[Row]]] = [gate_manifest, gate_evaluator, gate_base]
+GATES: list[Callable[[CheckContext], list[Row]]] = [gate_manifest, gate_evaluator, gate_base, gate_concept_separation]
 
 
-def run_checks(weights: Path, guidance_scale: float = 5.0, steps: int = 25) -> tuple[list[Row], CheckContext]:
+def run_checks(
+    weights: Path, guidance_scale: float = 5.0, steps: int = 25, threads: int = 2
+) -> tuple[list[Row], CheckContext]:
     weights = Path(weights)
     if not (weights / "base" / "model_index.json").is_file() or not (weights / "evaluator" / "config.json").is_file():
         raise Fl2tError(f"no built world in {weights}; run `fl2t world build --out {weights}` first")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     ctx = CheckContext(weights, guidance_scale=guidance_scale, steps=steps)
     rows: list[Row] = []
     for gate in GATES:

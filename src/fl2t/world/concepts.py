@@ -60,7 +60,9 @@ class WorldConcept:
         if self.kind == "object":
             return f"a {scene.size} {self.subject} on a {scene.background} background, {scene.position}"
         plain = replace(scene, style=None)
-        return caption(plain, with_size=False) + f", in the style of {self.token}"
+        # The pastel palette replaces the background, so its captions do not name one.
+        text = caption(plain, with_size=False, with_background=self.style != "pastel")
+        return text + f", in the style of {self.token}"
 
 
 CONCEPTS: tuple[WorldConcept, ...] = (

@@ -167,7 +167,9 @@ def render(scene: Scene) -> Image.Image:
     img = np.broadcast_to(bg, (n, n, 3)).copy()
     img[mask] = c1
     if scene.pattern:
-        second = mask & _pattern_mask(scene.pattern, cx, cy, rs, n)
+        second = _pattern_mask(scene.pattern, cx, cy, rs, n)
+        if scene.pattern != "centre-dot":  # a centre dot also fills a ring's hole
+            second &= mask
         img[second] = c2
     # (n, n, 3) -> (SIZE, SIZE, 3): average each SUPERSAMPLE x SUPERSAMPLE block.
     img = img.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))

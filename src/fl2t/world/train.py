@@ -27,7 +27,6 @@ from fl2t.world.generator import (
     Scene,
     random_caption,
     render,
-    to_array,
 )
 
 Tick = Callable[[int], None]  # advances a progress bar by n steps
@@ -91,10 +90,12 @@ def world_token_ids() -> set[int]:
     return {i for w in words for i in _ids(w)}
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def _lr(step: int, total: int | None, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak (constant when `total` is None)."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if total is None:
+        return peak
     p = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
@@ -225,9 +226,15 @@ def train_base(
     batch: int = 32,
     caption_dropout: float = 0.1,
     min_snr_gamma: float = 5.0,
-) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies.
+    log: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
+    """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies and the
+    number of steps trained.
 
+    The learning rate is constant after warm-up and the EMA does the annealing, so the model after N
+    steps of a longer run equals the model of an N-step run: `stop()` (checked every step) may end
+    training early, and a build with `steps` set to the returned count reproduces it.
     v-prediction loss with min-SNR weighting (weight min(SNR, gamma) / (SNR + 1)), which trains the
     tiny model several times faster than uniform weighting.
     """
@@ -241,12 +248,16 @@ def train_base(
     weight = torch.minimum(snr, torch.full_like(snr, min_snr_gamma)) / (snr + 1)  # (1000,)
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    ema_unet, ema_text = EMA(unet, 0.999), EMA(text, 0.999)
+    ema_unet, ema_text = EMA(unet, 0.995), EMA(text, 0.995)
     unet.train()
     text.train()
     gen = torch.Generator().manual_seed(seed)
+    running = 0.0
+    done = 0
     for step in range(steps):
-        _set_lr(opt, _lr(step, steps, 1e-3))
+        if stop and stop():
+            break
+        _set_lr(opt, _lr(step, None, 1e-3))
         idx = rng.integers(len(scenes), size=batch)
         texts = ["" if rng.random() < caption_dropout else random_caption(scenes[i], rng) for i in idx]
         x0 = latents[idx]  # (B, 4, 16, 16)
@@ -264,5 +275,9 @@ def train_base(
         opt.step()
         ema_unet.update(unet)
         ema_text.update(text)
+        running = 0.99 * running + 0.01 * loss.item()
+        if log and step % 250 == 249:
+            log(f"base step {step + 1}/{steps}: loss {running / (1 - 0.99 ** (step + 1)):.4f}")
         tick(1)
-    return ema_unet.module, ema_text.module
+        done = step + 1
+    return ema_unet.module, ema_text.module, done

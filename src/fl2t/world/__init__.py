@@ -1,0 +1,48 @@
+"""The tiny world (DESIGN.md §5): procedurally drawn pictures with captions, ten concepts the base model
+never saw, and a tiny pretrained Stable-Diffusion-style pipeline and CLIP evaluator shipped in the package.
+
+    from fl2t import world
+    pipe = StableDiffusionPipeline.from_pretrained(world.base_path())
+    world.write_concepts("concepts/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl2t.errors import Fl2tError
+from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, write_concepts
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _shipped(sub: str, marker: str) -> Path:
+    path = WEIGHTS_DIR / sub
+    if not (path / marker).is_file():
+        raise Fl2tError(
+            f"the tiny world's weights are missing from {path}; rebuild them with `fl2t world build` "
+            "(about an hour on 2 cores) or reinstall fl2t"
+        )
+    return path
+
+
+def base_path() -> Path:
+    """The shipped base pipeline folder: `StableDiffusionPipeline.from_pretrained(base_path())`."""
+    return _shipped("base", "model_index.json")
+
+
+def evaluator_path() -> Path:
+    """The shipped evaluator folder: `CLIPModel.from_pretrained(...)`, `CLIPProcessor.from_pretrained(...)`."""
+    return _shipped("evaluator", "config.json")
+
+
+__all__ = [
+    "CONCEPTS",
+    "PROMPT_TEMPLATES",
+    "WEIGHTS_DIR",
+    "WorldConcept",
+    "base_path",
+    "evaluator_path",
+    "get_concept",
+    "write_concepts",
+]

@@ -1,0 +1,78 @@
+"""`fl2t world ...`: build, locate, check the tiny world and write its concept folders."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="The tiny world: a miniature text-to-image world that runs on a CPU.", no_args_is_help=True)
+console = Console(width=140)
+
+
+@app.command()
+def build(
+    out: Path = typer.Option(None, "--out", help="Folder to build into (default: the package's shipped weights)."),
+    seed: int = typer.Option(None, help="Seed of the whole build (default: the shipped world's seed)."),
+    resume: bool = typer.Option(False, help="Load stages whose output already exists instead of training them."),
+    until: str = typer.Option("evaluator", help="Stop after this stage: vae, base or evaluator (the last)."),
+    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
+) -> None:
+    """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
+    from fl2t.world.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
+    from fl2t.world.build import build as run_build
+
+    t0 = time.time()
+    settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads)
+    manifest = run_build(out or WEIGHTS_DIR, settings, resume, until)
+    where = manifest.parent if manifest else (out or WEIGHTS_DIR)
+    console.print(f"built {where} in {(time.time() - t0) / 60:.1f} min")
+
+
+@app.command()
+def path(evaluator: bool = typer.Option(False, help="Print the evaluator's folder instead.")) -> None:
+    """Print the folder of the shipped base pipeline (loadable with StableDiffusionPipeline.from_pretrained)."""
+    from fl2t.world import base_path, evaluator_path
+
+    typer.echo(str(evaluator_path() if evaluator else base_path()))
+
+
+@app.command()
+def concepts(out: Path = typer.Argument(..., help="Folder to write one sub-folder per concept into.")) -> None:
+    """Write the world's concept folders (images, captions, concept.yaml) in the format `fl2t learn` reads."""
+    from fl2t.world import write_concepts
+
+    for folder in write_concepts(out):
+        typer.echo(str(folder))
+
+
+@app.command()
+def check(
+    weights: Path = typer.Option(None, help="A built world folder (default: the shipped weights)."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for the base model's samples."),
+    steps: int = typer.Option(25, help="DDIM steps for the base model's samples."),
+    grid: Path = typer.Option(None, help="Also save a PNG grid of the base model's samples here."),
+    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
+) -> None:
+    """Measure the world against its gates and print the table; exit 1 if a gate fails."""
+    from fl2t.world.build import WEIGHTS_DIR
+    from fl2t.world.check import image_grid, run_checks
+
+    t0 = time.time()
+    rows, ctx = run_checks(weights or WEIGHTS_DIR, guidance_scale=guidance, steps=steps, threads=threads)
+    table = Table(title=f"tiny world check ({time.time() - t0:.0f} s)")
+    for col in ("gate", "value", "needs", "", "detail"):
+        table.add_column(col)
+    for r in rows:
+        mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
+        table.add_row(r.gate, f"{r.value:.3f}", f">= {r.threshold:.2f}" if r.threshold else "-", mark, r.detail)
+    console.print(table)
+    if grid and ctx.samples.get("base"):
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(ctx.samples["base"][:64], columns=8).save(grid)
+        console.print(f"samples: {grid}")
+    if not all(r.passed for r in rows):
+        raise typer.Exit(1)
