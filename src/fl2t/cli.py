@@ -384,7 +384,7 @@ def forget(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 60,
+    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 200,
 ) -> None:
     """Run the main job end to end on the built-in default."""
     from fl2t.demo import run_demo

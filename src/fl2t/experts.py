@@ -172,7 +172,7 @@ def learn_expert(
         p.data = p.data.float()
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
 
     model = ExpertModel(unet, text_encoder, tokens).to(device)
     optimizer = torch.optim.AdamW(
