@@ -36,9 +36,7 @@ class ExpertPipeline(StableDiffusionPipeline):
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
     ) -> "ExpertPipeline":
-        lib = library if isinstance(library, Library) else Library(library)
-        if not lib.exists:
-            raise Fl2tError(f"library {lib.path}: no such library (no library.json); learn a concept into it first")
+        self, lib = cls.for_library(library, base, torch_dtype)
         if concepts is None:
             names = lib.names()
             if len(names) != 1:
@@ -46,15 +44,24 @@ class ExpertPipeline(StableDiffusionPipeline):
             concepts = names
         names = [concepts] if isinstance(concepts, str) else list(concepts)
         experts = [lib.expert(n) for n in names]
-        pipe = load_base(base or lib.base["id"], dtype=torch_dtype)
-        lib.check_base({"id": str(base or lib.base["id"]), "config_hash": base_config_hash(pipe)})
-        self = cls(**pipe.components, requires_safety_checker=False)
-        self.set_progress_bar_config(disable=True)
         for expert in experts:
             self.apply_expert(expert)
         if device is not None:
             self.to(device)
         return self
+
+    @classmethod
+    def for_library(cls, library: str | Path | Library, base: str | None = None, torch_dtype: torch.dtype = torch.float32):
+        """(a pipeline on the library's base model, or `base` of the same architecture, with no expert yet; the library)"""
+        lib = library if isinstance(library, Library) else Library(library)
+        if not lib.exists:
+            raise Fl2tError(f"library {lib.path}: no such library (no library.json); learn a concept into it first")
+        base = base or lib.base["id"]
+        pipe = load_base(base, dtype=torch_dtype)
+        lib.check_base({"id": str(base), "config_hash": base_config_hash(pipe)})
+        self = cls(**pipe.components, requires_safety_checker=False)
+        self.set_progress_bar_config(disable=True)
+        return self, lib
 
     @property
     def token_hooks(self) -> list[ConceptTokenEmbeddings]:

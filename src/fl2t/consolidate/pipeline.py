@@ -16,7 +16,6 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from fl2t.consolidate.train import canonical, load_consolidated, prompt_states
 from fl2t.errors import Fl2tError
 from fl2t.library import Library
-from fl2t.models import base_config_hash, load_base
 from fl2t.pipeline import ExpertPipeline
 
 
@@ -36,14 +35,7 @@ class FL2TPipeline(ExpertPipeline):
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
     ) -> "FL2TPipeline":
-        lib = library if isinstance(library, Library) else Library(library)
-        if not lib.exists:
-            raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
-        base = pretrained_model_name_or_path or lib.base["id"]
-        pipe = load_base(base, dtype=torch_dtype)
-        lib.check_base({"id": str(base), "config_hash": base_config_hash(pipe)})
-        self = cls(**pipe.components, requires_safety_checker=False)
-        self.set_progress_bar_config(disable=True)
+        self, lib = cls.for_library(library, pretrained_model_name_or_path, torch_dtype)
         self.experts = canonical(lib.experts())
         for e in self.experts:
             self.add_expert_tokens(e)

@@ -21,7 +21,6 @@ from fl2t.data import OBJECT_TEMPLATES
 from fl2t.errors import Fl2tError
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Expert, Library
-from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
 
 
@@ -48,8 +47,7 @@ def prompt_states(pipe: ExpertPipeline, prompts: list[str]) -> tuple[torch.Tenso
 
 
 def build_pipeline(lib: Library, experts: list[Expert], base: str | None) -> ExpertPipeline:
-    pipe = ExpertPipeline(**load_base(base or lib.base["id"]).components, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _ = ExpertPipeline.for_library(lib, base)
     for e in experts:
         pipe.add_expert_tokens(e)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
