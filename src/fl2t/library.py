@@ -124,17 +124,19 @@ class Expert:
         """Names of the UNet linear layers this expert adapts, sorted."""
         return sorted(k.removesuffix(".lora_A.weight") for k in self.lora if k.endswith(".lora_A.weight"))
 
-    def _blobs(self) -> dict[str, bytes]:
+    def _blobs(self, anchors: bool = True) -> dict[str, bytes]:
         def pack(d: dict[str, torch.Tensor]) -> bytes:
             return st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in d.items()})
 
-        return {
+        blobs = {
             "lora.safetensors": pack(self.lora),
             "embeddings.safetensors": pack(
                 {"token_embeddings": self.token_embeddings, "stable_embedding": self.stable_embedding}
             ),
-            "anchors.safetensors": pack({"latents": self.anchors}),
         }
+        if anchors:
+            blobs["anchors.safetensors"] = pack({"latents": self.anchors})
+        return blobs
 
     def _record(self, files: dict[str, str]) -> dict[str, Any]:
         identity = {"spec": self.spec.model_dump(), "lora": files["lora.safetensors"], "embeddings": files["embeddings.safetensors"]}
@@ -155,7 +157,8 @@ class Expert:
     @property
     def content_hash(self) -> str:
         """Identity of the expert: its concept and its learned weights (not its anchors or settings)."""
-        return self._record({k: hashlib.sha256(v).hexdigest() for k, v in self._blobs().items()})["content_hash"]
+        blobs = self._blobs(anchors=False)  # the anchors are not part of the identity: no need to pack them
+        return self._record({k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()})["content_hash"]
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Write the expert's files into an existing empty folder; returns its expert.json record."""
