@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fl2t.errors import Fl2tError
+from fl2t.bench.cli import app as bench_app
 from fl2t.world.cli import app as world_app
 
 # Before transformers/diffusers are imported: keep their chatter off the user's terminal.
@@ -30,6 +31,7 @@ app = typer.Typer(help="Continual, order-agnostic personalization of text-to-ima
 library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True)
 app.add_typer(library_app, name="library")
 app.add_typer(world_app, name="world")
+app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
 state = {"quiet": False}

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -80,6 +80,23 @@ class ExpertModel(nn.Module):
         return self.unet(noisy, timesteps, self.encode(input_ids)).sample
 
 
+class Regulariser:
+    """A term added to Step 1's loss by a continual baseline (EWC, LwF, C-LoRA, CIDM); no-ops by default.
+
+    `start` sees the model before the first step (the LoRA already holds `init_lora`), `loss` returns the
+    term for one step, `after_backward` sees the gradients (EWC estimates its Fisher information there).
+    """
+
+    def start(self, model: ExpertModel, tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+        pass
+
+    def loss(self, model: ExpertModel, tokenize: Callable[[list[str]], torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        return torch.zeros(())
+
+    def after_backward(self, model: ExpertModel) -> None:
+        pass
+
+
 def learn_expert(
     concept: Concept,
     base: str | StableDiffusionPipeline,
@@ -90,6 +107,8 @@ def learn_expert(
     checkpoint: Path | None = None,
     resume: bool = False,
     data_parallel: bool = False,
+    init_lora: dict[str, torch.Tensor] | None = None,
+    regulariser: "Regulariser | None" = None,
 ) -> Expert:
     """Learn `concept` on the frozen `base` model; returns the expert (not yet saved).
 
@@ -101,6 +120,9 @@ def learn_expert(
     expert is the same whichever process learns it, and however many there are). With `data_parallel`, all
     processes must call this for the same concept: they train it together with DDP, each drawing its own
     samples, so a step sees N x batch_size images; the result then depends on the number of processes.
+
+    For the continual baselines (`fl2t.methods`): `init_lora` starts the LoRA from these peft weights instead
+    of zero (a LoRA continued task after task), and `regulariser` adds its term to every step's loss.
     """
     spec = concept.spec
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
@@ -165,6 +187,8 @@ def learn_expert(
     tokens = ConceptTokenEmbeddings(ids, init)
 
     unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights=True, target_modules=lora_target_regex(settings)))
+    if init_lora is not None:
+        set_peft_model_state_dict(unet, init_lora)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     if not lora_params:
         raise Fl2tError(f"no UNet layer matches lora_targets {settings.lora_targets} in {settings.lora_attention} attention")
@@ -197,6 +221,8 @@ def learn_expert(
     if resume:
         start = _load_checkpoint(checkpoint, fingerprint, model, optimizer, lr_scheduler, gen, accelerator, rank)
 
+    if regulariser is not None:
+        regulariser.start(model, tokenize)
     model.train()
     for step in range(start, settings.steps):
         kill_point(f"step:{step}")
@@ -229,9 +255,13 @@ def learn_expert(
             loss = F.mse_loss(pred, target) + settings.prior_weight * F.mse_loss(pred_prior, target_prior)
         else:
             loss = F.mse_loss(pred, target)
+        if regulariser is not None:
+            loss = loss + regulariser.loss(model, tokenize, gen)
         if not math.isfinite(loss.item()):
             raise Fl2tError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or use mixed_precision no")
         accelerator.backward(loss)
+        if regulariser is not None:
+            regulariser.after_backward(model)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,154 @@
+"""The interface every continual method implements, and what they share.
+
+A method learns concepts one task at a time (`learn`), optionally consolidates (`consolidate`), and gives a
+`Sampler` for generation. Its whole state lives on disk under `ctx.workdir` (a Library of what it learned,
+plus method-specific safetensors), so the benchmark can stop and resume between tasks. Experts learned alone
+(the same for any order) are shared between methods through `ctx.store`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fl2t.config import ConsolidateSettings, LearnSettings
+from fl2t.data import Concept
+from fl2t.experts import learn_expert
+from fl2t.fusion import AggregatedLoRA, stack_experts
+from fl2t.library import Expert, Library
+from fl2t.models import load_base
+from fl2t.pipeline import ExpertPipeline
+
+
+@dataclass
+class MethodContext:
+    base: str  # base model: hub id or local diffusers folder
+    learn: LearnSettings  # the Step-1 budget, the same for every method
+    workdir: Path  # this method's state for one task order
+    store: Path  # a Library of experts learned alone, shared by the methods that use them
+    consolidate: ConsolidateSettings = field(default_factory=ConsolidateSettings)
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. ewc's lambda)
+    on_step: Callable[[int, float], None] | None = None  # Step-1/Step-2 progress
+
+
+class Sampler:
+    """Generates images for prompts, one seed per image, grouped by prompt. `prepare(prompt)` and `release()`
+    bracket each prompt's sampling (fused methods put their prompt's update into the weights there)."""
+
+    def __init__(self, pipe, prepare: Callable[[str], None] | None = None, release: Callable[[], None] | None = None):
+        self.pipe = pipe
+        self.prepare, self.release = prepare, release
+
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0, size: int | None = None) -> list[Image.Image]:
+        images: list[Image.Image | None] = [None] * len(prompts)
+        for p in dict.fromkeys(prompts):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            if self.prepare:
+                self.prepare(p)
+            try:
+                out = self.pipe(
+                    p,
+                    num_images_per_prompt=len(idx),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    generator=[torch.Generator().manual_seed(seeds[i]) for i in idx],
+                ).images
+            finally:
+                if self.release:
+                    self.release()
+            for i, im in zip(idx, out):
+                images[i] = im
+        return images  # type: ignore[return-value]
+
+
+class Method:
+    """One continual method. Subclasses set `name` and implement `learn` and `sampler`."""
+
+    name = ""
+    uses_store = False  # learns each concept alone into ctx.store (the same expert for every order)
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- the tasks done so far, in arrival order ---------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        path = self.ctx.workdir / "tasks.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def _done(self, name: str) -> None:
+        path = self.ctx.workdir / "tasks.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([*self.tasks, name]))
+        tmp.replace(path)
+
+    @property
+    def library(self) -> Library:
+        return Library(self.ctx.workdir / "library")
+
+    # -- the interface -----------------------------------------------------------------------------------
+    def learn(self, concept: Concept) -> None:
+        raise NotImplementedError
+
+    def consolidate(self) -> None:
+        """Methods with a step after learning (fl2t's Step 2) run it here; the others have none."""
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        """A sampler with every concept learned so far; `concept` names the concept the prompts are for
+        (only the oracle uses it: it samples with that concept's expert alone)."""
+        raise NotImplementedError
+
+    # -- shared helpers ----------------------------------------------------------------------------------
+    def store_expert(self, concept: Concept) -> Expert:
+        """The concept's expert learned alone, from the shared store; learned and added when missing."""
+        store = Library(self.ctx.store)
+        if store.exists and concept.name in store.names():
+            return store.expert(concept.name)
+        expert = learn_expert(concept, self.ctx.base, self.ctx.learn, on_step=self.ctx.on_step)
+        store.add(expert)
+        return expert
+
+    def experts(self) -> list[Expert]:
+        """This method's experts in arrival order."""
+        lib = self.library
+        return [lib.expert(n) for n in self.tasks]
+
+    def base_pipeline(self, experts: Sequence[Expert] = ()) -> ExpertPipeline:
+        """The base model with these experts' tokens (no LoRA yet)."""
+        pipe = load_base(self.ctx.base)
+        pipe = ExpertPipeline(**pipe.components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for e in experts:
+            pipe.add_expert_tokens(e)
+        return pipe
+
+
+def fused_sampler(pipe: ExpertPipeline, experts: list[Expert], weights: Callable[[str], torch.Tensor]) -> Sampler:
+    """A sampler that, for each prompt, fuses `Σ_g w_{l,g} B_l^g A_l^g` into the UNet (w = weights(prompt), (L, G))
+    and restores the exact weights after."""
+    agg = AggregatedLoRA(pipe.unet, stack_experts(experts, pipe.unet))
+    return Sampler(pipe, prepare=lambda p: agg.fuse(weights(p), None, shared=False), release=agg.unfuse)
+
+
+def lora_layers(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """The trained LoRA's factors per adapted module: name -> (A (r, in), B (out, r)) parameters."""
+    out = {}
+    for name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            out[name] = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+    return out
+
+
+def dense_update(expert: Expert, module: str) -> torch.Tensor | None:
+    """The expert's dense ΔW = B A (out, in) of one module (for the baselines that need it), or None."""
+    a = expert.lora.get(f"{module}.lora_A.weight")
+    return None if a is None else expert.lora[f"{module}.lora_B.weight"] @ a

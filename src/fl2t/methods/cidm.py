@@ -1,0 +1,78 @@
+"""`cidm` (Dong et al., NeurIPS 2024), as its public release does it (../shared/PRIOR_ART.md):
+
+- Step 1: every task trains a fresh LoRA from the frozen base, with a consolidation loss against the earlier
+  tasks' LoRAs: for each earlier task and each layer, `mean |B_new B_oldᵀ|` on the up-weights B (out × r),
+  averaged and weighted `params.cidm_lambda` (0.1). (The release also adds `MSE(B_new, 1)`, undocumented;
+  left out: it pulls a LoRA's up-weights to one regardless of the data.)
+- Inference, elastic weight aggregation (EWA): reference vectors are the text encoder's states of the
+  concatenation of every concept's tokens; each reference token's cosine to each prompt token, max over the
+  prompt, mean over each concept's token span, to the 4th power, L1-normalised over concepts → w_g; the
+  update is `Σ_g w_g · 0.8 · B^g A^g`. The weights depend only on the text, so here they are fused once per
+  prompt (the release evaluates every LoRA at every step: same images, more work). With layer-wise
+  embeddings the release computes w per cross-attention layer; here one w serves every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fl2t.data import Concept
+from fl2t.experts import Regulariser, learn_expert
+from fl2t.fusion import stack_experts
+from fl2t.library import Expert
+from fl2t.methods.base import Method, Sampler, fused_sampler, lora_layers
+
+EWA_SCALE = 0.8
+
+
+class _Orthogonal(Regulariser):
+    def __init__(self, previous: list[Expert], lam: float):
+        self.lam = lam
+        self.old = {}  # module -> earlier tasks' up-weights, each (out, r)
+        for e in previous:
+            for m in e.modules:
+                self.old.setdefault(m, []).append(e.lora[f"{m}.lora_B.weight"])
+
+    def start(self, model, tokenize) -> None:
+        self.layers = lora_layers(model.unet)
+
+    def loss(self, model, tokenize, gen) -> torch.Tensor:
+        terms = [(b @ old.to(b).T).abs().mean() for m, (_, b) in self.layers.items() for old in self.old.get(m, [])]
+        return self.lam * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class CIDM(Method):
+    name = "cidm"
+
+    def learn(self, concept: Concept) -> None:
+        if concept.name not in self.library.names():
+            previous = self.experts()
+            reg = _Orthogonal(previous, float(self.ctx.params.get("cidm_lambda", 0.1))) if previous else None
+            self.library.add(learn_expert(concept, self.ctx.base, self.ctx.learn, on_step=self.ctx.on_step, regulariser=reg))
+        self._done(concept.name)
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        experts = self.experts()
+        pipe = self.base_pipeline(experts)
+        n_layers = len(stack_experts(experts, pipe.unet).modules)
+        spans = [e.spec.tokens for e in experts]
+        refs = self._states(pipe, " ".join(t for span in spans for t in span))  # (n_tokens, D)
+        bounds = torch.tensor([0] + [len(s) for s in spans]).cumsum(0)
+
+        def weights(prompt: str) -> torch.Tensor:
+            sims = refs @ self._states(pipe, prompt).T  # (ref tokens, prompt tokens)
+            best = sims.max(dim=1).values.clamp(min=0)  # (ref tokens,)
+            s = torch.stack([best[bounds[g] : bounds[g + 1]].mean() for g in range(len(experts))]) ** 4  # (G,)
+            w = s / s.sum().clamp(min=1e-12)
+            return (EWA_SCALE * w).expand(n_layers, -1)  # (L, G)
+
+        return fused_sampler(pipe, experts, weights)
+
+    @staticmethod
+    @torch.no_grad()
+    def _states(pipe, text: str) -> torch.Tensor:
+        """Unit-norm final text-encoder states of the prompt's own tokens (no start, end or padding), (n, D)."""
+        ids = pipe.tokenizer(text, truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+        states = pipe.text_encoder(ids)[0][0, 1:-1]
+        return F.normalize(states.float(), dim=-1)

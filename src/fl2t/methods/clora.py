@@ -1,0 +1,49 @@
+"""`c-lora` (Smith et al., "Continual Diffusion", 2023): a new LoRA per task, the model being the sum of all
+tasks' LoRAs; while task t is learned, its update is penalised where the earlier tasks' summed update is
+large: `λ Σ_l ‖ΔW_l^{<t} ⊙ B_l^t A_l^t‖²` (self-regularisation). Each concept has its own token.
+`params.clora_lambda` sets λ (default 1e6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fl2t.experts import Regulariser
+from fl2t.library import Expert
+from fl2t.methods.base import Sampler, dense_update, lora_layers
+from fl2t.methods.sequential import Sequential
+from fl2t.pipeline import diffusers_lora
+
+
+class _CLoRA(Regulariser):
+    def __init__(self, previous: list[Expert], lam: float):
+        self.lam = lam
+        modules = sorted({m for e in previous for m in e.modules})
+        self.past = {}  # module -> summed earlier ΔW (out, in)
+        for m in modules:
+            updates = [d for e in previous if (d := dense_update(e, m)) is not None]
+            self.past[m] = torch.stack(updates).sum(0)
+
+    def start(self, model, tokenize) -> None:
+        self.layers = lora_layers(model.unet)
+
+    def loss(self, model, tokenize, gen) -> torch.Tensor:
+        terms = [((self.past[m].to(a) * (b @ a)) ** 2).sum() for m, (a, b) in self.layers.items() if m in self.past]
+        return self.lam * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class CLoRA(Sequential):
+    name = "c-lora"
+    continues = False
+
+    def regulariser(self, previous: list[Expert], scheduler) -> _CLoRA | None:
+        return _CLoRA(previous, float(self.ctx.params.get("clora_lambda", 1e6))) if previous else None
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        experts = self.experts()
+        pipe = self.base_pipeline(experts)
+        for e in experts:
+            pipe.load_lora_weights(diffusers_lora(e), adapter_name=e.name)
+        if experts:
+            pipe.set_adapters([e.name for e in experts], adapter_weights=[1.0] * len(experts))
+        return Sampler(pipe)

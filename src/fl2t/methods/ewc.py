@@ -1,0 +1,66 @@
+"""`ewc`: the sequential LoRA with elastic weight consolidation (Kirkpatrick et al., 2017) on its parameters.
+
+The diagonal Fisher information of each task is the mean squared gradient of its training loss over its
+steps, normalised to mean 1 and summed over tasks; the penalty is `λ Σ F (θ − θ*)²` with θ* the LoRA after
+the previous task. `params.ewc_lambda` sets λ (default 1e4).
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fl2t.experts import ExpertModel, Regulariser
+from fl2t.library import Expert
+from fl2t.methods.sequential import Sequential
+
+
+class _EWC(Regulariser):
+    def __init__(self, fisher: dict[str, torch.Tensor], lam: float):
+        self.fisher, self.lam = fisher, lam
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def _params(self, model: ExpertModel) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.unet.named_parameters() if p.requires_grad}
+
+    def start(self, model, tokenize) -> None:
+        self.anchor = {n: p.detach().clone() for n, p in self._params(model).items()}  # θ*: the previous LoRA
+
+    def loss(self, model, tokenize, gen) -> torch.Tensor:
+        if not self.fisher:
+            return torch.zeros(())
+        terms = [(self.fisher[n].to(p) * (p - self.anchor[n]) ** 2).sum() for n, p in self._params(model).items() if n in self.fisher]
+        return self.lam * torch.stack(terms).sum()
+
+    def after_backward(self, model) -> None:
+        self.steps += 1
+        for n, p in self._params(model).items():
+            if p.grad is not None:
+                g = p.grad.detach().float() ** 2
+                self.grad_sq[n] = self.grad_sq[n] + g if n in self.grad_sq else g
+
+    def task_fisher(self) -> dict[str, torch.Tensor]:
+        mean = torch.cat([g.flatten() for g in self.grad_sq.values()]).mean().clamp(min=1e-30)
+        return {n: (g / self.steps / mean).cpu() for n, g in self.grad_sq.items()}
+
+
+class EWC(Sequential):
+    name = "ewc"
+
+    @property
+    def _fisher_file(self):
+        return self.ctx.workdir / "fisher.safetensors"
+
+    def regulariser(self, previous: list[Expert], scheduler) -> _EWC:
+        fisher = load_file(self._fisher_file) if previous and self._fisher_file.is_file() else {}
+        self._reg = _EWC(fisher, float(self.ctx.params.get("ewc_lambda", 1e4)))
+        return self._reg
+
+    def after_task(self, expert: Expert) -> None:
+        total = dict(self._reg.fisher)
+        for n, f in self._reg.task_fisher().items():
+            total[n] = total[n] + f if n in total else f
+        tmp = self._fisher_file.with_suffix(".tmp")
+        save_file({n: t.contiguous() for n, t in total.items()}, tmp)
+        tmp.replace(self._fisher_file)

@@ -1,0 +1,51 @@
+"""`lwf`: the sequential LoRA with learning without forgetting (Li & Hoiem, 2017) for diffusion: while a task is
+learned, the model's noise predictions on earlier concepts' prompts are distilled from the model as it was
+before the task. No images of earlier concepts are read: the noisy inputs come from latents the model
+generated for those prompts right after their own task (the experts' anchors). `params.lwf_lambda` (default 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fl2t.experts import Regulariser
+from fl2t.library import Expert
+from fl2t.methods.sequential import Sequential
+
+
+class _LwF(Regulariser):
+    def __init__(self, previous: list[Expert], scheduler, lam: float, batch: int, seed: int):
+        self.previous, self.scheduler, self.lam, self.batch, self.seed = previous, scheduler, lam, batch, seed
+
+    @torch.no_grad()
+    def start(self, model, tokenize) -> None:
+        latents = torch.cat([e.anchors for e in self.previous])  # (K, C, h, w): the earlier tasks' generations
+        prompts = [p for e in self.previous for p in e.anchor_prompts]
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        self.noisy = self.scheduler.add_noise(latents, noise, t)
+        self.t, self.ids = t, tokenize(prompts)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        # The teacher: the model before this task (the LoRA holds the previous task's weights at start).
+        self.targets = torch.cat([model(self.noisy[i : i + 16].to(device), t[i : i + 16].to(device), self.ids[i : i + 16].to(device)).float().cpu() for i in range(0, len(latents), 16)])
+        model.train(was_training)
+
+    def loss(self, model, tokenize, gen) -> torch.Tensor:
+        idx = torch.randint(len(self.noisy), (self.batch,), generator=gen)
+        device = next(model.parameters()).device
+        pred = model(self.noisy[idx].to(device), self.t[idx].to(device), self.ids[idx].to(device)).float()
+        return self.lam * F.mse_loss(pred, self.targets[idx].to(device))
+
+
+class LwF(Sequential):
+    name = "lwf"
+
+    def regulariser(self, previous: list[Expert], scheduler) -> _LwF | None:
+        if not previous:
+            return None
+        s = self.ctx.learn
+        return _LwF(previous, scheduler, float(self.ctx.params.get("lwf_lambda", 1.0)), s.batch_size, s.seed + 7)

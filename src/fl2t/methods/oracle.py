@@ -1,0 +1,26 @@
+"""`oracle`: each concept sampled with its own expert alone. An upper bound: at inference it is told which
+concept a prompt is for, which no continual method is."""
+
+from __future__ import annotations
+
+from fl2t.data import Concept
+from fl2t.methods.base import Method, Sampler
+
+
+class Oracle(Method):
+    name = "oracle"
+    uses_store = True
+
+    def learn(self, concept: Concept) -> None:
+        expert = self.store_expert(concept)
+        if concept.name not in self.library.names():
+            self.library.add(expert)
+        self._done(concept.name)
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        if concept is None:
+            raise ValueError("the oracle samples one concept at a time: name it")
+        expert = self.library.expert(concept)
+        pipe = self.base_pipeline()
+        pipe.apply_expert(expert)
+        return Sampler(pipe)

@@ -1,0 +1,50 @@
+"""`sequential`: one LoRA continued task after task (each task starts from the previous task's LoRA), each
+concept's token learned on the way. The forgetting FL2T cures. `ewc`, `lwf` and `c-lora` build on it.
+
+State: `workdir/library` holds one expert per task; for this family an expert's LoRA is the whole model's
+LoRA after its task, its anchors are latents the model generated right after its task.
+"""
+
+from __future__ import annotations
+
+from diffusers import DDPMScheduler
+
+from fl2t.data import Concept
+from fl2t.experts import Regulariser, learn_expert
+from fl2t.library import Expert
+from fl2t.methods.base import Method, Sampler
+from fl2t.pipeline import diffusers_lora
+
+
+class Sequential(Method):
+    name = "sequential"
+
+    def learn(self, concept: Concept) -> None:
+        if concept.name in self.library.names():  # learned, but the task was not recorded before a stop
+            self._done(concept.name)
+            return
+        previous = self.experts()
+        pipe = self.base_pipeline(previous)
+        init = previous[-1].lora if previous and self.continues else None
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        expert = learn_expert(
+            concept, pipe, self.ctx.learn, on_step=self.ctx.on_step, init_lora=init, regulariser=self.regulariser(previous, scheduler)
+        )
+        self.after_task(expert)
+        self.library.add(expert)
+        self._done(concept.name)
+
+    continues = True  # the next task starts from this LoRA (c-lora trains a fresh one per task)
+
+    def regulariser(self, previous: list[Expert], scheduler: DDPMScheduler) -> Regulariser | None:
+        return None
+
+    def after_task(self, expert: Expert) -> None:
+        """Called with the task's expert before it is saved (ewc stores its Fisher information here)."""
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        experts = self.experts()
+        pipe = self.base_pipeline(experts)
+        if experts:
+            pipe.load_lora_weights(diffusers_lora(experts[-1]), adapter_name="sequential")
+        return Sampler(pipe)
