@@ -325,13 +325,15 @@ def consolidate(
     shared: Annotated[Optional[bool], typer.Option("--shared/--no-shared", help="Shared LoRA learned in Step 2.")] = None,
     contrastive: Annotated[Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")] = None,
     proxy_attention: Annotated[Optional[bool], typer.Option("--proxy-attention/--no-proxy-attention", help="Self-attention among proxies.")] = None,
+    routing: Annotated[Optional[bool], typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Consolidate a library's experts (Step 2) into LIB/consolidated/."""
     from fl2t.config import load_settings
 
     settings = load_settings(config, consolidate=dict(steps=steps, lr=lr, seed=seed, gates=gates, shared=shared,
-                                                      contrastive=contrastive, proxy_attention=proxy_attention)).consolidate
+                                                      contrastive=contrastive, proxy_attention=proxy_attention,
+                                                      lambda_route=None if routing in (None, True) else 0.0)).consolidate
     h = run_consolidate(library, base, settings)
     print(json.dumps({"library": str(library), "set_hash": h}) if as_json else f"consolidated {library} [{h[:12]}]")
 
@@ -385,13 +387,14 @@ def forget(
 # -- demo -------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 200,
+    out: Annotated[Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).")] = Path("runs"),
+    steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.")] = 200,
+    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.")] = 150,
 ) -> None:
-    """Run the main job end to end on the built-in default."""
+    """Run the main job end to end on the built-in default: ten tiny-world concepts, four methods, the report."""
     from fl2t.demo import run_demo
 
-    run_demo(out, steps=steps, progress=progress, say=say)
+    run_demo(out, steps=steps, progress=progress, say=say, consolidate_steps=consolidate_steps)
 
 
 def main() -> None:

@@ -62,6 +62,12 @@ class ConsolidateSettings(BaseModel):
     lambda_base: float = Field(0.5, ge=0, description="weight of matching the base model on prompts naming no concept")
     lambda_con: float = Field(0.1, ge=0, description="weight of the contrastive term")
     temperature: float = Field(0.1, gt=0)
+    lambda_route: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the routing term: cross-entropy of the relevance (mean over layers, with 'none') against "
+        "the concepts a training prompt names ('none' for prompts naming none); 0 switches it off",
+    )
     base_share: float = Field(0.25, ge=0, le=1, description="share of each batch with prompts naming no concept")
     multi_share: float = Field(0.1, ge=0, le=1, description="share of each batch with two-concept prompts")
     seed: int = Field(0, description="mixed with the set's hash; the same set and seed give the same model")

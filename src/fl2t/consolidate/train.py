@@ -133,6 +133,16 @@ def consolidate(lib: Library, settings: ConsolidateSettings, *, base: str | None
                 positives[n_unet + j, list(pairs[m])] = True
             named = positives.any(-1)
             loss = loss + settings.lambda_con * model.contrastive_loss(text[rows][named], pad[rows][named], z[named], positives[named], settings.temperature)
+        if settings.lambda_route:
+            # Routing: the prompts' relevance (mean over layers, "none" last) should pick the concepts they name.
+            # The distillation's gradient on alpha alone is weak (alpha stayed near uniform without this term).
+            route = torch.zeros(len(rows), G + 1, device=device)
+            route[torch.arange(n_concept), concept_of[ci]] = 1.0
+            route[n_concept : n_concept + n_base, G] = 1.0
+            for j, m in enumerate(mi.tolist()):
+                route[n_unet + j, list(pairs[m])] = 0.5
+            probs = torch.cat([alpha, (1 - alpha.sum(-1, keepdim=True)).clamp(min=0)], dim=-1).mean(1)  # (B, G+1)
+            loss = loss + settings.lambda_route * -(route * probs.clamp(min=1e-8).log()).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

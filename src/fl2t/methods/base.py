@@ -73,7 +73,6 @@ class Method:
     """One continual method. Subclasses set `name` and implement `learn` and `sampler`."""
 
     name = ""
-    uses_store = False  # learns each concept alone into ctx.store (the same expert for every order)
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -130,6 +129,17 @@ class Method:
         for e in experts:
             pipe.add_expert_tokens(e)
         return pipe
+
+
+class AloneMethod(Method):
+    """A method whose Step 1 learns each concept alone (oracle, merge, magmax, fl2t): the expert comes from the
+    shared store, so it is learned once for every such method and every order."""
+
+    def learn(self, concept: Concept) -> None:
+        expert = self.store_expert(concept)
+        if concept.name not in self.library.names():
+            self.library.add(expert)
+        self._done(concept.name)
 
 
 def fused_sampler(pipe: ExpertPipeline, experts: list[Expert], weights: Callable[[str], torch.Tensor]) -> Sampler:

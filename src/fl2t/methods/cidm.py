@@ -56,23 +56,29 @@ class CIDM(Method):
         experts = self.experts()
         pipe = self.base_pipeline(experts)
         n_layers = len(stack_experts(experts, pipe.unet).modules)
-        spans = [e.spec.tokens for e in experts]
-        refs = self._states(pipe, " ".join(t for span in spans for t in span))  # (n_tokens, D)
-        bounds = torch.tensor([0] + [len(s) for s in spans]).cumsum(0)
+        ewa = ElasticWeights(pipe, experts)
+        return fused_sampler(pipe, experts, lambda prompt: (EWA_SCALE * ewa(prompt)).expand(n_layers, -1))  # (L, G)
 
-        def weights(prompt: str) -> torch.Tensor:
-            sims = refs @ self._states(pipe, prompt).T  # (ref tokens, prompt tokens)
-            best = sims.max(dim=1).values.clamp(min=0)  # (ref tokens,)
-            s = torch.stack([best[bounds[g] : bounds[g + 1]].mean() for g in range(len(experts))]) ** 4  # (G,)
-            w = s / s.sum().clamp(min=1e-12)
-            return (EWA_SCALE * w).expand(n_layers, -1)  # (L, G)
 
-        return fused_sampler(pipe, experts, weights)
+class ElasticWeights:
+    """CIDM's EWA weights w (G,) of a prompt over the experts (they sum to 1)."""
 
-    @staticmethod
+    def __init__(self, pipe, experts: list[Expert]):
+        self.pipe = pipe
+        spans = [list(e.spec.tokens) for e in experts]
+        self.refs = self._states(" ".join(t for span in spans for t in span))  # (n_tokens, D)
+        self.bounds = torch.tensor([0] + [len(s) for s in spans]).cumsum(0).tolist()
+
+    def __call__(self, prompt: str) -> torch.Tensor:
+        sims = self.refs @ self._states(prompt).T  # (reference tokens, prompt tokens)
+        best = sims.max(dim=1).values.clamp(min=0)  # (reference tokens,)
+        b = self.bounds
+        s = torch.stack([best[b[g] : b[g + 1]].mean() for g in range(len(b) - 1)]) ** 4  # (G,)
+        return s / s.sum().clamp(min=1e-12)
+
     @torch.no_grad()
-    def _states(pipe, text: str) -> torch.Tensor:
-        """Unit-norm final text-encoder states of the prompt's own tokens (no start, end or padding), (n, D)."""
+    def _states(self, text: str) -> torch.Tensor:
+        """Unit-norm final text-encoder states of the text's own tokens (no start, end or padding), (n, D)."""
+        pipe = self.pipe
         ids = pipe.tokenizer(text, truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-        states = pipe.text_encoder(ids)[0][0, 1:-1]
-        return F.normalize(states.float(), dim=-1)
+        return F.normalize(pipe.text_encoder(ids)[0][0, 1:-1].float(), dim=-1)

@@ -42,7 +42,7 @@ class _EWC(Regulariser):
 
     def task_fisher(self) -> dict[str, torch.Tensor]:
         mean = torch.cat([g.flatten() for g in self.grad_sq.values()]).mean().clamp(min=1e-30)
-        return {n: (g / self.steps / mean).cpu() for n, g in self.grad_sq.items()}
+        return {n: (g / mean).cpu() for n, g in self.grad_sq.items()}  # the mean over steps, scaled to mean 1
 
 
 class EWC(Sequential):

@@ -6,20 +6,12 @@ from __future__ import annotations
 from fl2t.consolidate import consolidate, save_consolidated
 from fl2t.consolidate.pipeline import FL2TPipeline
 from fl2t.consolidate.train import canonical, set_hash
-from fl2t.data import Concept
 from fl2t.errors import Fl2tError
-from fl2t.methods.base import Method, Sampler
+from fl2t.methods.base import AloneMethod, Sampler
 
 
-class FL2T(Method):
+class FL2T(AloneMethod):
     name = "fl2t"
-    uses_store = True
-
-    def learn(self, concept: Concept) -> None:
-        expert = self.store_expert(concept)
-        if concept.name not in self.library.names():
-            self.library.add(expert)
-        self._done(concept.name)
 
     def consolidate(self) -> None:
         lib = self.library

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from fl2t.data import Concept
-from fl2t.methods.base import Method, Sampler, dense_update
+from fl2t.library import Expert
+from fl2t.methods.base import AloneMethod, Sampler, dense_update
 
 
-class MagMax(Method):
+class MagMax(AloneMethod):
     name = "magmax"
-    uses_store = True
-
-    def learn(self, concept: Concept) -> None:
-        expert = self.store_expert(concept)
-        if concept.name not in self.library.names():
-            self.library.add(expert)
-        self._done(concept.name)
 
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()
@@ -25,12 +18,18 @@ class MagMax(Method):
         modules = sorted({m for e in experts for m in e.modules})
         with torch.no_grad():
             for m in modules:
-                best: torch.Tensor | None = None  # running entry-wise max-magnitude update (out, in)
-                for e in experts:
-                    d = dense_update(e, m)
-                    if d is None:
-                        continue
-                    best = d if best is None else torch.where(d.abs() > best.abs(), d, best)
                 lin = pipe.unet.get_submodule(m)
-                lin.weight += best.to(lin.weight)
+                lin.weight += magmax_update(experts, m).to(lin.weight)
         return Sampler(pipe)
+
+
+def magmax_update(experts: list[Expert], module: str) -> torch.Tensor:
+    """Per entry of the module's weight, the experts' dense update ΔW = B A of largest magnitude (out, in);
+    one dense update is held at a time."""
+    best: torch.Tensor | None = None
+    for e in experts:
+        d = dense_update(e, module)
+        if d is not None:
+            best = d if best is None else torch.where(d.abs() > best.abs(), d, best)
+    assert best is not None, f"no expert adapts {module}"
+    return best

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from fl2t.data import Concept
 from fl2t.fusion import stack_experts
-from fl2t.methods.base import Method, Sampler, fused_sampler
+from fl2t.methods.base import AloneMethod, Sampler, fused_sampler
 
 
-class Merge(Method):
+class Merge(AloneMethod):
     name = "merge"
-    uses_store = True
-
-    def learn(self, concept: Concept) -> None:
-        expert = self.store_expert(concept)
-        if concept.name not in self.library.names():
-            self.library.add(expert)
-        self._done(concept.name)
 
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()

@@ -3,19 +3,11 @@ concept a prompt is for, which no continual method is."""
 
 from __future__ import annotations
 
-from fl2t.data import Concept
-from fl2t.methods.base import Method, Sampler
+from fl2t.methods.base import AloneMethod, Sampler
 
 
-class Oracle(Method):
+class Oracle(AloneMethod):
     name = "oracle"
-    uses_store = True
-
-    def learn(self, concept: Concept) -> None:
-        expert = self.store_expert(concept)
-        if concept.name not in self.library.names():
-            self.library.add(expert)
-        self._done(concept.name)
 
     def sampler(self, concept: str | None = None) -> Sampler:
         if concept is None:

@@ -39,7 +39,7 @@ class BuildSettings:
     rich_images: int = 20_000  # pictures with patterns and styles (VAE, evaluator)
     plain_images: int = 24_000  # plain pictures of the pretraining combinations (base model)
     vae_steps: int = 400
-    evaluator_steps: int = 700
+    evaluator_steps: int = 2_000
     base_steps: int = 1_577  # the shipped weights: a longer run stopped here (STOP_FILE)
     base_batch: int = 32
     # Torch threads. Use 1 while other jobs load the machine: with 2 threads and a busy core each op

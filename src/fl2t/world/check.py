@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from fl2t.errors import Fl2tError
+from fl2t.metrics import ClipEvaluator, concept_accuracy, image_alignment, reference_alignment
 from fl2t.world.build import verify_manifest
-from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, reference_scenes
+from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, held_out_combos, random_scene, render
 
 CHECK_SEED = 777
@@ -25,30 +26,12 @@ EVALUATOR_IMAGES = 300
 BASE_SEEDS_PER_PROMPT = 1
 
 
-class WorldEvaluator:
-    """The tiny CLIP, used the way real CLIP is: image and text embeddings, zero-shot reading."""
+class WorldEvaluator(ClipEvaluator):
+    """The tiny CLIP, used the way real CLIP is (fl2t.metrics), plus zero-shot reading of a picture's attributes."""
 
     def __init__(self, path: Path):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(path).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
-
-    @torch.no_grad()
-    def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(N, D) unit-norm image embeddings."""
-        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
-        e = self.model.get_image_features(pixel_values=pixels)
-        e = e.pooler_output if hasattr(e, "pooler_output") else e
-        return torch.nn.functional.normalize(e, dim=-1)
-
-    @torch.no_grad()
-    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, D) unit-norm text embeddings."""
-        tok = self.processor(text=list(texts), return_tensors="pt", padding="max_length", max_length=77)
-        e = self.model.get_text_features(input_ids=tok.input_ids)
-        e = e.pooler_output if hasattr(e, "pooler_output") else e
-        return torch.nn.functional.normalize(e, dim=-1)
+        loaded = ClipEvaluator.load(path)
+        super().__init__(loaded.model, loaded.processor)
 
     @cached_property
     def _readout(self) -> tuple[list[tuple[str, str, str]], torch.Tensor]:
@@ -69,10 +52,15 @@ class Row:
     value: float
     threshold: float
     detail: str = ""
+    at_most: bool = False  # the gate is value <= threshold
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.threshold
+        return self.value <= self.threshold if self.at_most else self.value >= self.threshold
+
+    @property
+    def needs(self) -> str:
+        return f"<= {self.threshold:g}" if self.at_most else (f">= {self.threshold:.2f}" if self.threshold else "-")
 
 
 @dataclass
@@ -165,18 +153,6 @@ def class_prompts(concept: WorldConcept) -> list[str]:
     return [t.replace(", in the style of {}", "").replace(" in the style of {}", "") for t in templates]
 
 
-def concept_accuracy(
-    generated: torch.Tensor, own: str, references: dict[str, torch.Tensor], class_images: torch.Tensor
-) -> float:
-    """Share of generated images nearer (mean cosine) to `own`'s references than to any other concept's
-    references or to the base model's class images. All inputs are (N, D) unit-norm embeddings."""
-    own_score = (generated @ references[own].T).mean(dim=1)  # (N,)
-    rivals = [(generated @ r.T).mean(dim=1) for name, r in references.items() if name != own]
-    rivals.append((generated @ class_images.T).mean(dim=1))
-    best_rival = torch.stack(rivals).max(dim=0).values  # (N,)
-    return float((own_score > best_rival).float().mean())
-
-
 def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> list[Row]:
     """Concept accuracy of fresh renders of each concept: the ceiling a learned concept can reach, and
     proof that the evaluator tells each concept apart from the others and from its plain class."""
@@ -197,8 +173,87 @@ def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_imag
     return [Row("evaluator: fresh concept renders nearest own refs", float(np.mean(accs)), 0.95, detail)]
 
 
-# Concept accuracy after `fl2t learn` and sequential-LoRA forgetting come here once Step 1 exists.
-GATES: list[Callable[[CheckContext], list[Row]]] = [gate_manifest, gate_evaluator, gate_base, gate_concept_separation]
+STEP1_CONCEPTS = ("stripestar", "checkdiamond", "bullseye")  # the first is measured; the others follow it
+STEP1_SEEDS_PER_PROMPT = 4  # 20 templates x 4 = 80 images
+
+
+class Step1:
+    """Concept accuracy (DESIGN §4) of a world concept's generated images, against all ten concepts'
+    references and the base model's images of its class word, with the references and class images cached."""
+
+    def __init__(self, ctx: CheckContext, folder: Path):
+        from fl2t.data import load_concept
+        from fl2t.world.concepts import write_concept
+
+        self.ctx = ctx
+        ev = ctx.evaluator
+        self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts")) for c in CONCEPTS}
+        self.refs = {n: ev.image_embeds(c.images) for n, c in self.concepts.items()}
+        self._class: dict[str, torch.Tensor] = {}
+
+    def prompts(self, name: str) -> tuple[list[str], list[int]]:
+        spec = self.concepts[name].spec
+        prompts = [t.format(spec.subject) for t in PROMPT_TEMPLATES[spec.kind] for _ in range(STEP1_SEEDS_PER_PROMPT)]
+        return prompts, [CHECK_SEED + 20_000 + i for i in range(len(prompts))]
+
+    def class_images(self, name: str) -> torch.Tensor:
+        if name not in self._class:
+            c = get_concept(name)
+            texts = [t for t in class_prompts(c) for _ in range(STEP1_SEEDS_PER_PROMPT)]
+            seeds = [CHECK_SEED + 30_000 + i for i in range(len(texts))]
+            self._class[name] = self.ctx.evaluator.image_embeds(generate(self.ctx.pipeline, texts, seeds, self.ctx.steps, self.ctx.guidance_scale))
+        return self._class[name]
+
+    def score(self, name: str, sampler) -> tuple[float, float, list[Image.Image]]:
+        """(concept accuracy, normalised IA, the images) of `sampler`'s pictures of concept `name`."""
+        prompts, seeds = self.prompts(name)
+        images = sampler(prompts, seeds, self.ctx.steps, self.ctx.guidance_scale)
+        emb = self.ctx.evaluator.image_embeds(images)
+        ca = concept_accuracy(emb, name, self.refs, self.class_images(name))
+        return ca, image_alignment(emb, self.refs[name]) / reference_alignment(self.refs[name]), images
+
+
+def gate_step1(ctx: CheckContext) -> list[Row]:
+    """One concept learned with `fl2t learn`'s defaults (time, concept accuracy, normalised IA against the base
+    model's for the class word); then one LoRA continued through two more concepts, and the first concept's
+    concept accuracy again: the forgetting FL2T exists to cure."""
+    import tempfile
+    import time
+
+    from fl2t.config import LearnSettings
+    from fl2t.methods import METHODS, MethodContext
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        s1 = Step1(ctx, folder)
+        first = STEP1_CONCEPTS[0]
+        settings = LearnSettings(checkpoint_every=0)  # fl2t learn's defaults (checkpoints only cost disk here)
+        seq = METHODS["sequential"](MethodContext(base=str(ctx.weights / "base"), learn=settings, workdir=folder / "seq", store=folder / "store"))
+        t0 = time.perf_counter()
+        seq.learn(s1.concepts[first])  # task 1 of a sequential LoRA is exactly `fl2t learn` of the concept alone
+        seconds = time.perf_counter() - t0
+        ca1, nia1, images = s1.score(first, seq.sampler())
+        ctx.samples[first] = images
+        emb_class = s1.class_images(first)
+        nia_base = image_alignment(emb_class, s1.refs[first]) / reference_alignment(s1.refs[first])
+        for name in STEP1_CONCEPTS[1:]:
+            seq.learn(s1.concepts[name])
+        ca3, nia3, images3 = s1.score(first, seq.sampler())
+        ctx.samples[f"{first} after {len(STEP1_CONCEPTS)} tasks"] = images3
+    n = len(images)
+    return [
+        Row(f"learn {first} with fl2t learn's defaults (s)", seconds, 60.0, f"{settings.steps} steps + {settings.num_anchors} anchors", at_most=True),
+        Row(f"learned {first}: concept accuracy", ca1, 0.80, f"{n} images; normalised IA {nia1:.3f} vs base model's '{get_concept(first).class_word}' {nia_base:.3f}"),
+        Row(
+            f"sequential LoRA: {first} CA drop after {len(STEP1_CONCEPTS)} tasks (points)",
+            100 * (ca1 - ca3),
+            20.0,
+            f"CA {ca1:.2f} -> {ca3:.2f}; normalised IA {nia1:.3f} -> {nia3:.3f} ({' -> '.join(STEP1_CONCEPTS)})",
+        ),
+    ]
+
+
+GATES: list[Callable[[CheckContext], list[Row]]] = [gate_manifest, gate_evaluator, gate_base, gate_concept_separation, gate_step1]
 
 
 def run_checks(

@@ -54,7 +54,7 @@ def check(
     weights: Path = typer.Option(None, help="A built world folder (default: the shipped weights)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for the base model's samples."),
     steps: int = typer.Option(25, help="DDIM steps for the base model's samples."),
-    grid: Path = typer.Option(None, help="Also save a PNG grid of the base model's samples here."),
+    grid: Path = typer.Option(None, help="Also save PNG grids of the samples (base model, learned concept) into this folder."),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
 ) -> None:
     """Measure the world against its gates and print the table; exit 1 if a gate fails."""
@@ -68,11 +68,13 @@ def check(
         table.add_column(col)
     for r in rows:
         mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
-        table.add_row(r.gate, f"{r.value:.3f}", f">= {r.threshold:.2f}" if r.threshold else "-", mark, r.detail)
+        table.add_row(r.gate, f"{r.value:.3f}", r.needs, mark, r.detail)
     console.print(table)
-    if grid and ctx.samples.get("base"):
-        grid.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(ctx.samples["base"][:64], columns=8).save(grid)
-        console.print(f"samples: {grid}")
+    if grid:
+        grid.mkdir(parents=True, exist_ok=True)
+        for key, images in ctx.samples.items():
+            path = grid / f"{key.replace(' ', '-')}.png"
+            image_grid(images[:64], columns=8).save(path)
+            console.print(f"samples: {path}")
     if not all(r.passed for r in rows):
         raise typer.Exit(1)

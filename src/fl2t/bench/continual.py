@@ -1,0 +1,437 @@
+"""`fl2t bench continual`: the continual protocol of DESIGN §4 over several task orders.
+
+For each method and order: learn the concepts one task at a time; after each task t, generate every concept
+learned so far and score it → the matrices R[t][i] (IA, normalised IA, CA, TA, DINO). Then the final row
+(V1..VG), its average, the average forgetting, a multi-concept score, and the spread of the final average
+over orders. Every finished task and evaluation is cached under `runs/<name>/`, and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fl2t.config import ConsolidateSettings, LearnSettings
+from fl2t.data import Concept, load_concept
+from fl2t.errors import Fl2tError
+from fl2t.metrics import (
+    ClipEvaluator,
+    DinoEvaluator,
+    average_forgetting,
+    class_prompt,
+    concept_accuracy,
+    image_alignment,
+    reference_alignment,
+    text_alignment,
+)
+
+BUILTIN = Path(__file__).resolve().parent.parent / "benchmarks"
+METRICS = ("nia", "ia", "ca", "ta", "dino")
+
+
+class SampleSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(25, ge=1, description="denoising steps")
+    guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
+    size: int | None = Field(None, ge=8, description="image size; default: the base model's")
+
+
+class ConceptEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="concept folder, relative to `data` (or a tiny-world concept name with world: true)")
+    prompts: str | None = Field(None, description="prompt set: object, pet or style (default: the concept's kind)")
+
+
+class BenchConfig(BaseModel):
+    """A benchmark YAML. Relative paths are resolved against `data` (the --data option overrides it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    base: str = Field("world", description="base model: 'world' (the tiny world), a hub id or a local folder")
+    world: bool = Field(False, description="the concepts are tiny-world concepts, written into the run folder")
+    data: str | None = Field(None, description="folder the concept paths are relative to")
+    concepts: list[ConceptEntry | str] = Field(min_length=2)
+    orders: int | list[list[str]] = Field(1, description="number of task orders (the listed one, then seeded shuffles), or the orders")
+    order_seed: int = 0
+    prompts: dict[str, list[str]] | None = Field(
+        None, description="evaluation prompt templates per prompt set (object, pet, style); {} is the concept's subject; default with world: the world's"
+    )
+    prompts_per_concept: int | None = Field(None, ge=1, description="use the first N templates (default: all)")
+    images_per_prompt: int = Field(1, ge=1)
+    class_images: int = Field(8, ge=1, description="base-model images of the class word per concept, for CA")
+    multi: list[list[str]] = Field(default_factory=list, description="pairs of concept names for the multi-concept score")
+    multi_prompts: dict[str, str] = Field(
+        default_factory=lambda: {"object+style": "a {} in the style of {}", "object+object": "a {} and a {}"},
+        description="multi-concept template per pair kind ({} are the two subjects)",
+    )
+    seed: int = 0
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+    clip: str = Field("world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder")
+    dino: str | None = Field(None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column")
+    learn: LearnSettings = Field(default_factory=LearnSettings)
+    consolidate: ConsolidateSettings = Field(default_factory=ConsolidateSettings)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method settings (e.g. ewc: {ewc_lambda: 1e4})")
+
+
+def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
+    """A YAML file, or the name of a built-in one (tiny10, cifc, dreambooth); overrides replace top-level keys."""
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = BUILTIN / f"{path}.yaml"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in BUILTIN.glob("*.yaml")))
+        raise Fl2tError(f"{path}: no such benchmark config (a YAML file, or one of: {known})")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise Fl2tError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise Fl2tError(f"{p}: a benchmark config is a mapping of settings")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BenchConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise Fl2tError(f"{p}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+
+
+def task_orders(cfg: BenchConfig, names: list[str]) -> list[list[str]]:
+    if isinstance(cfg.orders, list):
+        for o in cfg.orders:
+            if sorted(o) != sorted(names):
+                raise Fl2tError(f"order {o} is not a permutation of the concepts {names}")
+        return [list(o) for o in cfg.orders]
+    rng = random.Random(cfg.order_seed)
+    orders = [list(names)]
+    while len(orders) < cfg.orders:
+        o = list(names)
+        rng.shuffle(o)
+        if o not in orders or len(orders) >= _factorial(len(names)):
+            orders.append(o)
+    return orders
+
+
+def _factorial(n: int) -> int:
+    return int(np.prod(range(1, n + 1)))
+
+
+@dataclass
+class Evaluated:
+    """A concept's fixed evaluation material: prompts, seeds, reference and class-image embeddings."""
+
+    concept: Concept
+    prompts: list[str]
+    seeds: list[int]
+    class_texts: list[str]
+    refs: torch.Tensor  # (M, D) CLIP
+    refs_dino: torch.Tensor | None
+    ref_ia: float  # the references' mean IA among themselves
+    ref_dino: float | None
+    class_images: torch.Tensor  # (K, D) CLIP embeddings of base-model images of the class word
+
+
+class Benchmark:
+    def __init__(self, cfg: BenchConfig, out: Path, methods: list[str], progress: Callable | None = None, say: Callable[[str], None] = print):
+        from fl2t.methods import METHODS
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise Fl2tError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        self.cfg, self.methods, self.say = cfg, methods, say
+        self.out = Path(out) / cfg.name
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base = self._base()
+        self.concepts = self._concepts()
+        self.names = [c.name for c in self.concepts]
+        self.orders = task_orders(cfg, self.names)
+        self._clip: ClipEvaluator | None = None
+        self._dino: DinoEvaluator | None = None
+        self._eval: dict[str, Evaluated] = {}
+        self._status: Callable[[str], None] = lambda text: None
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def _base(self) -> str:
+        if self.cfg.base == "world":
+            from fl2t.world import base_path
+
+            return str(base_path())
+        return self.cfg.base
+
+    def _concepts(self) -> list[Concept]:
+        cfg = self.cfg
+        entries = [ConceptEntry(path=e) if isinstance(e, str) else e for e in cfg.concepts]
+        if cfg.world:
+            from fl2t.world import get_concept
+            from fl2t.world.concepts import write_concept
+
+            folder = self.out / "concepts"
+            folder.mkdir(exist_ok=True)
+            paths = [write_concept(get_concept(e.path), folder) for e in entries]
+        else:
+            if cfg.data is None:
+                raise Fl2tError(f"benchmark {cfg.name}: give the data folder with --data (the concepts' local copy)")
+            root = Path(cfg.data).expanduser()
+            if not root.is_dir():
+                raise Fl2tError(f"benchmark {cfg.name}: data folder {root} does not exist")
+            paths = [root / e.path for e in entries]
+        concepts = [load_concept(p, min_images=2) for p in paths]
+        if cfg.prompts is None:
+            if not cfg.world:
+                raise Fl2tError(f"benchmark {cfg.name}: give the evaluation prompts per kind (prompts: {{object: [...], style: [...]}})")
+            from fl2t.world import PROMPT_TEMPLATES
+
+            cfg.prompts = {k: list(v) for k, v in PROMPT_TEMPLATES.items()}
+        self.prompt_sets = {c.name: e.prompts or c.spec.kind for c, e in zip(concepts, entries)}
+        for c in concepts:
+            if self.prompt_sets[c.name] not in cfg.prompts:
+                raise Fl2tError(f"benchmark {cfg.name}: no prompts for set {self.prompt_sets[c.name]!r} (concept {c.name})")
+        if len({c.name for c in concepts}) != len(concepts):
+            raise Fl2tError(f"benchmark {cfg.name}: two concepts have the same name")
+        return concepts
+
+    @property
+    def clip(self) -> ClipEvaluator:
+        if self._clip is None:
+            if self.cfg.clip == "world":
+                from fl2t.world import evaluator_path
+
+                self._clip = ClipEvaluator.load(evaluator_path())
+            else:
+                self._clip = ClipEvaluator.load(self.cfg.clip)
+        return self._clip
+
+    @property
+    def dino(self) -> DinoEvaluator | None:
+        if self._dino is None and self.cfg.dino:
+            self._dino = DinoEvaluator.load(self.cfg.dino)
+        return self._dino
+
+    def evaluated(self, name: str) -> Evaluated:
+        """Prompts, seeds and the reference/class embeddings of a concept (class images generated once, cached)."""
+        if name in self._eval:
+            return self._eval[name]
+        cfg = self.cfg
+        c = next(x for x in self.concepts if x.name == name)
+        spec = c.spec
+        templates = cfg.prompts[self.prompt_sets[name]][: cfg.prompts_per_concept]
+        prompts = [t.format(spec.subject) for t in templates for _ in range(cfg.images_per_prompt)]
+        seeds = [cfg.seed + i for i in range(len(prompts))]
+        class_texts = [class_prompt(p, spec.tokens, spec.class_word) for p in prompts]
+        refs = self.clip.image_embeds(c.images)
+        refs_dino = self.dino.image_embeds(c.images) if self.dino else None
+        cache = self.out / "class_images" / f"{name}.safetensors"
+        if cache.is_file():
+            from safetensors.torch import load_file
+
+            class_emb = load_file(cache)["clip"]
+        else:
+            from safetensors.torch import save_file
+
+            from fl2t.methods.base import Sampler
+            from fl2t.models import load_base
+
+            pipe = load_base(self.base)
+            pipe.set_progress_bar_config(disable=True)
+            # The class word's images: the concept's own prompts with its tokens replaced.
+            texts = [class_texts[i % len(class_texts)] for i in range(cfg.class_images)]
+            images = Sampler(pipe)(texts, [cfg.seed + 50_000 + i for i in range(len(texts))], cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
+            class_emb = self.clip.image_embeds(images)
+            cache.parent.mkdir(exist_ok=True)
+            save_file({"clip": class_emb.contiguous()}, cache)
+        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, reference_alignment(refs), reference_alignment(refs_dino) if refs_dino is not None else None, class_emb)
+        self._eval[name] = ev
+        return ev
+
+    # -- one method, one order ----------------------------------------------------------------------------
+    def method_dir(self, method: str, k: int) -> Path:
+        return self.out / method / f"order{k}"
+
+    def run(self) -> dict:
+        total = len(self.methods) * len(self.orders) * len(self.names)
+        with self._bar("tasks", total) as advance:
+            for method in self.methods:
+                for k, order in enumerate(self.orders):
+                    self.run_order(method, k, order, advance)
+        results = self.results()
+        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+    def _bar(self, name: str, total: int):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            if self.progress is None:
+                yield lambda n=1: None
+                return
+            with self.progress() as p:
+                task = p.add_task(name, total=total, info="")
+                self._status = lambda text: p.update(task, info=text)
+                yield lambda n=1: p.advance(task, n)
+            self._status = lambda text: None
+
+        return bar()
+
+    def run_order(self, method: str, k: int, order: list[str], advance: Callable[[int], None]) -> None:
+        from fl2t.methods import METHODS, MethodContext
+
+        folder = self.method_dir(method, k)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "order.json").write_text(json.dumps(order))
+        ctx = MethodContext(
+            base=self.base,
+            learn=self.cfg.learn,
+            workdir=folder / "state",
+            store=self.out / "experts",
+            consolidate=self.cfg.consolidate,
+            params=self.cfg.methods.get(method, {}),
+        )
+        m = METHODS[method](ctx)
+        if m.tasks != order[: len(m.tasks)]:
+            raise Fl2tError(f"{folder}: its state was made for another task order; remove the folder to start it again")
+        by_name = {c.name: c for c in self.concepts}
+        for t, name in enumerate(order):
+            result = folder / f"task{t}.json"
+            if result.is_file():
+                advance(1)
+                continue
+            self._status(f"{method} order {k}: learn {name} ({t + 1}/{len(order)})")
+            if name not in m.tasks:
+                m.learn(by_name[name])
+            m.consolidate()
+            self._status(f"{method} order {k}: evaluate {t + 1} concepts")
+            scores = self.evaluate(m, order[: t + 1], save_grid=folder / "grids" if t == len(order) - 1 else None)
+            if t == len(order) - 1 and self.cfg.multi and method != "oracle":
+                scores["_multi"] = self.multi(m)
+            tmp = result.with_suffix(".tmp")
+            tmp.write_text(json.dumps(scores, indent=2))
+            tmp.replace(result)
+            advance(1)
+
+    def evaluate(self, method, learned: list[str], save_grid: Path | None = None) -> dict[str, dict[str, float]]:
+        """Scores of every learned concept under the method's current model."""
+        sampler = None if method.name == "oracle" else method.sampler()
+        references = {n: self.evaluated(n).refs for n in learned}
+        s = self.cfg.sample
+        out = {}
+        for name in learned:
+            ev = self.evaluated(name)
+            sm = method.sampler(name) if method.name == "oracle" else sampler
+            images = sm(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
+            emb = self.clip.image_embeds(images)
+            ia = image_alignment(emb, ev.refs)
+            scores = {
+                "ia": ia,
+                "nia": ia / ev.ref_ia,
+                "ca": concept_accuracy(emb, name, references, ev.class_images),
+                "ta": text_alignment(emb, self.clip.text_embeds(ev.class_texts)),
+            }
+            if self.dino is not None:
+                scores["dino"] = image_alignment(self.dino.image_embeds(images), ev.refs_dino)
+            out[name] = scores
+            if save_grid is not None:
+                from fl2t.world.check import image_grid
+
+                save_grid.mkdir(parents=True, exist_ok=True)
+                image_grid(images[:16], columns=8, scale=max(1, 96 // images[0].width)).save(save_grid / f"{name}.png")
+        return out
+
+    def multi(self, method) -> dict[str, float]:
+        """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged."""
+        sampler = method.sampler()
+        scores = {}
+        for a, b in self.cfg.multi:
+            if a not in self.names or b not in self.names:
+                raise Fl2tError(f"multi-concept pair {a}+{b}: not concepts of this benchmark")
+            ea, eb = self.evaluated(a), self.evaluated(b)
+            kinds = "+".join(e.concept.spec.kind for e in (ea, eb))
+            if kinds == "style+object":
+                ea, eb, kinds = eb, ea, "object+style"
+            template = self.cfg.multi_prompts.get(kinds)
+            if template is None:
+                raise Fl2tError(f"no multi_prompts template for a {kinds} pair")
+            prompt = template.format(ea.concept.spec.subject, eb.concept.spec.subject)
+            n = max(4, self.cfg.images_per_prompt)
+            images = sampler([prompt] * n, [self.cfg.seed + 90_000 + i for i in range(n)], self.cfg.sample.steps, self.cfg.sample.guidance, self.cfg.sample.size)
+            emb = self.clip.image_embeds(images)
+            scores[f"{a}+{b}"] = 0.5 * (image_alignment(emb, ea.refs) / ea.ref_ia + image_alignment(emb, eb.refs) / eb.ref_ia)
+        return scores
+
+    # -- results ------------------------------------------------------------------------------------------
+    def results(self) -> dict:
+        out: dict[str, Any] = {"name": self.cfg.name, "concepts": self.names, "orders": self.orders, "methods": {}}
+        for method in self.methods:
+            runs = []
+            for k, order in enumerate(self.orders):
+                tasks = [json.loads((self.method_dir(method, k) / f"task{t}.json").read_text()) for t in range(len(order))]
+                R = {
+                    metric: [[tasks[t].get(name, {}).get(metric) if i <= t else None for i, name in enumerate(order)] for t in range(len(order))]
+                    for metric in METRICS
+                }
+                final = tasks[-1]
+                runs.append(
+                    {
+                        "order": order,
+                        "R": R,
+                        "final": {name: final[name] for name in self.names},
+                        "average": {m: _mean([final[n].get(m) for n in self.names]) for m in METRICS},
+                        "forgetting": {m: average_forgetting(R[m]) for m in ("nia", "ia", "ca") if R[m][-1][0] is not None},
+                        "multi": final.get("_multi"),
+                    }
+                )
+            averages = [r["average"]["nia"] for r in runs]
+            out["methods"][method] = {
+                "runs": runs,
+                "per_concept": {n: {m: _mean([r["final"][n].get(m) for r in runs]) for m in METRICS} for n in self.names},
+                "average": {m: _mean([r["average"][m] for r in runs]) for m in METRICS},
+                "forgetting": {m: _mean([r["forgetting"].get(m) for r in runs]) for m in ("nia", "ia", "ca")},
+                "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
+                "order_spread": float(max(averages) - min(averages)),
+            }
+        return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def run_continual(config: str | Path, methods: list[str], out: Path, progress, say, *, as_json: bool = False, **overrides: Any) -> dict:
+    """Load the config, run every method over every order (resuming finished work), write results.json,
+    report.md and report.html, and print the table."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fl2t.bench.report import table_rows, write_report
+
+    t0 = time.perf_counter()
+    cfg = load_config(config, **overrides)
+    bench = Benchmark(cfg, out, methods, progress=progress, say=say)
+    results = bench.run()
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    (bench.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    md, html_path = write_report(results, bench.out)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return results
+    header, rows = table_rows(results)
+    table = Table(title=f"{cfg.name}: {len(bench.orders)} order(s), {len(bench.names)} tasks")
+    for h in header:
+        table.add_column(h, justify="left" if h == "method" else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(120, 12 * len(header))).print(table)
+    print(f"report: {md} and {html_path}; results: {bench.out / 'results.json'} ({results['wall_s']:.0f} s)")
+    return results

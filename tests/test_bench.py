@@ -1,0 +1,208 @@
+"""The continual benchmark: every method end to end on 3 tiny-world concepts with very few steps, the report,
+resuming, and what makes each baseline what it is."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from fl2t.bench.continual import Benchmark, load_config, task_orders
+from fl2t.bench.report import write_report
+from fl2t.errors import Fl2tError
+from fl2t.methods import METHODS
+
+ALL = list(METHODS)
+CONFIG = {
+    "name": "t3",
+    "world": True,
+    "concepts": ["stripestar", "checkdiamond", "pastel"],
+    "orders": 1,
+    "prompts_per_concept": 2,
+    "class_images": 2,
+    "multi": [["stripestar", "pastel"]],
+    "sample": {"steps": 3},
+    "learn": {"steps": 4, "num_anchors": 2, "anchor_steps": 2, "checkpoint_every": 0, "embedding_lr": 3e-2},
+    "consolidate": {"steps": 3},
+}
+
+
+@pytest.fixture(scope="session")
+def bench_run(tmp_path_factory):
+    """All methods, one order, 3 concepts: the benchmark object, its results, the config file."""
+    root = tmp_path_factory.mktemp("bench")
+    cfg_path = root / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump(CONFIG))
+    bench = Benchmark(load_config(cfg_path), root / "runs", ALL)
+    results = bench.run()
+    write_report(results, bench.out)
+    return bench, results, cfg_path
+
+
+def test_every_method_runs_end_to_end_and_scores_every_concept(bench_run):
+    bench, results, _ = bench_run
+    assert set(results["methods"]) == set(ALL)
+    for method, r in results["methods"].items():
+        run = r["runs"][0]
+        assert run["order"] == CONFIG["concepts"]
+        for name in CONFIG["concepts"]:
+            s = run["final"][name]
+            assert 0.0 <= s["ca"] <= 1.0 and 0.0 <= s["ta"] <= 2.5 and -1.0 <= s["ia"] <= 1.0, (method, s)
+            assert s["nia"] == pytest.approx(s["ia"] / bench.evaluated(name).ref_ia)
+        # R is lower-triangular: concept i is scored from its own task on
+        R = run["R"]["nia"]
+        assert [[v is not None for v in row] for row in R] == [[True, False, False], [True, True, False], [True, True, True]]
+        assert (method == "oracle") == (run["multi"] is None)
+        assert (bench.out / method / "order0" / "grids" / "pastel.png").is_file()
+
+
+def test_the_report_has_the_table_plots_and_grids(bench_run):
+    bench, results, _ = bench_run
+    md = (bench.out / "report.md").read_text()
+    for method in ALL:
+        assert f"| {method} |" in md
+    assert "V1 stripestar" in md and "forget nIA" in md
+    html = (bench.out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= len(ALL) + 1 + 3  # heat maps, curves, grids inlined
+    assert (bench.out / "plots" / "forgetting.png").stat().st_size > 1000
+    assert json.loads((bench.out / "results.json").read_text())["concepts"] == CONFIG["concepts"]
+
+
+def test_a_rerun_skips_finished_tasks_and_gives_the_same_results(bench_run, monkeypatch):
+    bench, results, cfg_path = bench_run
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished task was run again")
+
+    for cls in METHODS.values():
+        monkeypatch.setattr(cls, "learn", refuse)
+        monkeypatch.setattr(cls, "sampler", refuse)
+    again = Benchmark(load_config(cfg_path), bench.out.parent, ALL).run()
+    assert again["methods"] == json.loads(json.dumps(results["methods"]))
+
+
+def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch):
+    """Stop after the first task's evaluation; the rerun learns only the remaining tasks."""
+    _, _, cfg_path = bench_run
+    bench = Benchmark(load_config(cfg_path), tmp_path, ["merge"])
+    real = bench.evaluate
+    calls = []
+
+    def stop_after_first(method, learned, save_grid=None):
+        if len(learned) == 2:
+            raise KeyboardInterrupt
+        calls.append(len(learned))
+        return real(method, learned, save_grid)
+
+    monkeypatch.setattr(bench, "evaluate", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run()
+    assert (bench.out / "merge" / "order0" / "task0.json").is_file() and not (bench.out / "merge" / "order0" / "task1.json").exists()
+    learned = []
+    original = METHODS["merge"].learn
+    monkeypatch.setattr(METHODS["merge"], "learn", lambda self, c: (learned.append(c.name), original(self, c)))
+    Benchmark(load_config(cfg_path), tmp_path, ["merge"]).run()
+    assert learned == ["pastel"]  # checkdiamond was learned before the stop; stripestar's task was done
+
+
+def test_orders_are_the_listed_one_then_distinct_seeded_shuffles():
+    cfg = load_config("tiny10")
+    orders = task_orders(cfg, [c if isinstance(c, str) else c.path for c in cfg.concepts])
+    assert len(orders) == 3 and orders[0] == cfg.concepts
+    assert len({tuple(o) for o in orders}) == 3 and all(sorted(o) == sorted(orders[0]) for o in orders)
+    assert orders == task_orders(cfg, orders[0])  # seeded: the same every time
+
+
+def test_shipped_configs_load_and_real_data_configs_ask_for_the_data(tmp_path):
+    for name in ("tiny10", "cifc", "dreambooth"):
+        cfg = load_config(name)
+        assert len(cfg.concepts) >= 10
+    with pytest.raises(Fl2tError, match="--data"):
+        Benchmark(load_config("cifc"), tmp_path, ["merge"])
+
+
+# -- what makes each method what it is ---------------------------------------------------------------------
+def _experts(bench, method):
+    from fl2t.library import Library
+
+    lib = Library(bench.out / method / "order0" / "state" / "library")
+    return [lib.expert(n) for n in CONFIG["concepts"]]
+
+
+def test_sequential_continues_one_lora_while_experts_start_from_zero(bench_run):
+    bench, _, _ = bench_run
+    from fl2t.library import Library
+
+    alone = Library(bench.out / "experts").expert("checkdiamond")
+    seq = _experts(bench, "sequential")
+    key = next(k for k in seq[0].lora if k.endswith("lora_B.weight"))
+    # lora_B starts at zero: after 4 steps an expert learned alone is small; the continued one carries task 1's
+    assert (seq[1].lora[key] - seq[0].lora[key]).abs().max() < seq[1].lora[key].abs().max()
+    assert not torch.equal(seq[1].lora[key], alone.lora[key])
+    clora = _experts(bench, "c-lora")  # c-lora: a fresh LoRA per task, summed
+    assert not torch.equal(clora[1].lora[key], seq[1].lora[key])
+
+
+def test_ewc_keeps_a_normalised_fisher_per_task(bench_run):
+    from safetensors.torch import load_file
+
+    bench, _, _ = bench_run
+    fisher = load_file(bench.out / "ewc" / "order0" / "state" / "fisher.safetensors")
+    flat = torch.cat([f.flatten() for f in fisher.values()])
+    assert (flat >= 0).all() and flat.mean().item() == pytest.approx(3.0, rel=1e-4)  # 3 tasks, each mean 1
+
+
+def test_clora_penalty_is_zero_where_earlier_updates_are_zero():
+    from fl2t.methods.clora import _CLoRA
+
+    reg = _CLoRA.__new__(_CLoRA)
+    reg.lam = 1.0
+    a = torch.nn.Parameter(torch.ones(2, 3))
+    b = torch.nn.Parameter(torch.ones(4, 2))
+    reg.layers = {"m": (a, b)}
+    reg.past = {"m": torch.zeros(4, 3)}
+    assert reg.loss(None, None, None).item() == 0.0
+    reg.past["m"][0, 0] = 1.0  # one entry: (B A)[0, 0] = 2 -> (1 * 2)^2
+    assert reg.loss(None, None, None).item() == pytest.approx(4.0)
+
+
+def test_magmax_keeps_the_largest_magnitude_entry():
+    from fl2t.library import Expert
+    from fl2t.methods.magmax import magmax_update
+
+    def expert(b):
+        return Expert(spec=None, lora={"m.lora_A.weight": torch.eye(2), "m.lora_B.weight": torch.tensor(b)}, token_embeddings=None, stable_embedding=None, anchors=None, anchor_prompts=[], base={}, settings={})
+
+    got = magmax_update([expert([[1.0, -3.0], [0.5, 0.0]]), expert([[-2.0, 1.0], [0.1, 0.2]])], "m")
+    assert torch.allclose(got, torch.tensor([[-2.0, -3.0], [0.5, 0.2]]))
+
+
+def test_cidm_elastic_weights_are_the_4th_power_of_span_similarities_normalised():
+    from types import SimpleNamespace
+
+    from fl2t.methods.cidm import ElasticWeights
+
+    # two concepts: A with one token, B with two; unit states chosen so the cosines are known
+    e = torch.eye(4)
+    states = {"<a> <b1> <b2>": torch.stack([e[0], e[1], e[2]]), "a prompt": torch.stack([e[0], (e[1] + e[3]) / 2**0.5])}
+    ewa = ElasticWeights.__new__(ElasticWeights)
+    ewa._states = lambda text: states[text]
+    experts = [SimpleNamespace(spec=SimpleNamespace(tokens=["<a>"])), SimpleNamespace(spec=SimpleNamespace(tokens=["<b1>", "<b2>"]))]
+    ElasticWeights.__init__(ewa, None, experts)
+    # A: max cos of <a> over the prompt = 1 -> 1^4; B: mean(1/√2, 0) -> (1/(2√2))^4
+    sa, sb = 1.0, (1 / (2 * 2**0.5)) ** 4
+    assert torch.allclose(ewa("a prompt"), torch.tensor([sa, sb]) / (sa + sb))
+
+
+def test_cli_runs_the_benchmark_and_prints_the_table(bench_run, capsys):
+    from test_cli import run
+
+    bench, _, cfg_path = bench_run
+    code, out, err = run(["bench", "continual", "--config", cfg_path, "--methods", "merge,oracle", "--out", bench.out.parent], capsys)
+    assert code == 0, err
+    assert "merge" in out and "report:" in out
+    code, out, err = run(["bench", "continual", "--config", cfg_path, "--methods", "nope"], capsys)
+    assert code == 2 and "unknown method" in err
