@@ -1,0 +1,60 @@
+"""`fl2t bench speed` on tiny sizes: results.json holds every measurement, and the ratios are the medians' ratios."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fl2t.cli import app
+
+
+def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disarms_hooks(tmp_path):
+    out = tmp_path / "bench"
+    steps = 2
+    result = CliRunner().invoke(app, [
+        "--quiet", "bench", "speed", "--out", str(out), "--sizes", "1,2", "--consolidate-sizes", "1,2,3",
+        "--repeats", "1", "--warmup", "0", "--steps", str(steps), "--consolidate-steps", "2", "--train-steps", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "targets" in result.output
+    results = json.loads((out / "results.json").read_text())
+
+    gen = results["generation"]["rows"]
+    assert [r["G"] for r in gen] == [1, 2]
+    for r in gen:
+        for variant in ("base", "base_copy", "fl2t", "per_step_hooks", "prompt_overhead", "diffusers"):
+            assert r[f"{variant}_s"]["median"] > 0 and len(r[f"{variant}_s"]["times"]) == 1
+        # one repeat: the median of per-repeat ratios is that repeat's ratio
+        assert r["fl2t_ratio"] == pytest.approx(r["fl2t_s"]["times"][0] / r["base_s"]["times"][0])
+        assert r["diffusers_ratio"] == pytest.approx(r["diffusers_s"]["times"][0] / r["base_s"]["times"][0])
+        plain, fused = r["unet_step_plain_s"]["times"], r["unet_step_fused_s"]["times"]
+        assert len(plain) == 4 and min(plain + fused + r["unet_step_hooks_s"]["times"]) > 0
+        assert r["unet_step_fused_ratio"] == pytest.approx(statistics.median(f / p for f, p in zip(fused, plain)))
+        assert r["diffusers_load_s"] > 0
+        # The fused pipeline samples with the experts' hooks off; the per-step variant has them on at every step.
+        assert r["fl2t_armed_steps"] == 0
+        assert r["per_step_hooks_armed_steps"] == steps
+
+    cons = results["consolidation"]
+    assert [r["G"] for r in cons["rows"]] == [1, 2, 3]
+    for r in cons["rows"]:
+        assert r["step_s"]["median"] > 0 and r["to_first_step_s"] > r["step_s"]["median"]
+        assert r["peak_rss_steps_bytes"] > 0 and r["dense_bytes"] == r["G"] * results["layers"]["dense_bytes_per_expert"]
+    assert set(cons["fit_step_s"]) == {"slope", "intercept", "r2", "max_rel_residual"}
+
+    memory = results["library_memory"]["rows"]
+    assert [r["stacked_factor_bytes"] for r in memory] == [G * results["layers"]["factor_bytes_per_expert"] for G in (1, 2, 3)]
+    assert all(r["stacked_factor_bytes"] < r["dense_bytes"] for r in memory)
+
+    tiny, *sd15 = results["training"]["rows"]
+    assert tiny["world"] == "tiny world" and tiny["steps_per_s"] > 0 and tiny["images_per_s"] == tiny["steps_per_s"]
+    if not torch.cuda.is_available():
+        assert [r["note"] for r in sd15] == ["no CUDA: not measured"] * 2
+
+    names = [t["target"] for t in results["targets"]]
+    assert sum(n.startswith("generation with the consolidated library") for n in names) == 2
+    assert all(t["holds"] in (True, False, None) for t in results["targets"])
