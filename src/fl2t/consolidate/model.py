@@ -51,6 +51,9 @@ class ConsolidatedModel(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d)
         self.relevance = nn.Linear(d, L)  # s_{l,g} = head_l(Z_g), all L heads in one matrix
+        # ... + match_scale_l * m_g(p): m_g the best cosine between proxy g and the prompt's token states, so a
+        # prompt that contains a concept's token selects it from the start (P_g starts as that token's state C_g).
+        self.match_scale = nn.Parameter(torch.full((L,), 1.0 / settings.temperature))
         self.none_logit = nn.Parameter(torch.zeros(L))  # per layer, the logit of "none of them"
         self.gate = nn.Linear(d, L * rank) if settings.gates else None
         if self.gate is not None:
@@ -79,10 +82,15 @@ class ConsolidatedModel(nn.Module):
             z = layer(z, text, text_pad)
         return self.out_norm(z)
 
-    def weights(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def match(self, text: torch.Tensor, text_pad: torch.Tensor) -> torch.Tensor:
+        """m (B, G): for each prompt and proxy, the best cosine between the proxy and a prompt token state."""
+        cos = torch.einsum("gd,btd->bgt", F.normalize(self.proxies, dim=-1), F.normalize(text, dim=-1))  # (B, G, T)
+        return cos.masked_fill(text_pad.unsqueeze(1), -1.0).max(dim=-1).values
+
+    def weights(self, z: torch.Tensor, match: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """alpha (B, L, G): softmax over G concepts + "none", the none column dropped; gamma (B, L, G, r)."""
         B, G, _ = z.shape
-        logits = self.relevance(z).transpose(1, 2)  # (B, L, G)
+        logits = self.relevance(z).transpose(1, 2) + self.match_scale.view(1, -1, 1) * match.unsqueeze(1)  # (B, L, G)
         none = self.none_logit.view(1, -1, 1).expand(B, -1, 1)  # (B, L, 1)
         alpha = torch.softmax(torch.cat([logits, none], dim=-1), dim=-1)[..., :G]
         gamma = None
@@ -92,7 +100,7 @@ class ConsolidatedModel(nn.Module):
 
     def forward(self, text: torch.Tensor, text_pad: torch.Tensor):
         z = self.decode(text, text_pad)
-        alpha, gamma = self.weights(z)
+        alpha, gamma = self.weights(z, self.match(text, text_pad))
         return alpha, gamma, z
 
     def contrastive_loss(self, text: torch.Tensor, text_pad: torch.Tensor, z: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:

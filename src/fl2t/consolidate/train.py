@@ -36,8 +36,8 @@ def set_hash(experts: list[Expert]) -> str:
 def prompt_states(pipe: ExpertPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """UNet conditioning (P, T or L*T, D), decoder input (P, T, D) and its padding mask (P, T), frozen encoder."""
     device = pipe.unet.device
-    with torch.no_grad():
-        unet_states, _ = pipe.encode_prompt(prompts, device, 1, False)
+    with torch.no_grad():  # in chunks: the pool grows with G
+        unet_states = torch.cat([pipe.encode_prompt(prompts[i : i + 256], device, 1, False)[0] for i in range(0, len(prompts), 256)])
     T = pipe.tokenizer.model_max_length
     text = unet_states.view(len(prompts), -1, T, unet_states.shape[-1]).mean(1)  # layer-wise: mean over layers
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=T, truncation=True, return_tensors="pt").input_ids
@@ -88,6 +88,9 @@ def consolidate(lib: Library, settings: ConsolidateSettings, *, base: str | None
     class_words = sorted({e.spec.class_word for e in experts})
     base_prompts = [t.format(w) for w in class_words for t in OBJECT_TEMPLATES[:4]]
     pairs = [(g, k) for g in range(G) for k in range(g + 1, G)]
+    if len(pairs) > 4 * G:  # keep Step 2 linear in G: 4 two-concept prompts per concept, drawn from the set's seed
+        keep = torch.randperm(len(pairs), generator=gen)[: 4 * G].sort().values
+        pairs = [pairs[i] for i in keep.tolist()]
     multi_prompts = [f"a photo of {experts[g].spec.subject} and {experts[k].spec.subject}" for g, k in pairs]
     prompts = [p for p, _, _ in concept_items] + base_prompts + multi_prompts
     unet_states, text, pad = prompt_states(pipe, prompts)
@@ -98,7 +101,13 @@ def consolidate(lib: Library, settings: ConsolidateSettings, *, base: str | None
     n_base = round(settings.batch_size * settings.base_share) if Nb else 0
     n_multi = round(settings.batch_size * settings.multi_share) if pairs else 0
     n_concept = max(1, settings.batch_size - n_base - n_multi)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    with torch.no_grad():  # "none" starts halfway between a prompt's match with its own concept and a base prompt's best match
+        own = model.match(text[:Nc], pad[:Nc])[torch.arange(Nc), concept_of.to(device)].mean()
+        other = model.match(text[Nc : Nc + Nb], pad[Nc : Nc + Nb]).max(-1).values.mean() if Nb else own - 0.2
+        model.none_logit.fill_(float(model.match_scale[0] * (own + other) / 2))
+    scalars = [model.match_scale, model.none_logit]  # the routing's scale and threshold learn faster than the weights
+    rest = [p for p in model.parameters() if all(p is not q for q in scalars)]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": scalars, "lr": 10 * settings.lr}], lr=settings.lr, weight_decay=0.0)
     L = len(agg.stack.modules)
 
     for step in range(settings.steps):
