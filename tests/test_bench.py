@@ -91,11 +91,11 @@ def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch
     real = bench.evaluate
     calls = []
 
-    def stop_after_first(method, learned, save_grid=None):
+    def stop_after_first(method, names, learned, save_grid=None):
         if len(learned) == 2:
             raise KeyboardInterrupt
         calls.append(len(learned))
-        return real(method, learned, save_grid)
+        return real(method, names, learned, save_grid)
 
     monkeypatch.setattr(bench, "evaluate", stop_after_first)
     with pytest.raises(KeyboardInterrupt):
@@ -206,3 +206,20 @@ def test_cli_runs_the_benchmark_and_prints_the_table(bench_run, capsys):
     assert "merge" in out and "report:" in out
     code, out, err = run(["bench", "continual", "--config", cfg_path, "--methods", "nope"], capsys)
     assert code == 2 and "unknown method" in err
+
+
+def test_fl2t_batched_sampler_gives_the_images_of_fused_generation(bench_run):
+    """The benchmark samples different prompts in one call through per-image hooks; a user's FL2TPipeline fuses
+    one prompt at a time. Same images."""
+    import numpy as np
+
+    from fl2t.methods import MethodContext
+
+    bench, _, _ = bench_run
+    m = METHODS["fl2t"](MethodContext(base=bench.base, learn=bench.cfg.learn, workdir=bench.out / "fl2t" / "order0" / "state", store=bench.out / "experts"))
+    prompts = ["a <c-stripestar> star", "a circle in the style of <s-pastel>"]
+    sampler = m.sampler()
+    batched = sampler(prompts, [3, 4], steps=4)
+    for p, seed, image in zip(prompts, [3, 4], batched):
+        fused = sampler.pipe(p, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed)).images[0]
+        assert np.abs(np.asarray(fused, dtype=float) - np.asarray(image, dtype=float)).max() <= 2

@@ -310,7 +310,12 @@ class Benchmark:
                 m.learn(by_name[name])
             m.consolidate()
             self._status(f"{method} order {k}: evaluate {t + 1} concepts")
-            scores = self.evaluate(m, order[: t + 1], save_grid=folder / "grids" if t == len(order) - 1 else None)
+            # The oracle's model of a concept is its expert alone, the same after every task: scored once.
+            known = json.loads((folder / f"task{t - 1}.json").read_text()) if method == "oracle" and t else {}
+            known.pop("_multi", None)
+            last = t == len(order) - 1
+            todo = [n for n in order[: t + 1] if n not in known or last]
+            scores = {**known, **self.evaluate(m, todo, order[: t + 1], save_grid=folder / "grids" if last else None)}
             if t == len(order) - 1 and self.cfg.multi and method != "oracle":
                 scores["_multi"] = self.multi(m)
             tmp = result.with_suffix(".tmp")
@@ -318,13 +323,13 @@ class Benchmark:
             tmp.replace(result)
             advance(1)
 
-    def evaluate(self, method, learned: list[str], save_grid: Path | None = None) -> dict[str, dict[str, float]]:
-        """Scores of every learned concept under the method's current model."""
+    def evaluate(self, method, names: list[str], learned: list[str], save_grid: Path | None = None) -> dict[str, dict[str, float]]:
+        """Scores of the concepts `names` under the method's current model, which has learned `learned`."""
         sampler = None if method.name == "oracle" else method.sampler()
         references = {n: self.evaluated(n).refs for n in learned}
         s = self.cfg.sample
         out = {}
-        for name in learned:
+        for name in names:
             ev = self.evaluated(name)
             sm = method.sampler(name) if method.name == "oracle" else sampler
             images = sm(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)

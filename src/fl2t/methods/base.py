@@ -38,35 +38,40 @@ class MethodContext:
 
 
 class Sampler:
-    """Generates images for prompts, one seed per image, grouped by prompt. `prepare(prompt)` and `release()`
-    bracket each prompt's sampling (fused methods put their prompt's update into the weights there)."""
+    """Generates images for prompts, one seed per image, `batch` images per pipeline call (the prompts of a call
+    may differ). `arm(prompts)` and `disarm()` bracket each call: methods whose update depends on the prompt
+    arm per-sample hooks there (the same update fusing gives, computed per image)."""
 
-    def __init__(self, pipe, prepare: Callable[[str], None] | None = None, release: Callable[[], None] | None = None):
-        self.pipe = pipe
-        self.prepare, self.release = prepare, release
+    def __init__(
+        self,
+        pipe,
+        arm: Callable[[list[str]], None] | None = None,
+        disarm: Callable[[], None] | None = None,
+        batch: int = 16,
+        call: Callable | None = None,
+    ):
+        self.pipe, self.arm, self.disarm, self.batch = pipe, arm, disarm, batch
+        self.call = call or pipe  # what generates: the pipeline, or its plain diffusers __call__
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0, size: int | None = None) -> list[Image.Image]:
-        images: list[Image.Image | None] = [None] * len(prompts)
-        for p in dict.fromkeys(prompts):
-            idx = [i for i, q in enumerate(prompts) if q == p]
-            if self.prepare:
-                self.prepare(p)
+        images: list[Image.Image] = []
+        for i in range(0, len(prompts), self.batch):
+            chunk = list(prompts[i : i + self.batch])
+            if self.arm:
+                self.arm(chunk)
             try:
-                out = self.pipe(
-                    p,
-                    num_images_per_prompt=len(idx),
+                images += self.call(
+                    chunk,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     height=size,
                     width=size,
-                    generator=[torch.Generator().manual_seed(seeds[i]) for i in idx],
+                    generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + self.batch]],
                 ).images
             finally:
-                if self.release:
-                    self.release()
-            for i, im in zip(idx, out):
-                images[i] = im
-        return images  # type: ignore[return-value]
+                if self.disarm:
+                    self.disarm()
+        return images
 
 
 class Method:
@@ -142,11 +147,11 @@ class AloneMethod(Method):
         self._done(concept.name)
 
 
-def fused_sampler(pipe: ExpertPipeline, experts: list[Expert], weights: Callable[[str], torch.Tensor]) -> Sampler:
-    """A sampler that, for each prompt, fuses `Σ_g w_{l,g} B_l^g A_l^g` into the UNet (w = weights(prompt), (L, G))
-    and restores the exact weights after."""
+def mixed_sampler(pipe: ExpertPipeline, experts: list[Expert], weights: Callable[[str], torch.Tensor]) -> Sampler:
+    """A sampler whose update for a prompt is `Σ_g w_{l,g} B_l^g A_l^g` (w = weights(prompt), (L, G)), applied per
+    image by the aggregated-LoRA hooks, so one call can hold different prompts."""
     agg = AggregatedLoRA(pipe.unet, stack_experts(experts, pipe.unet))
-    return Sampler(pipe, prepare=lambda p: agg.fuse(weights(p), None, shared=False), release=agg.unfuse)
+    return Sampler(pipe, arm=lambda prompts: agg.set(torch.stack([weights(p) for p in prompts])), disarm=agg.off)
 
 
 def lora_layers(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:

@@ -7,8 +7,7 @@
 - Inference, elastic weight aggregation (EWA): reference vectors are the text encoder's states of the
   concatenation of every concept's tokens; each reference token's cosine to each prompt token, max over the
   prompt, mean over each concept's token span, to the 4th power, L1-normalised over concepts → w_g; the
-  update is `Σ_g w_g · 0.8 · B^g A^g`. The weights depend only on the text, so here they are fused once per
-  prompt (the release evaluates every LoRA at every step: same images, more work). With layer-wise
+  update is `Σ_g w_g · 0.8 · B^g A^g`, applied per image by hooks (as the release does, every step). With layer-wise
   embeddings the release computes w per cross-attention layer; here one w serves every layer.
 """
 
@@ -21,7 +20,7 @@ from fl2t.data import Concept
 from fl2t.experts import Regulariser, learn_expert
 from fl2t.fusion import stack_experts
 from fl2t.library import Expert
-from fl2t.methods.base import Method, Sampler, fused_sampler, lora_layers
+from fl2t.methods.base import Method, Sampler, mixed_sampler, lora_layers
 
 EWA_SCALE = 0.8
 
@@ -57,7 +56,7 @@ class CIDM(Method):
         pipe = self.base_pipeline(experts)
         n_layers = len(stack_experts(experts, pipe.unet).modules)
         ewa = ElasticWeights(pipe, experts)
-        return fused_sampler(pipe, experts, lambda prompt: (EWA_SCALE * ewa(prompt)).expand(n_layers, -1))  # (L, G)
+        return mixed_sampler(pipe, experts, lambda prompt: (EWA_SCALE * ewa(prompt)).expand(n_layers, -1))  # (L, G)
 
 
 class ElasticWeights:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import torch
+from diffusers import StableDiffusionPipeline
+
 from fl2t.consolidate import consolidate, save_consolidated
 from fl2t.consolidate.pipeline import FL2TPipeline
 from fl2t.consolidate.train import canonical, set_hash
@@ -24,4 +27,13 @@ class FL2T(AloneMethod):
         save_consolidated(lib, *consolidate(lib, self.ctx.consolidate, base=self.ctx.base, on_step=self.ctx.on_step))
 
     def sampler(self, concept: str | None = None) -> Sampler:
-        return Sampler(FL2TPipeline.from_pretrained(self.ctx.base, library=self.library))
+        """The consolidated library. For a batch of different prompts each image gets its prompt's alpha and gamma
+        through the per-sample hooks (what FL2TPipeline fuses, one prompt at a time, when a user generates)."""
+        pipe = FL2TPipeline.from_pretrained(self.ctx.base, library=self.library)
+
+        def arm(prompts: list[str]) -> None:
+            weights = [pipe.weights_for(p) for p in prompts]
+            gamma = None if weights[0][1] is None else torch.stack([g for _, g in weights])
+            pipe.aggregated.set(torch.stack([a for a, _ in weights]), gamma, shared=True)
+
+        return Sampler(pipe, arm=arm, disarm=pipe.aggregated.off, call=lambda *a, **k: StableDiffusionPipeline.__call__(pipe, *a, **k))

@@ -43,6 +43,7 @@ class _LwF(Regulariser):
 
 class LwF(Sequential):
     name = "lwf"
+    needs_anchors = True
 
     def regulariser(self, previous: list[Expert], scheduler) -> _LwF | None:
         if not previous:

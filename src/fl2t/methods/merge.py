@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from fl2t.fusion import stack_experts
-from fl2t.methods.base import AloneMethod, Sampler, fused_sampler
+from fl2t.fusion import AggregatedLoRA, stack_experts
+from fl2t.methods.base import AloneMethod, Sampler
 
 
 class Merge(AloneMethod):
@@ -17,6 +17,7 @@ class Merge(AloneMethod):
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()
         pipe = self.base_pipeline(experts)
-        n_layers = len(stack_experts(experts, pipe.unet).modules)
-        w = torch.full((n_layers, len(experts)), float(self.ctx.params.get("scale", 1.0)))  # (L, G)
-        return fused_sampler(pipe, experts, lambda prompt: w)
+        agg = AggregatedLoRA(pipe.unet, stack_experts(experts, pipe.unet))
+        scale = float(self.ctx.params.get("scale", 1.0))
+        agg.fuse(torch.full((len(agg.stack.modules), len(experts)), scale), None, shared=False)  # (L, G), once
+        return Sampler(pipe)

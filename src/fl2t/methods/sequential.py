@@ -27,14 +27,14 @@ class Sequential(Method):
         pipe = self.base_pipeline(previous)
         init = previous[-1].lora if previous and self.continues else None
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        expert = learn_expert(
-            concept, pipe, self.ctx.learn, on_step=self.ctx.on_step, init_lora=init, regulariser=self.regulariser(previous, scheduler)
-        )
+        settings = self.ctx.learn if self.needs_anchors else self.ctx.learn.model_copy(update={"num_anchors": 0})
+        expert = learn_expert(concept, pipe, settings, on_step=self.ctx.on_step, init_lora=init, regulariser=self.regulariser(previous, scheduler))
         self.after_task(expert)
         self.library.add(expert)
         self._done(concept.name)
 
     continues = True  # the next task starts from this LoRA (c-lora trains a fresh one per task)
+    needs_anchors = False  # the model's own generations after each task (lwf distils on them)
 
     def regulariser(self, previous: list[Expert], scheduler: DDPMScheduler) -> Regulariser | None:
         return None
