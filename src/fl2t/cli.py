@@ -389,7 +389,7 @@ def forget(
 def demo(
     out: Annotated[Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).")] = Path("runs"),
     steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.")] = 100,
-    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.")] = 40,
+    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.")] = 30,
 ) -> None:
     """Run the main job end to end on the built-in default: ten tiny-world concepts, four methods, the report."""
     from fl2t.demo import run_demo

@@ -13,7 +13,7 @@ from typing import Callable
 DEMO_METHODS = ("fl2t", "merge", "sequential", "oracle")
 
 
-def run_demo(out: Path, steps: int, progress: Callable, say: Callable[[str], None], consolidate_steps: int = 40) -> dict:
+def run_demo(out: Path, steps: int, progress: Callable, say: Callable[[str], None], consolidate_steps: int = 30) -> dict:
     from fl2t.bench.continual import load_config, run_continual
 
     say(
@@ -36,7 +36,7 @@ def run_demo(out: Path, steps: int, progress: Callable, say: Callable[[str], Non
         consolidate=consolidate.model_dump(),
         prompts_per_concept=4,
         class_images=4,
-        sample={"steps": 15, "guidance": 5.0},
+        sample={"steps": 12, "guidance": 5.0},
     )
     lib = Path(out) / "demo" / "fl2t" / "order0" / "state" / "library"
     print(f"fl2t library with all ten concepts: {lib}  (try: fl2t generate --library {lib} \"a <c-stripestar> star in the style of <s-pastel>\")")

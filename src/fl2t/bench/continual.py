@@ -158,6 +158,7 @@ class Benchmark:
         self._dino: DinoEvaluator | None = None
         self._eval: dict[str, Evaluated] = {}
         self._status: Callable[[str], None] = lambda text: None
+        self._oracle: dict[tuple[str, str], tuple[list, torch.Tensor]] = {}
 
     # -- inputs -----------------------------------------------------------------------------------------
     def _base(self) -> str:
@@ -310,12 +311,8 @@ class Benchmark:
                 m.learn(by_name[name])
             m.consolidate()
             self._status(f"{method} order {k}: evaluate {t + 1} concepts")
-            # The oracle's model of a concept is its expert alone, the same after every task: scored once.
-            known = json.loads((folder / f"task{t - 1}.json").read_text()) if method == "oracle" and t else {}
-            known.pop("_multi", None)
             last = t == len(order) - 1
-            todo = [n for n in order[: t + 1] if n not in known or last]
-            scores = {**known, **self.evaluate(m, todo, order[: t + 1], save_grid=folder / "grids" if last else None)}
+            scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
             if t == len(order) - 1 and self.cfg.multi and method != "oracle":
                 scores["_multi"] = self.multi(m)
             tmp = result.with_suffix(".tmp")
@@ -331,9 +328,16 @@ class Benchmark:
         out = {}
         for name in names:
             ev = self.evaluated(name)
-            sm = method.sampler(name) if method.name == "oracle" else sampler
-            images = sm(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
-            emb = self.clip.image_embeds(images)
+            # The oracle's model of a concept is its expert alone, the same after every task: generated once.
+            key = (str(method.ctx.workdir), name)
+            if method.name == "oracle" and key in self._oracle:
+                images, emb = self._oracle[key]
+            else:
+                sm = method.sampler(name) if method.name == "oracle" else sampler
+                images = sm(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
+                emb = self.clip.image_embeds(images)
+                if method.name == "oracle":
+                    self._oracle[key] = (images, emb)
             ia = image_alignment(emb, ev.refs)
             scores = {
                 "ia": ia,

@@ -8,6 +8,8 @@ plus method-specific safetensors), so the benchmark can stop and resume between 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,11 @@ class MethodContext:
     consolidate: ConsolidateSettings = field(default_factory=ConsolidateSettings)
     params: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. ewc's lambda)
     on_step: Callable[[int, float], None] | None = None  # Step-1/Step-2 progress
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_base(base: str):
+    return load_base(base)
 
 
 class Sampler:
@@ -117,7 +124,7 @@ class Method:
         store = Library(self.ctx.store)
         if store.exists and concept.name in store.names():
             return store.expert(concept.name)
-        expert = learn_expert(concept, self.ctx.base, self.ctx.learn, on_step=self.ctx.on_step)
+        expert = learn_expert(concept, self.fresh_base(), self.ctx.learn, on_step=self.ctx.on_step)
         store.add(expert)
         return expert
 
@@ -126,10 +133,13 @@ class Method:
         lib = self.library
         return [lib.expert(n) for n in self.tasks]
 
+    def fresh_base(self):
+        """A private copy of the base pipeline (loaded from disk once per process)."""
+        return copy.deepcopy(_loaded_base(self.ctx.base))
+
     def base_pipeline(self, experts: Sequence[Expert] = ()) -> ExpertPipeline:
         """The base model with these experts' tokens (no LoRA yet)."""
-        pipe = load_base(self.ctx.base)
-        pipe = ExpertPipeline(**pipe.components, requires_safety_checker=False)
+        pipe = ExpertPipeline(**self.fresh_base().components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         for e in experts:
             pipe.add_expert_tokens(e)

@@ -48,7 +48,7 @@ class CIDM(Method):
         if concept.name not in self.library.names():
             previous = self.experts()
             reg = _Orthogonal(previous, float(self.ctx.params.get("cidm_lambda", 0.1))) if previous else None
-            self.library.add(learn_expert(concept, self.ctx.base, self.ctx.learn, on_step=self.ctx.on_step, regulariser=reg))
+            self.library.add(learn_expert(concept, self.fresh_base(), self.ctx.learn, on_step=self.ctx.on_step, regulariser=reg))
         self._done(concept.name)
 
     def sampler(self, concept: str | None = None) -> Sampler:
