@@ -184,6 +184,9 @@ def load_consolidated(lib: Library, experts: list[Expert], pipe: ExpertPipeline)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
-        raise Fl2tError(f"library {lib.path}: consolidated weights do not fit ({str(e).splitlines()[0]})") from None
+        raise Fl2tError(
+            f"library {lib.path}: consolidated weights do not fit this version of fl2t ({str(e).splitlines()[0]}); "
+            f"run `fl2t consolidate --library {lib.path}`"
+        ) from None
     model.eval()
     return model, agg
