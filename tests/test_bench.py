@@ -4,7 +4,6 @@ resuming, and what makes each baseline what it is."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -89,12 +88,10 @@ def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch
     _, _, cfg_path = bench_run
     bench = Benchmark(load_config(cfg_path), tmp_path, ["merge"])
     real = bench.evaluate
-    calls = []
 
     def stop_after_first(method, names, learned, save_grid=None):
         if len(learned) == 2:
             raise KeyboardInterrupt
-        calls.append(len(learned))
         return real(method, names, learned, save_grid)
 
     monkeypatch.setattr(bench, "evaluate", stop_after_first)

@@ -9,8 +9,10 @@ over orders. Every finished task and evaluation is cached under `runs/<name>/`, 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,13 +117,9 @@ def task_orders(cfg: BenchConfig, names: list[str]) -> list[list[str]]:
     while len(orders) < cfg.orders:
         o = list(names)
         rng.shuffle(o)
-        if o not in orders or len(orders) >= _factorial(len(names)):
+        if o not in orders or len(orders) >= math.factorial(len(names)):
             orders.append(o)
     return orders
-
-
-def _factorial(n: int) -> int:
-    return int(np.prod(range(1, n + 1)))
 
 
 @dataclass
@@ -267,21 +265,17 @@ class Benchmark:
         (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
 
+    @contextmanager
     def _bar(self, name: str, total: int):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            if self.progress is None:
-                yield lambda n=1: None
-                return
-            with self.progress() as p:
-                task = p.add_task(name, total=total, info="")
-                self._status = lambda text: p.update(task, info=text)
-                yield lambda n=1: p.advance(task, n)
-            self._status = lambda text: None
-
-        return bar()
+        """Yields advance(n); while open, `self._status(text)` shows what runs next to the bar."""
+        if self.progress is None:
+            yield lambda n=1: None
+            return
+        with self.progress() as p:
+            task = p.add_task(name, total=total, info="")
+            self._status = lambda text: p.update(task, info=text)
+            yield lambda n=1: p.advance(task, n)
+        self._status = lambda text: None
 
     def run_order(self, method: str, k: int, order: list[str], advance: Callable[[int], None]) -> None:
         from fl2t.methods import METHODS, MethodContext

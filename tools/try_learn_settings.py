@@ -1,0 +1,20 @@
+"""Learn the tiny world's stripestar with given LearnSettings and print time, concept accuracy and normalised IA
+(the Step-1 gate of `fl2t world check`). Usage: python tools/try_learn_settings.py WORLD_DIR '{"lr": 1e-3}' ...
+WORLD_DIR: a built world (src/fl2t/world/weights)."""
+import sys, time, tempfile, json
+from pathlib import Path
+import torch
+torch.set_num_threads(2)
+from fl2t.world.check import CheckContext, Step1
+from fl2t.config import LearnSettings
+from fl2t.methods import METHODS, MethodContext
+ctx = CheckContext(Path(sys.argv[1]))
+tmp = Path(tempfile.mkdtemp())
+s1 = Step1(ctx, tmp)
+for spec in sys.argv[2:]:
+    kw = json.loads(spec)
+    settings = LearnSettings(checkpoint_every=0, **kw)
+    seq = METHODS["sequential"](MethodContext(base=str(Path(sys.argv[1]) / "base"), learn=settings, workdir=tmp / f"seq{hash(spec)}", store=tmp / "store"))
+    t0 = time.perf_counter(); seq.learn(s1.concepts["stripestar"]); sec = time.perf_counter() - t0
+    ca, nia, ims = s1.score("stripestar", seq.sampler())
+    print(spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f}", flush=True)
