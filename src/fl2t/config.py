@@ -68,6 +68,12 @@ class ConsolidateSettings(BaseModel):
         description="weight of the routing term: cross-entropy of the relevance (mean over layers, with 'none') against "
         "the concepts a training prompt names ('none' for prompts naming none); 0 switches it off",
     )
+    route_margin: float = Field(
+        4.0,
+        gt=0,
+        description="at the start, a prompt naming a concept weights it, and a prompt naming none weights 'none', "
+        "about 1/(1 + e^-margin) (the relevance heads then learn from there)",
+    )
     base_share: float = Field(0.25, ge=0, le=1, description="share of each batch with prompts naming no concept")
     multi_share: float = Field(0.1, ge=0, le=1, description="share of each batch with two-concept prompts")
     seed: int = Field(0, description="mixed with the set's hash; the same set and seed give the same model")

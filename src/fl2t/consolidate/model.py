@@ -7,6 +7,8 @@ carry no positional encoding, so permuting the concepts permutes every output th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,9 +53,11 @@ class ConsolidatedModel(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d)
         self.relevance = nn.Linear(d, L)  # s_{l,g} = head_l(Z_g), all L heads in one matrix
-        # ... + match_scale_l * m_g(p): m_g the best cosine between proxy g and the prompt's token states, so a
-        # prompt that contains a concept's token selects it from the start (P_g starts as that token's state C_g).
-        self.match_scale = nn.Parameter(torch.full((L,), 1.0 / settings.temperature))
+        # ... + match_scale_l * n_g(p), n_g the share of concept g's tokens the prompt contains: a prompt that names a
+        # concept selects it from the first step. (The best cosine between P_g and the prompt's token states, tried
+        # first, does not separate concepts: a small text encoder's states are mostly context, and base prompts
+        # matched some proxy better than concept prompts matched their own.) Scale and threshold set by `init_routing`.
+        self.match_scale = nn.Parameter(torch.ones(L))
         self.none_logit = nn.Parameter(torch.zeros(L))  # per layer, the logit of "none of them"
         self.gate = nn.Linear(d, L * rank) if settings.gates else None
         if self.gate is not None:
@@ -82,15 +86,19 @@ class ConsolidatedModel(nn.Module):
             z = layer(z, text, text_pad)
         return self.out_norm(z)
 
-    def match(self, text: torch.Tensor, text_pad: torch.Tensor) -> torch.Tensor:
-        """m (B, G): for each prompt and proxy, the best cosine between the proxy and a prompt token state."""
-        cos = torch.einsum("gd,btd->bgt", F.normalize(self.proxies, dim=-1), F.normalize(text, dim=-1))  # (B, G, T)
-        return cos.masked_fill(text_pad.unsqueeze(1), -1.0).max(dim=-1).values
+    @torch.no_grad()
+    def init_routing(self, margin: float) -> None:
+        """A prompt naming concept g gives it a logit `margin + log G` above "none"; naming none, "none" stands as far
+        above every concept, so with relevance heads still near zero either choice holds about 1/(1 + e^-margin)."""
+        G = self.proxies.shape[0]
+        gap = margin + math.log(max(G, 1))
+        self.match_scale.fill_(2 * gap)
+        self.none_logit.fill_(gap)
 
-    def weights(self, z: torch.Tensor, match: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self, z: torch.Tensor, named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """alpha (B, L, G): softmax over G concepts + "none", the none column dropped; gamma (B, L, G, r)."""
         B, G, _ = z.shape
-        logits = self.relevance(z).transpose(1, 2) + self.match_scale.view(1, -1, 1) * match.unsqueeze(1)  # (B, L, G)
+        logits = self.relevance(z).transpose(1, 2) + self.match_scale.view(1, -1, 1) * named.unsqueeze(1)  # (B, L, G)
         none = self.none_logit.view(1, -1, 1).expand(B, -1, 1)  # (B, L, 1)
         alpha = torch.softmax(torch.cat([logits, none], dim=-1), dim=-1)[..., :G]
         gamma = None
@@ -98,9 +106,10 @@ class ConsolidatedModel(nn.Module):
             gamma = torch.sigmoid(self.gate(z).view(B, G, -1, self.rank)).transpose(1, 2)  # (B, L, G, r)
         return alpha, gamma
 
-    def forward(self, text: torch.Tensor, text_pad: torch.Tensor):
+    def forward(self, text: torch.Tensor, text_pad: torch.Tensor, named: torch.Tensor):
+        """named (B, G): the share of each concept's tokens each prompt contains (`concepts_named`)."""
         z = self.decode(text, text_pad)
-        alpha, gamma = self.weights(z, self.match(text, text_pad))
+        alpha, gamma = self.weights(z, named)
         return alpha, gamma, z
 
     def contrastive_loss(self, text: torch.Tensor, text_pad: torch.Tensor, z: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from fl2t.consolidate.train import canonical, load_consolidated, prompt_states
+from fl2t.consolidate.train import canonical, concepts_named, load_consolidated, prompt_states
 from fl2t.errors import Fl2tError
 from fl2t.library import Library
 from fl2t.pipeline import ExpertPipeline
@@ -53,7 +53,7 @@ class FL2TPipeline(ExpertPipeline):
     def weights_for(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """alpha (L, G) and gamma (L, G, r) for one prompt."""
         _, text, pad = prompt_states(self, [prompt])
-        alpha, gamma, _ = self.consolidated(text.float(), pad)
+        alpha, gamma, _ = self.consolidated(text.float(), pad, concepts_named(self, self.experts, [prompt]))
         return alpha[0], None if gamma is None else gamma[0]
 
     def relevance(self, prompt: str) -> dict[str, dict[str, float]]:

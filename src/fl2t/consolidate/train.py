@@ -46,6 +46,17 @@ def prompt_states(pipe: ExpertPipeline, prompts: list[str]) -> tuple[torch.Tenso
     return unet_states, text, pad.to(device)
 
 
+def concepts_named(pipe: ExpertPipeline, experts: list[Expert], prompts: list[str]) -> torch.Tensor:
+    """(P, G): the share of expert g's tokens that prompt p contains (1.0 when the prompt names the concept)."""
+    T = pipe.tokenizer.model_max_length
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=T, truncation=True, return_tensors="pt").input_ids
+    out = torch.zeros(len(prompts), len(experts))
+    for g, e in enumerate(experts):
+        for tid in pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens):
+            out[:, g] += (ids == tid).any(-1).float() / len(e.spec.tokens)
+    return out.to(pipe.unet.device)
+
+
 def build_pipeline(lib: Library, experts: list[Expert], base: str | None) -> ExpertPipeline:
     pipe, _ = ExpertPipeline.for_library(lib, base)
     for e in experts:
@@ -101,10 +112,8 @@ def consolidate(lib: Library, settings: ConsolidateSettings, *, base: str | None
     n_base = round(settings.batch_size * settings.base_share) if Nb else 0
     n_multi = round(settings.batch_size * settings.multi_share) if pairs else 0
     n_concept = max(1, settings.batch_size - n_base - n_multi)
-    with torch.no_grad():  # "none" starts halfway between a prompt's match with its own concept and a base prompt's best match
-        own = model.match(text[:Nc], pad[:Nc])[torch.arange(Nc), concept_of.to(device)].mean()
-        other = model.match(text[Nc : Nc + Nb], pad[Nc : Nc + Nb]).max(-1).values.mean() if Nb else own - 0.2
-        model.none_logit.fill_(float(model.match_scale[0] * (own + other) / 2))
+    token_share = concepts_named(pipe, experts, prompts)
+    model.init_routing(settings.route_margin)
     scalars = [model.match_scale, model.none_logit]  # the routing's scale and threshold learn faster than the weights
     rest = [p for p in model.parameters() if all(p is not q for q in scalars)]
     optimizer = torch.optim.AdamW([{"params": rest}, {"params": scalars, "lr": 10 * settings.lr}], lr=settings.lr, weight_decay=0.0)
@@ -128,7 +137,7 @@ def consolidate(lib: Library, settings: ConsolidateSettings, *, base: str | None
             agg.set(teach)
             target = pipe.unet(noisy, t, states).sample
 
-        alpha, gamma, z = model(text[rows], pad[rows])
+        alpha, gamma, z = model(text[rows], pad[rows], token_share[rows])
         agg.set(alpha[:n_unet], None if gamma is None else gamma[:n_unet], shared=True)
         pred = pipe.unet(noisy, t, states).sample
         agg.off()
