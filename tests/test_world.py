@@ -18,6 +18,7 @@ from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
+    PATTERNS,
     SIZE,
     Scene,
     caption,
@@ -76,6 +77,17 @@ def test_pretraining_pictures_never_show_a_concept_look():
     scenes = _scenes(2, 3000, rich=True, held_out=None, exclude=looks)
     assert not any((s.shape, s.pattern, s.colour, s.colour2) in looks for s in scenes)
     assert any(s.pattern for s in scenes) and any(s.style for s in scenes)
+
+
+def test_base_model_pretraining_has_patterns_but_no_concept_look_style_or_held_out_combination():
+    from fl2t.world.build import pretraining_scenes
+
+    scenes = pretraining_scenes(0, 3000)
+    looks = concept_appearances()
+    assert not any((s.shape, s.pattern, s.colour, s.colour2) in looks for s in scenes)
+    assert not any(s.style for s in scenes) and not any(is_held_out(s.combo) for s in scenes)
+    assert 0.2 < np.mean([s.pattern is not None for s in scenes]) < 0.5
+    assert {s.pattern for s in scenes if s.pattern} == set(PATTERNS)
 
 
 def test_concepts_are_ten_with_seven_objects_and_three_styles_and_new_tokens():

@@ -1,5 +1,6 @@
 """Learn the tiny world's stripestar with given LearnSettings and print time, concept accuracy and normalised IA
-(the Step-1 gate of `fl2t world check`). Usage: python tools/try_learn_settings.py WORLD_DIR '{"lr": 1e-3}' ...
+(the Step-1 gate of `fl2t world check`), then continue the LoRA through checkdiamond and bullseye and print
+stripestar's concept accuracy again (the forgetting gate). Usage: python tools/try_learn_settings.py WORLD_DIR '{"lr": 1e-3}' ...
 WORLD_DIR: a built world (src/fl2t/world/weights)."""
 import sys, time, tempfile, json
 from pathlib import Path
@@ -18,3 +19,7 @@ for spec in sys.argv[2:]:
     t0 = time.perf_counter(); seq.learn(s1.concepts["stripestar"]); sec = time.perf_counter() - t0
     ca, nia, ims = s1.score("stripestar", seq.sampler())
     print(spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f}", flush=True)
+    for name in ("checkdiamond", "bullseye"):
+        seq.learn(s1.concepts[name])
+    ca3, nia3, _ = s1.score("stripestar", seq.sampler())
+    print(spec, f"after 3 tasks: CA {ca3:.3f} nIA {nia3:.3f} (drop {100 * (ca - ca3):.1f} points)", flush=True)

@@ -238,9 +238,10 @@ def random_scene(
     rng: np.random.Generator,
     rich: bool = False,
     held_out: bool | None = False,
+    styles: bool = True,
     exclude: frozenset[tuple[str, str | None, str | None, str | None]] = frozenset(),
 ) -> Scene:
-    """One random scene. `rich` adds two-colour patterns and styles (for the evaluator and the VAE).
+    """One random scene. `rich` adds two-colour patterns and (with `styles`) renderings.
 
     held_out: False draws only pretraining combinations, True only held-out ones, None any.
     exclude: (shape, pattern, colour, colour2) appearances never to draw (the concepts' own looks).
@@ -261,7 +262,7 @@ def random_scene(
                 c2 = colours[rng.integers(len(colours))]
                 if c2 != scene.colour:
                     scene = replace(scene, pattern=PATTERNS[rng.integers(len(PATTERNS))], colour2=c2)
-            elif u < 0.55:
+            elif u < 0.55 and styles:
                 scene = replace(scene, style=STYLES[rng.integers(len(STYLES))])
         if held_out is not None and is_held_out(scene.combo) != held_out:
             continue
