@@ -105,6 +105,15 @@ def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch
     assert learned == ["pastel"]  # checkdiamond was learned before the stop; stripestar's task was done
 
 
+def test_a_rerun_with_other_settings_is_refused_and_leaves_the_results(bench_run):
+    bench, _, cfg_path = bench_run
+    before = {p: p.read_bytes() for p in bench.out.rglob("task*.json")}
+    with pytest.raises(Fl2tError, match=r"other settings \(learn differ\)"):
+        Benchmark(load_config(cfg_path, learn={**CONFIG["learn"], "steps": 5}), bench.out.parent, ALL)
+    assert before and before == {p: p.read_bytes() for p in bench.out.rglob("task*.json")}
+    Benchmark(load_config(cfg_path, orders=2), bench.out.parent, ALL)  # more orders resume the same run
+
+
 def test_orders_are_the_listed_one_then_distinct_seeded_shuffles():
     cfg = load_config("tiny10")
     orders = task_orders(cfg, [c if isinstance(c, str) else c.path for c in cfg.concepts])

@@ -17,7 +17,7 @@ class LearnSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(400, ge=1, description="optimisation steps")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the UNet LoRA")
+    lr: float = Field(5e-4, gt=0, description="learning rate of the UNet LoRA")
     embedding_lr: float = Field(1e-3, ge=0, description="learning rate of the concept token embeddings")
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
     lora_attention: Literal["all", "cross", "self"] = Field(

@@ -8,6 +8,7 @@ over orders. Every finished task and evaluation is cached under `runs/<name>/`, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -149,6 +150,7 @@ class Benchmark:
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.base = self._base()
+        self._check_fingerprint()
         self.concepts = self._concepts()
         self.names = [c.name for c in self.concepts]
         self.orders = task_orders(cfg, self.names)
@@ -165,6 +167,31 @@ class Benchmark:
 
             return str(base_path())
         return self.cfg.base
+
+    def _check_fingerprint(self) -> None:
+        """Cached results are reused only by a run with the same base weights and settings; another run in the same
+        folder would mix two experiments silently. More orders or methods resume; anything else is refused."""
+        cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
+        for name in ("base", "clip", "dino"):
+            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
+                from fl2t.world import base_path
+                from fl2t.world.build import MANIFEST
+
+                cfg[name] = "world " + hashlib.sha256((base_path().parent / MANIFEST).read_bytes()).hexdigest()[:16]
+            elif cfg[name] is not None:
+                cfg[name] = _weights_fingerprint(self.base if name == "base" else cfg[name])
+        cfg = json.loads(json.dumps(cfg, default=str))
+        path = self.out / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            differ = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+            if differ:
+                raise Fl2tError(
+                    f"{self.out} holds results made with other settings ({', '.join(differ)} differ); "
+                    "choose another --out, or remove that folder to start again"
+                )
+        else:
+            path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def _concepts(self) -> list[Concept]:
         cfg = self.cfg
@@ -402,6 +429,14 @@ class Benchmark:
                 "order_spread": float(max(averages) - min(averages)),
             }
         return out
+
+
+def _weights_fingerprint(model: str) -> str | list:
+    """A local folder: the name, size and modification time of each weights file (cheap at SD size); a hub id: itself."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        return model
+    return sorted([p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in root.rglob("*.safetensors"))
 
 
 def _mean(values: list[float | None]) -> float | None:
