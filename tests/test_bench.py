@@ -114,6 +114,17 @@ def test_a_rerun_with_other_settings_is_refused_and_leaves_the_results(bench_run
     Benchmark(load_config(cfg_path, orders=2), bench.out.parent, ALL)  # more orders resume the same run
 
 
+def test_results_without_a_settings_record_are_not_resumed(tmp_path):
+    cfg_path = tmp_path / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump(CONFIG))
+    old = tmp_path / "runs" / "t3" / "merge" / "order0"
+    old.mkdir(parents=True)
+    (old / "task0.json").write_text("{}")
+    with pytest.raises(Fl2tError, match="without a record of their settings"):
+        Benchmark(load_config(cfg_path), tmp_path / "runs", ["merge"])
+    assert (old / "task0.json").read_text() == "{}"
+
+
 def test_orders_are_the_listed_one_then_distinct_seeded_shuffles():
     cfg = load_config("tiny10")
     orders = task_orders(cfg, [c if isinstance(c, str) else c.path for c in cfg.concepts])

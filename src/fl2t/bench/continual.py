@@ -190,6 +190,11 @@ class Benchmark:
                     f"{self.out} holds results made with other settings ({', '.join(differ)} differ); "
                     "choose another --out, or remove that folder to start again"
                 )
+        elif any(self.out.glob("*/order*/task*.json")):
+            raise Fl2tError(
+                f"{self.out} holds results without a record of their settings (an older run); "
+                "choose another --out, or remove that folder to start again"
+            )
         else:
             path.write_text(json.dumps(cfg, indent=2) + "\n")
 
