@@ -38,7 +38,7 @@ class BuildSettings:
     seed: int = DEFAULT_SEED
     rich_images: int = 20_000  # pictures with patterns and styles (VAE, evaluator)
     plain_images: int = 24_000  # pretraining pictures of the base model (plain and patterned objects, no styles)
-    vae_steps: int = 2_000  # 400 blurred the concepts' 2-pixel patterns (reference MAE 0.040 vs 0.024 at 1000 steps)
+    vae_steps: int = 2_000  # 400 blurred the concepts' 2-pixel patterns (reference MAE 0.031-0.055; now 0.010-0.027)
     evaluator_steps: int = 2_000
     base_steps: int = 2_400  # a run may be stopped early (STOP_FILE); the manifest records the steps trained
     base_batch: int = 32
