@@ -114,6 +114,14 @@ def test_a_rerun_with_other_settings_is_refused_and_leaves_the_results(bench_run
     Benchmark(load_config(cfg_path, orders=2), bench.out.parent, ALL)  # more orders resume the same run
 
 
+def test_one_config_object_serves_two_benchmarks(bench_run):
+    bench, _, cfg_path = bench_run
+    cfg = load_config(cfg_path)
+    Benchmark(cfg, bench.out.parent, ALL)
+    assert cfg.prompts is None  # the world's prompts are filled into the benchmark's own copy
+    Benchmark(cfg, bench.out.parent, ALL)  # and the second finds the same settings
+
+
 def test_results_without_a_settings_record_are_not_resumed(tmp_path):
     cfg_path = tmp_path / "t3.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))

@@ -145,7 +145,7 @@ class Benchmark:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise Fl2tError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-        self.cfg, self.methods, self.say = cfg, methods, say
+        self.cfg, self.methods, self.say = cfg.model_copy(deep=True), methods, say  # filled in below (prompts); the caller's stays as given
         self.out = Path(out) / cfg.name
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
