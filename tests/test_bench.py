@@ -195,7 +195,7 @@ def test_clora_penalty_is_zero_where_earlier_updates_are_zero():
 
 
 def test_magmax_keeps_the_largest_magnitude_entry():
-    from fl2t.library import Expert
+    from fl2t.expert import Expert
     from fl2t.methods.magmax import magmax_update
 
     def expert(b):

@@ -82,7 +82,7 @@ def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     from fl2t.models import clip_tokenizer
-    from fl2t.world.models import image_processor
+    from fl2t.worldkit.models import image_processor
 
     torch.manual_seed(0)
     cfg = CLIPConfig(

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fl2t.errors import Fl2tError
 from fl2t.world import CONCEPTS, PROMPT_TEMPLATES, base_path, evaluator_path, write_concepts
-from fl2t.world.build import verify_manifest
+from fl2t.worldkit.build import verify_manifest
 from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import (
     BACKGROUNDS,
@@ -27,7 +27,8 @@ from fl2t.world.generator import (
     random_scene,
     render,
 )
-from fl2t.world.models import TOKENIZER_DIR, tokenizer
+from fl2t.models import TOKENIZER_DIR
+from fl2t.models import clip_tokenizer as tokenizer
 
 
 def _scenes(seed: int, n: int, **kw) -> list[Scene]:
@@ -80,7 +81,7 @@ def test_pretraining_pictures_never_show_a_concept_look():
 
 
 def test_base_model_pretraining_has_patterns_but_no_concept_look_style_or_held_out_combination():
-    from fl2t.world.build import pretraining_scenes
+    from fl2t.worldkit.build import pretraining_scenes
 
     scenes = pretraining_scenes(0, 3000)
     looks = concept_appearances()
@@ -194,7 +195,7 @@ def test_shipped_evaluator_loads_like_clip_and_reads_a_picture():
 def test_world_cli_path_prints_the_base_folder():
     from typer.testing import CliRunner
 
-    from fl2t.world.cli import app
+    from fl2t.worldkit.cli import app
 
     result = CliRunner().invoke(app, ["path"])
     assert result.exit_code == 0

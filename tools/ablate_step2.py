@@ -2,7 +2,6 @@
 off, score every concept with tiny10's evaluation settings. Usage: python tools/ablate_step2.py [STEPS]  (after fl2t demo)"""
 import json, shutil, sys, time
 from pathlib import Path
-import torch
 from fl2t.bench.continual import Benchmark, load_config
 from fl2t.config import ConsolidateSettings
 from fl2t.consolidate import consolidate, save_consolidated

@@ -1,7 +1,7 @@
 """Seconds per evaluator training step of `fl2t world build` (batch 128, 2 threads), steps 10-70 timed, and the 2000-step stage extrapolated. Run on a quiet machine: python tools/time_evaluator_steps.py"""
 import time, numpy as np, torch
-from fl2t.world import train
-from fl2t.world.build import _stage_seed, BuildSettings
+from fl2t.worldkit import train
+from fl2t.worldkit.build import _stage_seed, BuildSettings
 from fl2t.world.generator import random_scene
 from fl2t.world.concepts import concept_appearances
 torch.set_num_threads(2)

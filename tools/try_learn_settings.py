@@ -6,7 +6,7 @@ import sys, time, tempfile, json
 from pathlib import Path
 import torch
 torch.set_num_threads(2)
-from fl2t.world.check import CheckContext, Step1
+from fl2t.worldkit.check import CheckContext, Step1
 from fl2t.config import LearnSettings
 from fl2t.methods import METHODS, MethodContext
 ctx = CheckContext(Path(sys.argv[1]))

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from fl2t.world import train
+from fl2t.worldkit import train
 from fl2t.world.concepts import CONCEPTS, reference_scenes
 
 

@@ -11,7 +11,7 @@ _EXPORTS = {
     "Concept": "fl2t.data",
     "ConceptSpec": "fl2t.data",
     "load_concept": "fl2t.data",
-    "Expert": "fl2t.library",
+    "Expert": "fl2t.expert",
     "Library": "fl2t.library",
     "ExpertPipeline": "fl2t.pipeline",
     "FL2TPipeline": "fl2t.consolidate.pipeline",

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from fl2t.errors import Fl2tError
 from fl2t.bench.cli import app as bench_app
-from fl2t.world.cli import app as world_app
+from fl2t.worldkit.cli import app as world_app
 
 # Before transformers/diffusers are imported: keep their chatter off the user's terminal.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -104,7 +104,8 @@ def learn(
     from fl2t.config import load_settings
     from fl2t.data import Concept, load_concept
     from fl2t.experts import learn_expert
-    from fl2t.library import Expert, Library
+    from fl2t.expert import Expert
+    from fl2t.library import Library
     from fl2t.models import base_config_hash, default_base, load_base
     from fl2t.parallel import learn_concepts, process_state
     from fl2t.text import check_new_tokens

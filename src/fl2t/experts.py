@@ -30,7 +30,8 @@ from torch import nn
 from fl2t.config import LearnSettings
 from fl2t.data import Concept, caption_templates
 from fl2t.errors import Fl2tError
-from fl2t.library import Expert, kill_point
+from fl2t.expert import Expert
+from fl2t.files import kill_point
 from fl2t.models import base_config_hash, load_base, resolution_of
 from fl2t.pipeline import ExpertPipeline
 from fl2t.text import (

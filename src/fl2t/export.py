@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from fl2t.errors import Fl2tError
-from fl2t.library import Expert
+from fl2t.expert import Expert
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl2t.library import Expert
+from fl2t.expert import Expert
 
 
 @dataclass

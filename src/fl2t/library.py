@@ -17,37 +17,27 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
-import signal
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from fl2t.data import ConceptSpec
 from fl2t.errors import Fl2tError
+from fl2t.expert import FORMAT, BaseRef, Expert, ExpertRecord, read_expert_record
+from fl2t.files import atomic_write_json, kill_point, read_json, read_validated
 from fl2t.models import PICKLE_SUFFIXES
 
-FORMAT = 1
 MANIFEST = "library.json"
-WEIGHT_FILES = ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors")
-SHA256 = r"^[0-9a-f]{64}$"
-
-
-class BaseRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    config_hash: str
 
 
 class ManifestRecord(BaseModel):
@@ -57,183 +47,6 @@ class ManifestRecord(BaseModel):
     format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
     base: BaseRef | None = None
     experts: dict[str, str] = {}  # name -> content hash
-
-
-class ExpertRecord(BaseModel):
-    """Schema of LIB/experts/<name>/expert.json."""
-
-    model_config = ConfigDict(extra="forbid")
-    format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
-    name: str
-    tokens: list[str]
-    class_word: str
-    kind: str
-    base: BaseRef
-    rank: int = Field(ge=1)
-    layerwise: bool
-    modules: int = Field(ge=1)
-    anchor_prompts: list[str]
-    settings: dict[str, Any]
-    files: dict[str, str]
-    content_hash: str = Field(pattern=SHA256)
-
-    @property
-    def spec(self) -> ConceptSpec:
-        return ConceptSpec(name=self.name, tokens=self.tokens, class_word=self.class_word, kind=self.kind)
-
-
-def kill_point(name: str) -> None:
-    """Fault injection for the crash tests: `FL2T_KILL_AT=<name>` makes the process die here as if SIGKILLed."""
-    if os.environ.get("FL2T_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class Expert:
-    """One concept learned alone (Step 1).
-
-    lora: peft-style keys, "<module>.lora_A.weight" (r, in) and "<module>.lora_B.weight" (out, r); scale 1.
-    token_embeddings: (n_tokens, d), or (L, n_tokens, d) when layer-wise.
-    stable_embedding: (d,), the text encoder's final state at the concept token in its template prompt (C_g).
-    anchors: (N, C, h, w) latents the expert generated from `anchor_prompts`.
-    """
-
-    spec: ConceptSpec
-    lora: dict[str, torch.Tensor]
-    token_embeddings: torch.Tensor
-    stable_embedding: torch.Tensor
-    anchors: torch.Tensor
-    anchor_prompts: list[str]
-    base: dict[str, str]  # {"id": hub id or path, "config_hash": architecture hash}
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def layerwise(self) -> bool:
-        return self.token_embeddings.dim() == 3
-
-    @property
-    def rank(self) -> int:
-        return next(v.shape[0] for k, v in self.lora.items() if k.endswith("lora_A.weight"))
-
-    @property
-    def modules(self) -> list[str]:
-        """Names of the UNet linear layers this expert adapts, sorted."""
-        return sorted(k.removesuffix(".lora_A.weight") for k in self.lora if k.endswith(".lora_A.weight"))
-
-    def _blobs(self, anchors: bool = True) -> dict[str, bytes]:
-        def pack(d: dict[str, torch.Tensor]) -> bytes:
-            return st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in d.items()})
-
-        blobs = {
-            "lora.safetensors": pack(self.lora),
-            "embeddings.safetensors": pack(
-                {"token_embeddings": self.token_embeddings, "stable_embedding": self.stable_embedding}
-            ),
-        }
-        if anchors:
-            blobs["anchors.safetensors"] = pack({"latents": self.anchors})
-        return blobs
-
-    def _record(self, files: dict[str, str]) -> dict[str, Any]:
-        identity = {"spec": self.spec.model_dump(), "lora": files["lora.safetensors"], "embeddings": files["embeddings.safetensors"]}
-        content_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        return {
-            "format": FORMAT,
-            **self.spec.model_dump(),
-            "base": self.base,
-            "rank": self.rank,
-            "layerwise": self.layerwise,
-            "modules": len(self.modules),
-            "anchor_prompts": self.anchor_prompts,
-            "settings": self.settings,
-            "files": files,
-            "content_hash": content_hash,
-        }
-
-    @property
-    def content_hash(self) -> str:
-        """Identity of the expert: its concept and its learned weights (not its anchors or settings)."""
-        blobs = self._blobs(anchors=False)  # the anchors are not part of the identity: no need to pack them
-        return self._record({k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()})["content_hash"]
-
-    def save(self, folder: Path) -> dict[str, Any]:
-        """Write the expert's files into an existing empty folder; returns its expert.json record."""
-        blobs = self._blobs()
-        for fname, blob in blobs.items():
-            (folder / fname).write_bytes(blob)
-        record = self._record({k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()})
-        _write_json(folder / "expert.json", record)
-        return record
-
-    @classmethod
-    def load(cls, folder: Path) -> "Expert":
-        record = read_expert_record(folder)
-        tensors = {}
-        for fname in WEIGHT_FILES:
-            path = folder / fname
-            if not path.is_file():
-                raise Fl2tError(f"{path}: missing; the expert is incomplete; relearn it with --replace")
-            blob = path.read_bytes()
-            if hashlib.sha256(blob).hexdigest() != record.files.get(fname):
-                raise Fl2tError(f"{path}: content does not match its recorded hash; the file was changed or damaged")
-            try:
-                tensors[fname] = st_load(blob)
-            except SafetensorError as e:
-                raise Fl2tError(f"{path}: not a valid safetensors file ({e})") from None
-        emb = tensors["embeddings.safetensors"]
-        for fname, keys in (("embeddings.safetensors", ("token_embeddings", "stable_embedding")), ("anchors.safetensors", ("latents",))):
-            if any(k not in tensors[fname] for k in keys):
-                raise Fl2tError(f"{folder / fname}: lacks tensors {keys}; the expert is damaged; relearn it with --replace")
-        return cls(
-            spec=record.spec,
-            lora=tensors["lora.safetensors"],
-            token_embeddings=emb["token_embeddings"],
-            stable_embedding=emb["stable_embedding"],
-            anchors=tensors["anchors.safetensors"]["latents"],
-            anchor_prompts=record.anchor_prompts,
-            base=record.base.model_dump(),
-            settings=record.settings,
-        )
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Fl2tError(f"{path}: missing; the library is damaged") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Fl2tError(f"{path}: not valid JSON ({e}); the library is damaged: restore it from a backup (`fl2t library check` lists what is wrong)") from None
-
-
-def _validated(model: type[BaseModel], path: Path) -> Any:
-    try:
-        return model(**_read_json(path))
-    except (TypeError, ValidationError) as e:
-        detail = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
-        where = ".".join(str(x) for x in detail["loc"]) or "file"
-        raise Fl2tError(f"{path}: {where}: {detail['msg']}; the file does not follow fl2t's schema") from None
-
-
-def read_expert_record(folder: Path) -> ExpertRecord:
-    record = _validated(ExpertRecord, folder / "expert.json")
-    try:
-        record.spec
-    except ValidationError as e:
-        raise Fl2tError(f"{folder / 'expert.json'}: {e.errors()[0]['msg']}") from None
-    return record
 
 
 class Library:
@@ -264,7 +77,7 @@ class Library:
         if not self.exists:
             return ManifestRecord()
         self._refuse_pickles()
-        return _validated(ManifestRecord, self.path / MANIFEST)
+        return read_validated(ManifestRecord, self.path / MANIFEST)
 
     @property
     def base(self) -> dict[str, str] | None:
@@ -287,7 +100,7 @@ class Library:
             raise Fl2tError(f"library {self.path}: no concept named {name!r} (it has: {known})")
         want = manifest.experts[name]
         for folder in [self.path / "experts" / name, *sorted(self.path.glob(f".old-{name}-*"))]:
-            if (folder / "expert.json").is_file() and _read_json(folder / "expert.json").get("content_hash") == want:
+            if (folder / "expert.json").is_file() and read_json(folder / "expert.json").get("content_hash") == want:
                 return folder
         if not (self.path / "experts" / name / "expert.json").is_file():
             raise Fl2tError(f"library {self.path}: expert {name!r} is missing or half-written; relearn it with --replace")
@@ -335,7 +148,7 @@ class Library:
         tmp = self.path / f".tmp-{uuid.uuid4().hex}"
         try:
             if not self.exists:  # a new library is a valid empty one before anything else is written
-                _write_json(self.path / MANIFEST, ManifestRecord().model_dump())
+                atomic_write_json(self.path / MANIFEST, ManifestRecord().model_dump())
             self._recover()
             tmp.mkdir()
             yield tmp
@@ -406,7 +219,7 @@ class Library:
             manifest.experts[expert.name] = record["content_hash"]
             if manifest.base is None:
                 manifest.base = BaseRef(**expert.base)
-            _write_json(self.path / MANIFEST, manifest.model_dump())
+            atomic_write_json(self.path / MANIFEST, manifest.model_dump())
             kill_point("committed")
             for old in self.path.glob(f".old-{expert.name}-*"):
                 shutil.rmtree(old)
@@ -422,7 +235,7 @@ class Library:
                 raise Fl2tError(f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`")
             folder = parked[0]  # a writer was killed while replacing it: the old one is still valid
         self._refuse_pickles()
-        record = _read_json(folder / "consolidated.json")
+        record = read_json(folder / "consolidated.json")
         blob = (folder / "consolidated.safetensors").read_bytes() if (folder / "consolidated.safetensors").is_file() else b""
         if not isinstance(record, dict) or hashlib.sha256(blob).hexdigest() != record.get("files", {}).get("consolidated.safetensors"):
             raise Fl2tError(f"{folder}: consolidated model is damaged (hash mismatch); run `fl2t consolidate --library {self.path}`")
@@ -439,7 +252,7 @@ class Library:
             staged = tmp / "consolidated"
             staged.mkdir()
             (staged / "consolidated.safetensors").write_bytes(blob)
-            _write_json(staged / "consolidated.json", {**record, "format": FORMAT, "files": {"consolidated.safetensors": digest}})
+            atomic_write_json(staged / "consolidated.json", {**record, "format": FORMAT, "files": {"consolidated.safetensors": digest}})
             kill_point("consolidated-staged")
             final = self.path / "consolidated"
             if final.exists():
@@ -457,6 +270,6 @@ class Library:
         with self._writing():
             manifest = self.manifest()
             del manifest.experts[name]
-            _write_json(self.path / MANIFEST, manifest.model_dump())
+            atomic_write_json(self.path / MANIFEST, manifest.model_dump())
             kill_point("removed")
             shutil.rmtree(self.path / "experts" / name, ignore_errors=True)

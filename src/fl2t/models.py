@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
@@ -20,10 +20,18 @@ from fl2t.errors import Fl2tError
 ASSETS = Path(__file__).parent / "assets"
 
 
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+
+
 def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer (vocabulary from the open_clip_torch wheel, see tools/make_clip_tokenizer.py)."""
-    d = ASSETS / "clip_tokenizer"
-    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    """The real CLIP BPE tokenizer (vocabulary from the open_clip_torch wheel, see tools/make_clip_tokenizer.py),
+    for every model fl2t builds: the tiny world's, the random-init test and bench pipelines.
+
+    transformers 5 names the arguments `vocab`/`merges`; the old `vocab_file`/`merges_file` keywords are
+    silently ignored there and give a 2-token tokenizer."""
+    return CLIPTokenizer(
+        vocab=str(TOKENIZER_DIR / "vocab.json"), merges=str(TOKENIZER_DIR / "merges.txt"), model_max_length=77
+    )
 
 
 def default_base() -> str | None:
@@ -110,8 +118,14 @@ def base_config_hash(pipe: StableDiffusionPipeline) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
-    scheduler = DDPMScheduler(
+def build_pipeline(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    scheduler: SchedulerMixin | None = None,
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline from its parts, with fl2t's CLIP tokenizer; SD 1.5's DDPM schedule by default."""
+    scheduler = scheduler or DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
     )
     pipe = StableDiffusionPipeline(
@@ -128,7 +142,9 @@ def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIP
     return pipe
 
 
-def _clip_text_config(**kw) -> CLIPTextConfig:
+def clip_text_config(**kw: object) -> CLIPTextConfig:
+    """CLIP's text-tower config with the real vocabulary and special tokens; sizes from `kw`.
+    Pooling is at the first end-of-text token, as real CLIP does with its tokenizer's ids."""
     return CLIPTextConfig(
         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **kw
     )
@@ -161,9 +177,9 @@ def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         sample_size=32,
     )
     text_encoder = CLIPTextModel(
-        _clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+        clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
     )
-    return _pipeline(unet, vae, text_encoder)
+    return build_pipeline(unet, vae, text_encoder)
 
 
 def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
@@ -191,7 +207,7 @@ def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> S
         sample_size=512,
     )
     text_encoder = CLIPTextModel(
-        _clip_text_config(
+        clip_text_config(
             hidden_size=768,
             intermediate_size=3072,
             num_hidden_layers=12,
@@ -200,7 +216,7 @@ def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> S
             hidden_act="quick_gelu",
         )
     )
-    pipe = _pipeline(unet, vae, text_encoder)
+    pipe = build_pipeline(unet, vae, text_encoder)
     return pipe.to(dtype=dtype)
 
 

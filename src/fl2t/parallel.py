@@ -18,7 +18,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from fl2t.data import Concept
-from fl2t.library import Expert, Library
+from fl2t.expert import Expert
+from fl2t.library import Library
 
 
 def process_state() -> PartialState:

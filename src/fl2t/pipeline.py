@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from fl2t.errors import Fl2tError
-from fl2t.library import Expert, Library
+from fl2t.expert import Expert
+from fl2t.library import Library
 from fl2t.models import base_config_hash, load_base
 from fl2t.text import ConceptTokenEmbeddings, add_tokens, set_layerwise_processors
 

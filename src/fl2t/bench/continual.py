@@ -174,8 +174,7 @@ class Benchmark:
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
             if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
-                from fl2t.world import base_path
-                from fl2t.world.build import MANIFEST
+                from fl2t.world import MANIFEST, base_path
 
                 cfg[name] = "world " + hashlib.sha256((base_path().parent / MANIFEST).read_bytes()).hexdigest()[:16]
             elif cfg[name] is not None:
@@ -375,7 +374,7 @@ class Benchmark:
                 scores["dino"] = image_alignment(self.dino.image_embeds(images), ev.refs_dino)
             out[name] = scores
             if save_grid is not None:
-                from fl2t.world.check import image_grid
+                from fl2t.worldkit.check import image_grid
 
                 save_grid.mkdir(parents=True, exist_ok=True)
                 image_grid(images[:16], columns=8, scale=max(1, 96 // images[0].width)).save(save_grid / f"{name}.png")

@@ -38,7 +38,8 @@ from torch import nn
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import OBJECT_TEMPLATES, ConceptSpec
 from fl2t.errors import Fl2tError
-from fl2t.library import Expert, Library
+from fl2t.expert import Expert
+from fl2t.library import Library
 
 MB = 2**20
 # Dense bf16 tensor-core peak (no sparsity) by device name, for model FLOPs utilisation; --peak-tflops overrides.

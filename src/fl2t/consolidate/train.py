@@ -20,7 +20,8 @@ from fl2t.consolidate.model import ConsolidatedModel
 from fl2t.data import OBJECT_TEMPLATES
 from fl2t.errors import Fl2tError
 from fl2t.fusion import AggregatedLoRA, stack_experts
-from fl2t.library import Expert, Library
+from fl2t.expert import Expert
+from fl2t.library import Library
 from fl2t.pipeline import ExpertPipeline
 
 

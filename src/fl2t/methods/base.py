@@ -23,7 +23,8 @@ from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept
 from fl2t.experts import learn_expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
-from fl2t.library import Expert, Library
+from fl2t.expert import Expert
+from fl2t.library import Library
 from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fl2t.data import Concept
 from fl2t.experts import Regulariser, learn_expert
 from fl2t.fusion import stack_experts
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.base import Method, Sampler, mixed_sampler, lora_layers
 
 EWA_SCALE = 0.8

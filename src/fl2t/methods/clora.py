@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fl2t.experts import Regulariser
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.base import Sampler, dense_update, lora_layers
 from fl2t.methods.sequential import Sequential
 from fl2t.pipeline import diffusers_lora

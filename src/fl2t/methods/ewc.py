@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fl2t.experts import ExpertModel, Regulariser
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.sequential import Sequential
 
 

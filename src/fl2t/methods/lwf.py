@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fl2t.experts import Regulariser
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.sequential import Sequential
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.base import AloneMethod, Sampler, dense_update
 
 

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from fl2t.data import Concept
 from fl2t.experts import Regulariser, learn_expert
-from fl2t.library import Expert
+from fl2t.expert import Expert
 from fl2t.methods.base import Method, Sampler
 from fl2t.pipeline import diffusers_lora
 

@@ -14,6 +14,7 @@ from fl2t.errors import Fl2tError
 from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, write_concepts
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "manifest.json"  # in WEIGHTS_DIR: sha256 of every shipped file
 
 
 def _shipped(sub: str, marker: str) -> Path:
@@ -38,6 +39,7 @@ def evaluator_path() -> Path:
 
 __all__ = [
     "CONCEPTS",
+    "MANIFEST",
     "PROMPT_TEMPLATES",
     "WEIGHTS_DIR",
     "WorldConcept",

@@ -8,14 +8,13 @@ doubles that. The VAE (32x32x3 -> 16x16x4) with channels (16, 32) is a small sha
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+from fl2t.models import clip_text_config
 
 from fl2t.world.generator import SIZE
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
 TEXT_WIDTH = 64  # the text encoders' hidden size; the 49408-row token table dominates their size
 LATENT_SIZE = SIZE // 2
 
@@ -31,31 +30,13 @@ SCHEDULE = dict(
 )
 
 
-def tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE vocabulary, shipped in the package.
-
-    transformers 5 names the arguments `vocab`/`merges`; the old `vocab_file`/`merges_file` are silently
-    ignored there and give a 2-token tokenizer."""
-    return CLIPTokenizer(
-        vocab=str(TOKENIZER_DIR / "vocab.json"),
-        merges=str(TOKENIZER_DIR / "merges.txt"),
-        model_max_length=77,
-    )
-
-
 def text_config(layers: int = 2) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
+    return clip_text_config(
         hidden_size=TEXT_WIDTH,
         intermediate_size=4 * TEXT_WIDTH,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        max_position_embeddings=77,
         projection_dim=TEXT_WIDTH,
-        # Pool at the first end-of-text token, as real CLIP does with its tokenizer's ids.
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
     )
 
 

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import CLIPProcessor
 
 from fl2t.errors import Fl2tError
-from fl2t.world import WEIGHTS_DIR, models, train
+from fl2t.world import MANIFEST, WEIGHTS_DIR
+from fl2t.models import build_pipeline, clip_tokenizer
+from fl2t.worldkit import models, train
 from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import Scene, random_scene
 
 DEFAULT_SEED = 1234
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -174,16 +175,7 @@ def build(
             )
             if done < s.base_steps:  # stopped early: the manifest records the steps trained
                 (out / STOP_FILE).unlink()
-            pipe = StableDiffusionPipeline(
-                vae=vae,
-                text_encoder=text,
-                tokenizer=models.tokenizer(),
-                unet=unet,
-                scheduler=models.sample_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            pipe = build_pipeline(unet, vae, text, models.sample_scheduler())
             pipe.save_pretrained(base_dir, safe_serialization=True)
             record("base", t0)
             seconds["base_steps_trained"] = done
@@ -197,7 +189,7 @@ def build(
                 rich(), s.evaluator_steps, _stage_seed(s.seed, "evaluator"), bar("train evaluator", s.evaluator_steps)
             )
             evaluator.save_pretrained(eval_dir, safe_serialization=True)
-            CLIPProcessor(image_processor=models.image_processor(), tokenizer=models.tokenizer()).save_pretrained(
+            CLIPProcessor(image_processor=models.image_processor(), tokenizer=clip_tokenizer()).save_pretrained(
                 eval_dir
             )
             record("evaluator", t0)

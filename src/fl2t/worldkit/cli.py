@@ -22,8 +22,8 @@ def build(
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
 ) -> None:
     """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
-    from fl2t.world.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
-    from fl2t.world.build import build as run_build
+    from fl2t.worldkit.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
+    from fl2t.worldkit.build import build as run_build
 
     t0 = time.time()
     settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads)
@@ -58,8 +58,8 @@ def check(
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
 ) -> None:
     """Measure the world against its gates and print the table; exit 1 if a gate fails."""
-    from fl2t.world.build import WEIGHTS_DIR
-    from fl2t.world.check import image_grid, run_checks
+    from fl2t.worldkit.build import WEIGHTS_DIR
+    from fl2t.worldkit.check import image_grid, run_checks
 
     t0 = time.time()
     rows, ctx = run_checks(weights or WEIGHTS_DIR, guidance_scale=guidance, steps=steps, threads=threads)

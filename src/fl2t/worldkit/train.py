@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
-from fl2t.world import models
+from fl2t.models import clip_tokenizer
+from fl2t.worldkit import models
 from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
@@ -55,7 +56,7 @@ def render_dataset(scenes: Sequence[Scene], tick: Tick) -> Dataset:
 
 @lru_cache(maxsize=1)
 def _tok():
-    return models.tokenizer()
+    return clip_tokenizer()
 
 
 @lru_cache(maxsize=50_000)

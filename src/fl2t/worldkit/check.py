@@ -17,7 +17,7 @@ from PIL import Image
 
 from fl2t.errors import Fl2tError
 from fl2t.metrics import ClipEvaluator, concept_accuracy, image_alignment, reference_alignment
-from fl2t.world.build import verify_manifest
+from fl2t.worldkit.build import verify_manifest
 from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, held_out_combos, random_scene, render
 
