@@ -1,4 +1,6 @@
-"""The `fl2t` command line: thin; every command calls the library.
+"""The `fl2t` command line: thin; every command calls the library (`fl2t.learning` for learn, consolidate
+and forget) and prints its result. Commands import the library in their bodies, so that `fl2t --help` and
+usage errors do not wait for torch and diffusers to load.
 
 Exit codes: 0 ok, 2 user error (one line on stderr), 1 internal error.
 """
@@ -12,14 +14,13 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fl2t.errors import Fl2tError
+from fl2t import console
 from fl2t.bench.cli import app as bench_app
+from fl2t.errors import Fl2tError
 from fl2t.worldkit.cli import app as world_app
 
 # Before transformers/diffusers are imported: keep their chatter off the user's terminal.
@@ -27,14 +28,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-app = typer.Typer(help="Continual, order-agnostic personalization of text-to-image diffusion models (FL2T).", no_args_is_help=True, add_completion=False)
-library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True)
+# Plain click-style help: option types as words (N, FOLDER, RATE), flags without a type.
+app = typer.Typer(
+    help="Continual, order-agnostic personalization of text-to-image diffusion models (FL2T).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+library_app = typer.Typer(help="Inspect a library.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(library_app, name="library")
 app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
-
-console = Console(stderr=True)
-state = {"quiet": False}
 
 
 def quiet_libraries() -> None:
@@ -44,54 +49,34 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=state["quiet"],
-        transient=False,
-    )
-
-
-def say(msg: str) -> None:
-    if not state["quiet"]:
-        console.print(msg)
-
-
 @app.callback()
 def _main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")] = False) -> None:
-    state["quiet"] = quiet
+    console.set_quiet(quiet)
 
 
 # -- learn ------------------------------------------------------------------------------------------------
 @app.command()
 def learn(
-    concept_dirs: Annotated[list[Path], typer.Argument(help="Concept folder(s): images, optional captions and concept.yaml.")],
-    library: Annotated[Path, typer.Option("--library", "-l", help="Library folder (created if missing).")],
-    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local diffusers folder. Default: the library's.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'learn:').")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
-    embedding_lr: Annotated[Optional[float], typer.Option(help="Token embedding learning rate.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training image size (default: the base model's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    concept_dirs: Annotated[list[Path], typer.Argument(metavar="FOLDER", help="Concept folder(s): images, optional captions and concept.yaml.")],
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="FOLDER", help="Library folder (created if missing).")],
+    base: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Base model: hub id or local diffusers folder. Default: the library's.")] = None,
+    config: Annotated[Optional[Path], typer.Option(metavar="FILE", help="YAML settings file (section 'learn:').")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.", metavar="N")] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="LoRA learning rate.")] = None,
+    embedding_lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="Token embedding learning rate.")] = None,
+    rank: Annotated[Optional[int], typer.Option(metavar="R", help="LoRA rank.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.", metavar="N")] = None,
+    resolution: Annotated[Optional[int], typer.Option(metavar="PIXELS", help="Training image size (default: the base model's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.", metavar="N")] = None,
     layerwise: Annotated[Optional[bool], typer.Option("--layerwise/--no-layerwise", help="One token embedding per cross-attention layer.")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(metavar="no|fp16|bf16", help="Mixed precision.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Concept name (one folder only).")] = None,
-    token: Annotated[Optional[list[str]], typer.Option(help="Concept token(s), repeatable (one folder only).")] = None,
-    class_word: Annotated[Optional[str], typer.Option(help="Class word, e.g. 'dog' (one folder only).")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="object or style (one folder only).")] = None,
+    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Concept name (one folder only).")] = None,
+    token: Annotated[Optional[list[str]], typer.Option(metavar="TOKEN", help="Concept token(s), repeatable (one folder only).")] = None,
+    class_word: Annotated[Optional[str], typer.Option(metavar="WORD", help="Class word, e.g. 'dog' (one folder only).")] = None,
+    kind: Annotated[Optional[str], typer.Option(metavar="object|style", help="Concept kind (one folder only).")] = None,
     replace: Annotated[bool, typer.Option(help="Relearn a concept whose name is already in the library.")] = False,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).", metavar="N")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
     data_parallel: Annotated[bool, typer.Option(help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each.")] = False,
     consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards.")] = True,
@@ -102,23 +87,22 @@ def learn(
     Under `torchrun` or `accelerate launch`, concept i is learned by process i % N; the main process writes.
     """
     from fl2t.config import load_settings
-    from fl2t.data import Concept, load_concept
-    from fl2t.experts import learn_expert
-    from fl2t.expert import Expert
-    from fl2t.library import Library
-    from fl2t.models import base_config_hash, default_base, load_base
-    from fl2t.parallel import learn_concepts, process_state
-    from fl2t.text import check_new_tokens
+    from fl2t.learning import Learned
+    from fl2t.learning import learn as learn_into
+    from fl2t.parallel import process_state
 
     proc = process_state()
     if not proc.is_main_process:  # one terminal: only the main process draws bars and talks
-        state["quiet"] = True
-    # Every process validates everything before any training starts; the main process reports a user error,
-    # the others exit with the same code quietly.
-    try:
-        if len(concept_dirs) > 1 and any(v is not None for v in (name, token, class_word, kind)):
-            raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
-        all_settings = load_settings(
+        console.set_quiet(True)
+
+    def report(x: Learned) -> None:
+        if as_json:
+            print(json.dumps({"concept": x.name, "tokens": x.tokens, "library": str(library), "content_hash": x.content_hash}))
+        else:
+            print(f"learned {x.name} ({' '.join(x.tokens)}) into {library} [{x.content_hash[:12]}]")
+
+    try:  # the main process reports a user error; the others exit with the same code quietly
+        settings = load_settings(
             config,
             learn=dict(
                 steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
@@ -126,82 +110,35 @@ def learn(
                 checkpoint_every=checkpoint_every,
             ),
         )
-        settings = all_settings.learn
-        if consolidate_after and settings.num_anchors == 0:
-            raise Fl2tError("num_anchors 0 leaves Step 2 no synthetic anchors: set num_anchors >= 1, or pass --no-consolidate")
-        lib = Library(library)
-        base_id = base or (lib.base or {}).get("id") or default_base()
-        if base_id is None:
-            raise Fl2tError("no base model: pass --base (a hub id or a local diffusers folder)")
-        concepts = [
-            load_concept(d, name=name, tokens=token, class_word=class_word, kind=kind, min_images=settings.min_images)
-            for d in concept_dirs
-        ]
-        if resume:  # finish interrupted work: concepts already in the library are done
-            done = set(lib.names())
-            for c in concepts:
-                if c.name in done:
-                    say(f"{c.name}: already in the library, skipped")
-            concepts = [c for c in concepts if c.name not in done]
-        seen: dict[str, str] = {}
-        for c in concepts:
-            lib.check_can_add(c.spec, replace)
-            for t in [c.name, *c.spec.tokens]:
-                if t in seen:
-                    raise Fl2tError(f"{c.source}: name or token {t!r} is also used by {seen[t]}; give each concept its own name and tokens")
-                seen[t] = str(c.source)
-        pipe = load_base(base_id)
-        lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
-        for c in concepts:  # here, not when the concept's turn comes on some process hours later
-            check_new_tokens(pipe.tokenizer, c.spec.tokens)
+        result = learn_into(
+            concept_dirs, library, base=base, learn_settings=settings.learn, consolidate_settings=settings.consolidate,
+            name=name, tokens=token, class_word=class_word, kind=kind, replace=replace, resume=resume,
+            data_parallel=data_parallel, consolidate_after=consolidate_after, track=console.track, say=console.say,
+            on_learned=report,
+        )
     except Fl2tError:
         if not proc.is_main_process:
             raise typer.Exit(2)
         raise
-
-    def learn_one(c: Concept) -> Expert:
-        nonlocal pipe
-        pipe = pipe or load_base(base_id)  # each concept starts from the untouched base
-        with progress() as bar:
-            task = bar.add_task(f"learn {c.name}", total=settings.steps, info="")
-            expert = learn_expert(
-                c, pipe, settings,
-                on_step=lambda i, loss: bar.update(task, completed=i + 1, info=f"loss {loss:.4f}"),
-                checkpoint=lib.checkpoint_path(c.name),
-                resume=resume and lib.checkpoint_path(c.name).is_file(),
-                data_parallel=data_parallel,
-            )
-        pipe = None
-        return expert
-
-    def add(expert: Expert) -> None:
-        content_hash = lib.add(expert, replace=replace)
-        tokens = expert.spec.tokens
-        if as_json:
-            print(json.dumps({"concept": expert.name, "tokens": tokens, "library": str(lib.path), "content_hash": content_hash}))
-        else:
-            print(f"learned {expert.name} ({' '.join(tokens)}) into {lib.path} [{content_hash[:12]}]")
-
-    learn_concepts(concepts, lib, learn_one, add, data_parallel=data_parallel, say=say)
-    if consolidate_after and proc.is_main_process and concepts:
-        h = run_consolidate(library, base, all_settings.consolidate)
-        print(json.dumps({"library": str(lib.path), "set_hash": h}) if as_json else f"consolidated {lib.path} [{h[:12]}]")
+    if result.set_hash:
+        h = result.set_hash
+        print(json.dumps({"library": str(result.library), "set_hash": h}) if as_json else f"consolidated {result.library} [{h[:12]}]")
 
 
 # -- generate ---------------------------------------------------------------------------------------------
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt, naming the concept by its token(s).")],
-    library: Annotated[Path, typer.Option("--library", "-l")],
-    concept: Annotated[Optional[list[str]], typer.Option(help="Use these concepts' experts alone instead of the consolidated model.")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.")] = Path("out.png"),
-    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    num_images: Annotated[int, typer.Option(min=1)] = 1,
-    size: Annotated[Optional[int], typer.Option(help="Image size (default: the base model's).")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
+    concept: Annotated[Optional[list[str]], typer.Option(help="Use these concepts' experts alone instead of the consolidated model.", metavar="TEXT")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.", metavar="PATH")] = Path("out.png"),
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.", metavar="TEXT")] = None,
+    seed: Annotated[int, typer.Option(metavar="N")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.", metavar="N")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", metavar="X")] = 7.5,
+    num_images: Annotated[int, typer.Option(min=1, metavar="N")] = 1,
+    size: Annotated[Optional[int], typer.Option(help="Image size (default: the base model's).", metavar="N")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(metavar="TEXT")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Generate images with a library: its consolidated model, or named experts alone."""
@@ -217,8 +154,7 @@ def generate(
         pipe = ExpertPipeline.from_library(library, concept, base=base, device=device)
     else:  # the consolidated model: every concept of the library, chosen by the prompt
         pipe = FL2TPipeline.from_pretrained(base, library=library, device=device)
-    with progress() as bar:
-        task = bar.add_task("generate", total=steps * num_images, info="")
+    with console.track("generate", steps * num_images) as update:
         images = pipe(
             prompt,
             negative_prompt=negative_prompt,
@@ -228,7 +164,7 @@ def generate(
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(seed),
-            callback_on_step_end=lambda p, i, t, kw: (bar.update(task, advance=num_images), kw)[1],
+            callback_on_step_end=lambda p, i, t, kw: (update((i + 1) * num_images), kw)[1],
         ).images
     output.parent.mkdir(parents=True, exist_ok=True)
     paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
@@ -240,35 +176,29 @@ def generate(
 # -- export -----------------------------------------------------------------------------------------------
 @app.command()
 def export(
-    library: Annotated[Path, typer.Option("--library", "-l")],
-    concept: Annotated[str, typer.Option(help="Concept to export.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the diffusers files.")],
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
+    concept: Annotated[str, typer.Option(help="Concept to export.", metavar="TEXT")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the diffusers files.", metavar="PATH")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export a concept as a diffusers LoRA and textual-inversion embeddings."""
     from fl2t.export import export_expert
+    from fl2t.learning import open_library
 
-    out = export_expert(_open_library(library).expert(concept), output)
+    out = export_expert(open_library(library).expert(concept), output)
     print(json.dumps({"export": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}) if as_json else out)
 
 
 # -- library ----------------------------------------------------------------------------------------------
-def _open_library(path: Path):
-    from fl2t.library import Library
-
-    lib = Library(path)
-    if not lib.exists:
-        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
-    return lib
-
-
 @library_app.command("show")
 def library_show(
     library: Annotated[Path, typer.Argument()],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List a library's concepts."""
-    lib = _open_library(library)
+    from fl2t.learning import open_library
+
+    lib = open_library(library)
     records = lib.records()
     if as_json:
         print(json.dumps({"base": lib.base, "experts": {n: r.model_dump() for n, r in records.items()}}, indent=2))
@@ -288,7 +218,9 @@ def library_check(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Verify every file of a library against its recorded hashes and schema."""
-    lib = _open_library(library)
+    from fl2t.learning import open_library
+
+    lib = open_library(library)
     problems = lib.check()
     if as_json:
         print(json.dumps({"library": str(lib.path), "ok": not problems, "problems": problems}, indent=2))
@@ -301,27 +233,14 @@ def library_check(
 
 
 # -- consolidate, inspect, forget ---------------------------------------------------------------------------
-def run_consolidate(library: Path, base: Optional[str], settings) -> str:
-    """Step 2 for the library's current set, with a progress bar; returns the set hash."""
-    from fl2t.consolidate import consolidate as consolidate_library
-    from fl2t.consolidate import save_consolidated
-
-    lib = _open_library(library)
-    with progress() as bar:
-        task = bar.add_task(f"consolidate {len(lib.names())} concepts", total=settings.steps, info="")
-        model, record = consolidate_library(lib, settings, base=base, on_step=lambda i, loss: bar.update(task, completed=i + 1, info=f"loss {loss:.4f}"))
-    save_consolidated(lib, model, record)
-    return record["set_hash"]
-
-
 @app.command()
 def consolidate(
-    library: Annotated[Path, typer.Option("--library", "-l")],
-    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Mixed with the set's hash.")] = None,
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.", metavar="TEXT")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.", metavar="N")] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="X")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Mixed with the set's hash.", metavar="N")] = None,
     gates: Annotated[Optional[bool], typer.Option("--gates/--no-gates", help="Per-rank feature-selection gates.")] = None,
     shared: Annotated[Optional[bool], typer.Option("--shared/--no-shared", help="Shared LoRA learned in Step 2.")] = None,
     contrastive: Annotated[Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")] = None,
@@ -331,19 +250,20 @@ def consolidate(
 ) -> None:
     """Consolidate a library's experts (Step 2) into LIB/consolidated/."""
     from fl2t.config import load_settings
+    from fl2t.learning import consolidate_library
 
     settings = load_settings(config, consolidate=dict(steps=steps, lr=lr, seed=seed, gates=gates, shared=shared,
                                                       contrastive=contrastive, proxy_attention=proxy_attention,
                                                       lambda_route=None if routing in (None, True) else 0.0)).consolidate
-    h = run_consolidate(library, base, settings)
+    h = consolidate_library(library, settings, base=base, track=console.track)
     print(json.dumps({"library": str(library), "set_hash": h}) if as_json else f"consolidated {library} [{h[:12]}]")
 
 
 @app.command()
 def inspect(
     prompt: Annotated[str, typer.Argument()],
-    library: Annotated[Path, typer.Option("--library", "-l")],
-    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.")] = None,
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
+    base: Annotated[Optional[str], typer.Option(help="Override the library's base model.", metavar="TEXT")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Per-layer weights as JSON.")] = False,
 ) -> None:
     """Show which concepts a prompt selects, per UNet block."""
@@ -369,33 +289,32 @@ def inspect(
 @app.command()
 def forget(
     name: Annotated[str, typer.Argument(help="Concept to remove.")],
-    library: Annotated[Path, typer.Option("--library", "-l")],
+    library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
     consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Re-consolidate the remaining set.")] = True,
-    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")] = None,
 ) -> None:
     """Remove a concept from a library and re-consolidate the rest."""
     from fl2t.config import load_settings
+    from fl2t.learning import forget as forget_concept
 
     settings = load_settings(config).consolidate
-    lib = _open_library(library)
-    lib.remove(name)
+    h = forget_concept(name, library, settings, consolidate_after=consolidate_after, track=console.track)
     print(f"forgot {name}")
-    if consolidate_after and lib.names():
-        h = run_consolidate(library, None, settings)
+    if h:
         print(f"consolidated {library} [{h[:12]}]")
 
 
 # -- demo -------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).")] = Path("runs"),
-    steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.")] = 100,
-    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.")] = 30,
+    out: Annotated[Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).", metavar="PATH")] = Path("runs"),
+    steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.", metavar="N")] = 100,
+    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.", metavar="N")] = 30,
 ) -> None:
     """Run the main job end to end on the built-in default: ten tiny-world concepts, four methods, the report."""
     from fl2t.demo import run_demo
 
-    run_demo(out, steps=steps, progress=progress, say=say, consolidate_steps=consolidate_steps)
+    run_demo(out, steps=steps, progress=console.progress, say=console.say, consolidate_steps=consolidate_steps)
 
 
 def main() -> None:
@@ -407,15 +326,15 @@ def main() -> None:
         msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
         print(f"fl2t: error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("fl2t: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        # A usage error (unknown command or option, bad value): typer vendors its own click, whose exception
+        # classes are not importable by a public name, so they are known by what they do: show usage, exit 2.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            sys.exit(e.exit_code)
         if os.environ.get("FL2T_DEBUG"):
             raise
         print(f"fl2t: internal error: {type(e).__name__}: {e} (set FL2T_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -1,0 +1,238 @@
+"""Teaching a library: the whole of `fl2t learn`, `fl2t consolidate` and `fl2t forget` as library functions that
+the command line, the web app, the demo and the Python API all call.
+
+    from fl2t.learning import learn
+    result = learn(["data/my-dog"], "my-lib", base="runwayml/stable-diffusion-v1-5")
+
+`learn` validates everything before training anything (folders, names, tokens, the base and the library), learns
+each concept alone (Step 1, spread over processes under torchrun/accelerate launch), adds the experts to the
+library and consolidates the new set (Step 2). Progress goes to a `track(label, total)` callable (see
+`fl2t.console.track`); `cancel()` returning True stops the work at the next step and puts the library back as it
+was before the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from fl2t.config import ConsolidateSettings, LearnSettings
+from fl2t.consolidate import consolidate, save_consolidated
+from fl2t.data import Concept, load_concept
+from fl2t.errors import Cancelled, Fl2tError
+from fl2t.expert import Expert
+from fl2t.experts import learn_expert
+from fl2t.library import Library
+from fl2t.models import base_config_hash, default_base, load_base
+from fl2t.parallel import learn_concepts, process_state
+from fl2t.text import check_new_tokens
+
+Update = Callable[..., None]
+Track = Callable[[str, int], AbstractContextManager[Update]]
+Cancel = Callable[[], bool]
+
+
+@contextmanager
+def _no_track(label: str, total: int) -> Iterator[Update]:
+    yield lambda done, info="": None
+
+
+@dataclass
+class Learned:
+    name: str
+    tokens: list[str]
+    content_hash: str
+
+
+@dataclass
+class LearnResult:
+    library: Path
+    learned: list[Learned] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # with resume: already in the library
+    set_hash: str | None = None  # the consolidated set, when Step 2 ran
+
+
+def open_library(path: str | Path) -> Library:
+    """An existing library; a user error when there is none at `path`."""
+    lib = Library(path)
+    if not lib.exists:
+        raise Fl2tError(f"library {lib.path}: no such library (no library.json)")
+    return lib
+
+
+def choose_base(lib: Library, base: str | None) -> str:
+    """The base model to use: the one asked for, else the library's, else the built-in tiny world's."""
+    base_id = base or (lib.base or {}).get("id") or default_base()
+    if base_id is None:
+        raise Fl2tError("no base model: pass --base (a hub id or a local diffusers folder)")
+    return base_id
+
+
+def load_concepts(
+    sources: Sequence[str | Path],
+    settings: LearnSettings,
+    *,
+    name: str | None = None,
+    tokens: list[str] | None = None,
+    class_word: str | None = None,
+    kind: str | None = None,
+) -> list[Concept]:
+    """Read and validate concept folders; names and tokens must be unique among them."""
+    if not sources:
+        raise Fl2tError("no concept folder given")
+    if len(sources) > 1 and any(v is not None for v in (name, tokens, class_word, kind)):
+        raise Fl2tError("--name, --token, --class-word and --kind apply to one concept folder; give one folder")
+    concepts = [
+        load_concept(
+            Path(d), name=name, tokens=tokens, class_word=class_word, kind=kind, min_images=settings.min_images
+        )
+        for d in sources
+    ]
+    seen: dict[str, str] = {}
+    for c in concepts:
+        for t in [c.name, *c.spec.tokens]:
+            if t in seen:
+                raise Fl2tError(
+                    f"{c.source}: name or token {t!r} is also used by {seen[t]}; "
+                    "give each concept its own name and tokens"
+                )
+            seen[t] = str(c.source)
+    return concepts
+
+
+def learn(
+    sources: Sequence[str | Path] | Sequence[Concept],
+    library: str | Path,
+    *,
+    base: str | None = None,
+    learn_settings: LearnSettings | None = None,
+    consolidate_settings: ConsolidateSettings | None = None,
+    name: str | None = None,
+    tokens: list[str] | None = None,
+    class_word: str | None = None,
+    kind: str | None = None,
+    replace: bool = False,
+    resume: bool = False,
+    data_parallel: bool = False,
+    consolidate_after: bool = True,
+    track: Track = _no_track,
+    say: Callable[[str], None] = lambda msg: None,
+    on_learned: Callable[[Learned], None] | None = None,
+    cancel: Cancel | None = None,
+) -> LearnResult:
+    """Learn concept experts (Step 1) into a library, then consolidate the new set (Step 2).
+
+    `sources` are concept folders (or already loaded `Concept`s). Under torchrun/accelerate launch concept i is
+    learned by process i % N and the main process writes; the others return an empty result.
+    With `cancel`, a cancelled call raises `Cancelled` and leaves the library as it was before the call.
+    """
+    settings = learn_settings or LearnSettings()
+    cons_settings = consolidate_settings or ConsolidateSettings()
+    proc = process_state()
+    lib = Library(library)
+    # Every process validates everything before any training starts.
+    if consolidate_after and settings.num_anchors == 0:
+        raise Fl2tError(
+            "num_anchors 0 leaves Step 2 no synthetic anchors: set num_anchors >= 1, or pass --no-consolidate"
+        )
+    base_id = choose_base(lib, base)
+    if all(isinstance(s, Concept) for s in sources) and sources:
+        concepts = list(sources)  # type: ignore[arg-type]
+    else:
+        concepts = load_concepts(sources, settings, name=name, tokens=tokens, class_word=class_word, kind=kind)  # type: ignore[arg-type]
+    result = LearnResult(library=lib.path)
+    if resume:  # finish interrupted work: concepts already in the library are done
+        done = set(lib.names())
+        result.skipped = [c.name for c in concepts if c.name in done]
+        for n in result.skipped:
+            say(f"{n}: already in the library, skipped")
+        concepts = [c for c in concepts if c.name not in done]
+    for c in concepts:
+        lib.check_can_add(c.spec, replace)
+    pipe: StableDiffusionPipeline | None = load_base(base_id)
+    lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
+    for c in concepts:  # here, not when the concept's turn comes on some process hours later
+        check_new_tokens(pipe.tokenizer, c.spec.tokens)
+    # What a cancel must restore: the experts this call replaces (re-added byte-identically) or adds (removed).
+    before = {n: lib.expert(n) for n in lib.names() if replace and n in {c.name for c in concepts}} if cancel else {}
+
+    def learn_one(c: Concept) -> Expert:
+        nonlocal pipe
+        pipe = pipe or load_base(base_id)  # each concept starts from the untouched base
+        with track(f"learn {c.name}", settings.steps) as update:
+            expert = learn_expert(
+                c,
+                pipe,
+                settings,
+                on_step=lambda i, loss: update(i + 1, f"loss {loss:.4f}"),
+                checkpoint=lib.checkpoint_path(c.name),
+                resume=resume and lib.checkpoint_path(c.name).is_file(),
+                data_parallel=data_parallel,
+                cancel=cancel,
+            )
+        pipe = None
+        return expert
+
+    def add(expert: Expert) -> None:
+        learned = Learned(expert.name, expert.spec.tokens, lib.add(expert, replace=replace))
+        result.learned.append(learned)
+        if on_learned:
+            on_learned(learned)
+
+    try:
+        learn_concepts(concepts, lib, learn_one, add, data_parallel=data_parallel, say=say)
+        if consolidate_after and proc.is_main_process and concepts:
+            result.set_hash = consolidate_library(lib.path, cons_settings, base=base, track=track, cancel=cancel)
+    except Cancelled:
+        if proc.is_main_process:
+            _restore(lib, [x.name for x in result.learned], before)
+        raise
+    return result
+
+
+def _restore(lib: Library, added: list[str], before: dict[str, Expert]) -> None:
+    """Undo a cancelled `learn`: replaced experts come back as they were, new ones go."""
+    for n in added:
+        if n in before:
+            lib.add(before[n], replace=True)
+        else:
+            lib.remove(n)
+
+
+def consolidate_library(
+    library: str | Path,
+    settings: ConsolidateSettings | None = None,
+    *,
+    base: str | None = None,
+    track: Track = _no_track,
+    cancel: Cancel | None = None,
+) -> str:
+    """Step 2 for the library's current set, saved into LIB/consolidated/; returns the set hash."""
+    settings = settings or ConsolidateSettings()
+    lib = open_library(library)
+    with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
+        model, record = consolidate(
+            lib, settings, base=base, on_step=lambda i, loss: update(i + 1, f"loss {loss:.4f}"), cancel=cancel
+        )
+    save_consolidated(lib, model, record)
+    return record["set_hash"]
+
+
+def forget(
+    name: str,
+    library: str | Path,
+    settings: ConsolidateSettings | None = None,
+    *,
+    consolidate_after: bool = True,
+    track: Track = _no_track,
+) -> str | None:
+    """Remove a concept from a library and re-consolidate the rest; returns the new set hash (None: not run)."""
+    lib = open_library(library)
+    lib.remove(name)
+    if consolidate_after and lib.names():
+        return consolidate_library(lib.path, settings, track=track)
+    return None
