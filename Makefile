@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo lint test
 
 $(VENV)/.fl2t-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,5 +19,11 @@ install: $(VENV)/.fl2t-installed
 demo: install
 	$(VENV)/bin/fl2t demo
 
-test: install
+# The field's habits first (seconds): lint, formatting, the layers of docs/architecture.md; then the suite.
+lint: install
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest

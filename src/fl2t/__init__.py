@@ -21,6 +21,10 @@ _EXPORTS = {
     "Settings": "fl2t.config",
     "export_expert": "fl2t.export",
     "learn_expert": "fl2t.experts",
+    "learn": "fl2t.learning",
+    "consolidate_library": "fl2t.learning",
+    "forget": "fl2t.learning",
+    "open_library": "fl2t.learning",
 }
 __all__ = sorted(_EXPORTS)
 
