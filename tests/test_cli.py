@@ -86,3 +86,24 @@ def test_user_errors_exit_2_with_one_line_and_leave_the_library_alone(args, mess
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("fl2t: error: ") and message in err, err
     assert _snapshot(library_copy) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lern"], "Did you mean 'learn'?"),
+        (["learn", "x", "--library", "y", "--quiet"], "No such option: --quiet"),
+        (["generate", "p", "--library", "y", "--steps", "many"], "'many' is not a valid integer"),
+    ],
+)
+def test_a_usage_error_prints_the_usage_and_exits_2(args, message, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert message in err and "Usage: fl2t" in err and "internal error" not in err
+
+
+def test_help_names_option_types_in_words(capsys):
+    code, out, _ = run(["learn", "--help"], capsys)
+    assert code == 0
+    assert "--steps N" in out and "--library FOLDER" in out and "--lr RATE" in out
+    assert "<bool>" not in out and "<int>" not in out

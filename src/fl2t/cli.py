@@ -320,7 +320,7 @@ def demo(
 def main() -> None:
     quiet_libraries()
     try:
-        rv = app(standalone_mode=False)
+        rv = app(standalone_mode=False, prog_name="fl2t")
     except Fl2tError as e:
         # One line, whatever a path holds: control characters are shown escaped, never sent to the terminal.
         msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
