@@ -104,6 +104,18 @@ def load_concepts(
     return concepts
 
 
+def check_can_learn(lib: Library, concepts: Sequence[Concept], base_id: str, replace: bool) -> StableDiffusionPipeline:
+    """Everything that can be refused before training: names and tokens against the library, the base model
+    against the library's architecture, tokens against the tokenizer. Returns the loaded base."""
+    for c in concepts:
+        lib.check_can_add(c.spec, replace)
+    pipe = load_base(base_id)
+    lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
+    for c in concepts:  # here, not when the concept's turn comes on some process hours later
+        check_new_tokens(pipe.tokenizer, c.spec.tokens)
+    return pipe
+
+
 def learn(
     sources: Sequence[str | Path] | Sequence[Concept],
     library: str | Path,
@@ -134,14 +146,13 @@ def learn(
     cons_settings = consolidate_settings or ConsolidateSettings()
     proc = process_state()
     lib = Library(library)
-    # Every process validates everything before any training starts.
     if consolidate_after and settings.num_anchors == 0:
         raise Fl2tError(
             "num_anchors 0 leaves Step 2 no synthetic anchors: set num_anchors >= 1, or pass --no-consolidate"
         )
     base_id = choose_base(lib, base)
-    if all(isinstance(s, Concept) for s in sources) and sources:
-        concepts = list(sources)  # type: ignore[arg-type]
+    if sources and all(isinstance(s, Concept) for s in sources):
+        concepts: list[Concept] = list(sources)  # type: ignore[arg-type]
     else:
         concepts = load_concepts(sources, settings, name=name, tokens=tokens, class_word=class_word, kind=kind)  # type: ignore[arg-type]
     result = LearnResult(library=lib.path)
@@ -151,12 +162,7 @@ def learn(
         for n in result.skipped:
             say(f"{n}: already in the library, skipped")
         concepts = [c for c in concepts if c.name not in done]
-    for c in concepts:
-        lib.check_can_add(c.spec, replace)
-    pipe: StableDiffusionPipeline | None = load_base(base_id)
-    lib.check_base({"id": base_id, "config_hash": base_config_hash(pipe)})
-    for c in concepts:  # here, not when the concept's turn comes on some process hours later
-        check_new_tokens(pipe.tokenizer, c.spec.tokens)
+    pipe: StableDiffusionPipeline | None = check_can_learn(lib, concepts, base_id, replace)
     # What a cancel must restore: the experts this call replaces (re-added byte-identically) or adds (removed).
     before = {n: lib.expert(n) for n in lib.names() if replace and n in {c.name for c in concepts}} if cancel else {}
 
