@@ -14,15 +14,18 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import CLIPProcessor
 
+from fl2t import console
 from fl2t.errors import Fl2tError
+from fl2t.files import atomic_write_json
 from fl2t.world import MANIFEST, WEIGHTS_DIR
 from fl2t.models import build_pipeline, clip_tokenizer
 from fl2t.worldkit import models, train
@@ -52,17 +55,6 @@ def _stage_seed(seed: int, stage: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{stage}".encode()).digest()[:4], "little")
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        refresh_per_second=2,
-    )
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,7 +67,7 @@ def write_manifest(out: Path, info: dict) -> Path:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (MANIFEST, SECONDS_FILE))
     manifest = {"files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}, **info}
     path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(path, manifest, sort_keys=False)
     return path
 
 
@@ -119,82 +111,17 @@ def build(
     except OSError as e:
         raise Fl2tError(f"cannot create {out}: {e.strerror}; choose a writable --out directory") from e
     torch.set_num_threads(settings.threads)
-    s = settings
-    seconds: dict[str, float] = _previous_seconds(out) if resume else {}
-
-    def record(stage: str, t0: float) -> None:
-        seconds[stage] = round(time.time() - t0, 1)
-        (out / SECONDS_FILE).write_text(json.dumps(seconds, indent=2) + "\n")
-
-    vae_dir, eval_dir, base_dir = out / "base" / "vae", out / "evaluator", out / "base"
-    with _progress() as progress:
-
-        def bar(name: str, total: int):
-            task = progress.add_task(name, total=total)
-            return lambda n: progress.advance(task, n)
-
-        rich_cache: list[train.Dataset] = []
-
-        def rich() -> train.Dataset:
-            """Pictures with patterns and styles, rendered once when a stage first needs them."""
-            if not rich_cache:
-                t0 = time.time()
-                exclude = concept_appearances()
-                rng = np.random.default_rng(_stage_seed(s.seed, "rich"))
-                scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(s.rich_images)]
-                rich_cache.append(train.render_dataset(scenes, bar("render (patterns)", s.rich_images)))
-                record("render_rich", t0)
-            return rich_cache[0]
-
-        t0 = time.time()
-        if resume and (vae_dir / "config.json").is_file():
-            vae = AutoencoderKL.from_pretrained(vae_dir)
-        else:
-            vae = train.train_vae(rich(), s.vae_steps, _stage_seed(s.seed, "vae"), bar("train VAE", s.vae_steps))
-            vae.save_pretrained(vae_dir, safe_serialization=True)
-            record("vae", t0)
+    with console.progress() as progress:
+        stages = _Stages(out, settings, resume, progress)
+        vae = stages.vae()
         if until == "vae":
             return None
-
-        if not (resume and (base_dir / "model_index.json").is_file()):
-            t0 = time.time()
-            plain_scenes = pretraining_scenes(s.seed, s.plain_images)
-            plain = train.render_dataset(plain_scenes, bar("render (plain)", s.plain_images))
-            latents = train.encode_latents(vae, plain, bar("encode latents", s.plain_images))
-            record("render_plain", t0)
-            t0 = time.time()
-            unet, text, done = train.train_base(
-                latents,
-                plain_scenes,
-                s.base_steps,
-                _stage_seed(s.seed, "base"),
-                bar("train base model", s.base_steps),
-                batch=s.base_batch,
-                log=progress.console.log,
-                stop=lambda: (out / STOP_FILE).is_file(),
-            )
-            if done < s.base_steps:  # stopped early: the manifest records the steps trained
-                (out / STOP_FILE).unlink()
-            pipe = build_pipeline(unet, vae, text, models.sample_scheduler())
-            pipe.save_pretrained(base_dir, safe_serialization=True)
-            record("base", t0)
-            seconds["base_steps_trained"] = done
-            record("base", t0)
+        stages.base(vae)
         if until == "base":
             return None
-
-        t0 = time.time()
-        if not (resume and (eval_dir / "config.json").is_file()):
-            evaluator = train.train_evaluator(
-                rich(), s.evaluator_steps, _stage_seed(s.seed, "evaluator"), bar("train evaluator", s.evaluator_steps)
-            )
-            evaluator.save_pretrained(eval_dir, safe_serialization=True)
-            CLIPProcessor(image_processor=models.image_processor(), tokenizer=clip_tokenizer()).save_pretrained(
-                eval_dir
-            )
-            record("evaluator", t0)
-
+        stages.evaluator()
     _check_no_pickle(out)
+    s, seconds = settings, stages.seconds
     if "base_steps_trained" in seconds:  # a rebuild with these settings reproduces the weights
         s = replace(s, base_steps=int(seconds.pop("base_steps_trained")))
     info = {
@@ -203,6 +130,83 @@ def build(
         "versions": {p: _version(p) for p in ("torch", "diffusers", "transformers")},
     }
     return write_manifest(out, info)
+
+
+class _Stages:
+    """The build's stages, each timed into SECONDS_FILE and, with `resume`, skipped when its output exists."""
+
+    def __init__(self, out: Path, settings: BuildSettings, resume: bool, progress: Any):
+        self.out, self.s, self.resume, self.progress = out, settings, resume, progress
+        self.seconds: dict[str, float] = _previous_seconds(out) if resume else {}
+        self.vae_dir, self.eval_dir, self.base_dir = out / "base" / "vae", out / "evaluator", out / "base"
+        self._rich: train.Dataset | None = None
+
+    def record(self, stage: str, t0: float) -> None:
+        self.seconds[stage] = round(time.time() - t0, 1)
+        atomic_write_json(self.out / SECONDS_FILE, self.seconds, sort_keys=False)
+
+    def bar(self, name: str, total: int) -> Callable[[int], None]:
+        task = self.progress.add_task(name, total=total, info="")
+        return lambda n: self.progress.advance(task, n)
+
+    def rich(self) -> train.Dataset:
+        """Pictures with patterns and styles, rendered once when a stage first needs them."""
+        if self._rich is None:
+            t0 = time.time()
+            exclude = concept_appearances()
+            rng = np.random.default_rng(_stage_seed(self.s.seed, "rich"))
+            scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(self.s.rich_images)]
+            self._rich = train.render_dataset(scenes, self.bar("render (patterns)", self.s.rich_images))
+            self.record("render_rich", t0)
+        return self._rich
+
+    def vae(self) -> AutoencoderKL:
+        if self.resume and (self.vae_dir / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(self.vae_dir)
+        t0, s = time.time(), self.s
+        vae = train.train_vae(self.rich(), s.vae_steps, _stage_seed(s.seed, "vae"), self.bar("train VAE", s.vae_steps))
+        vae.save_pretrained(self.vae_dir, safe_serialization=True)
+        self.record("vae", t0)
+        return vae
+
+    def base(self, vae: AutoencoderKL) -> None:
+        if self.resume and (self.base_dir / "model_index.json").is_file():
+            return
+        t0, s = time.time(), self.s
+        plain_scenes = pretraining_scenes(s.seed, s.plain_images)
+        plain = train.render_dataset(plain_scenes, self.bar("render (plain)", s.plain_images))
+        latents = train.encode_latents(vae, plain, self.bar("encode latents", s.plain_images))
+        self.record("render_plain", t0)
+        t0 = time.time()
+        unet, text, done = train.train_base(
+            latents,
+            plain_scenes,
+            s.base_steps,
+            _stage_seed(s.seed, "base"),
+            self.bar("train base model", s.base_steps),
+            batch=s.base_batch,
+            log=console.console.log,
+            stop=lambda: (self.out / STOP_FILE).is_file(),
+        )
+        if done < s.base_steps:  # stopped early: the manifest records the steps trained
+            (self.out / STOP_FILE).unlink()
+        build_pipeline(unet, vae, text, models.sample_scheduler()).save_pretrained(
+            self.base_dir, safe_serialization=True
+        )
+        self.seconds["base_steps_trained"] = done
+        self.record("base", t0)
+
+    def evaluator(self) -> None:
+        if self.resume and (self.eval_dir / "config.json").is_file():
+            return
+        t0, s = time.time(), self.s
+        bar = self.bar("train evaluator", s.evaluator_steps)
+        evaluator = train.train_evaluator(self.rich(), s.evaluator_steps, _stage_seed(s.seed, "evaluator"), bar)
+        evaluator.save_pretrained(self.eval_dir, safe_serialization=True)
+        CLIPProcessor(image_processor=models.image_processor(), tokenizer=clip_tokenizer()).save_pretrained(
+            self.eval_dir
+        )
+        self.record("evaluator", t0)
 
 
 def _previous_seconds(out: Path) -> dict[str, float]:
