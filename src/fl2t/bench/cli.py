@@ -33,7 +33,7 @@ def speed(
     from rich.console import Console
 
     from fl2t.bench.speed import SpeedSettings, parse_sizes, run_speed, tables
-    from fl2t.cli import say
+    from fl2t.console import say
 
     settings = SpeedSettings(
         base=base,
@@ -72,6 +72,6 @@ def continual(
 ) -> None:
     """The continual protocol: after each task, score every concept learned so far; table, report.md/html."""
     from fl2t.bench.continual import run_continual
-    from fl2t.cli import progress, say
+    from fl2t.console import progress, say
 
     run_continual(config, [m.strip() for m in methods.split(",") if m.strip()], out, progress, say, as_json=as_json, orders=orders, data=str(data) if data else None, base=base)
