@@ -178,14 +178,23 @@ def generate(
 def export(
     library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
     concept: Annotated[str, typer.Option(help="Concept to export.", metavar="TEXT")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the diffusers files.", metavar="PATH")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the exported files.", metavar="PATH")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="diffusers|kohya",
+            help="diffusers: a diffusers LoRA and textual-inversion files; kohya: the LoRA and embedding files "
+            "AUTOMATIC1111 and ComfyUI load.",
+        ),
+    ] = "diffusers",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Export a concept as a diffusers LoRA and textual-inversion embeddings."""
+    """Export a concept's expert for plain diffusers, or for AUTOMATIC1111 and ComfyUI (--format kohya)."""
     from fl2t.export import export_expert
     from fl2t.learning import open_library
 
-    out = export_expert(open_library(library).expert(concept), output)
+    out = export_expert(open_library(library).expert(concept), output, format=format)  # type: ignore[arg-type]
     print(json.dumps({"export": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}) if as_json else out)
 
 
