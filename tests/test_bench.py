@@ -53,7 +53,8 @@ def test_every_method_runs_end_to_end_and_scores_every_concept(bench_run):
             assert s["nia"] == pytest.approx(s["ia"] / bench.evaluated(name).ref_ia)
         # R is lower-triangular: concept i is scored from its own task on
         R = run["R"]["nia"]
-        assert [[v is not None for v in row] for row in R] == [[True, False, False], [True, True, False], [True, True, True]]
+        lower = [[True, False, False], [True, True, False], [True, True, True]]
+        assert [[v is not None for v in row] for row in R] == lower
         assert (method == "oracle") == (run["multi"] is None)
         assert (bench.out / method / "order0" / "grids" / "pastel.png").is_file()
 
@@ -97,7 +98,8 @@ def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch
     monkeypatch.setattr(bench, "evaluate", stop_after_first)
     with pytest.raises(KeyboardInterrupt):
         bench.run()
-    assert (bench.out / "merge" / "order0" / "task0.json").is_file() and not (bench.out / "merge" / "order0" / "task1.json").exists()
+    done = bench.out / "merge" / "order0"
+    assert (done / "task0.json").is_file() and not (done / "task1.json").exists()
     learned = []
     original = METHODS["merge"].learn
     monkeypatch.setattr(METHODS["merge"], "learn", lambda self, c: (learned.append(c.name), original(self, c)))
@@ -139,6 +141,31 @@ def test_orders_are_the_listed_one_then_distinct_seeded_shuffles():
     assert len(orders) == 3 and orders[0] == cfg.concepts
     assert len({tuple(o) for o in orders}) == 3 and all(sorted(o) == sorted(orders[0]) for o in orders)
     assert orders == task_orders(cfg, orders[0])  # seeded: the same every time
+
+
+def test_a_methods_settings_come_from_the_config_as_its_typed_model(tmp_path):
+    from fl2t.methods.ewc import EWCSettings
+    from fl2t.methods.lwf import LwFSettings
+
+    cfg_path = tmp_path / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "methods": {"ewc": {"ewc_lambda": "5e3"}}}))  # YAML reads 5e3 as text
+    bench = Benchmark(load_config(cfg_path), tmp_path / "runs", ["ewc", "lwf"])
+    ewc = bench.method("ewc", 0)
+    assert ewc.settings == EWCSettings(ewc_lambda=5000.0)
+    assert ewc.regulariser([], None).lam == 5000.0  # the penalty is weighted by the configured lambda
+    assert bench.method("lwf", 0).settings == LwFSettings()  # not listed: its defaults
+    assert LwFSettings().lwf_lambda == 1.0 and EWCSettings().ewc_lambda == 1e4
+
+
+def test_an_unknown_method_setting_is_refused_with_what_it_takes(tmp_path):
+    cfg_path = tmp_path / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "methods": {"ewc": {"lambda": 1.0}}}))
+    refused = r"t3.yaml: methods: method ewc has no setting 'lambda' \(its settings: ewc_lambda\)"
+    with pytest.raises(Fl2tError, match=refused):
+        load_config(cfg_path)
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "methods": {"ewk": {}}}))
+    with pytest.raises(Fl2tError, match=r"no method named 'ewk'; choose from oracle, "):
+        load_config(cfg_path)
 
 
 def test_shipped_configs_load_and_real_data_configs_ask_for_the_data(tmp_path):
@@ -199,7 +226,17 @@ def test_magmax_keeps_the_largest_magnitude_entry():
     from fl2t.methods.magmax import magmax_update
 
     def expert(b):
-        return Expert(spec=None, lora={"m.lora_A.weight": torch.eye(2), "m.lora_B.weight": torch.tensor(b)}, token_embeddings=None, stable_embedding=None, anchors=None, anchor_prompts=[], base={}, settings={})
+        lora = {"m.lora_A.weight": torch.eye(2), "m.lora_B.weight": torch.tensor(b)}
+        return Expert(
+            spec=None,
+            lora=lora,
+            token_embeddings=None,
+            stable_embedding=None,
+            anchors=None,
+            anchor_prompts=[],
+            base={},
+            settings={},
+        )
 
     got = magmax_update([expert([[1.0, -3.0], [0.5, 0.0]]), expert([[-2.0, 1.0], [0.1, 0.2]])], "m")
     assert torch.allclose(got, torch.tensor([[-2.0, -3.0], [0.5, 0.2]]))
@@ -215,7 +252,7 @@ def test_cidm_elastic_weights_are_the_4th_power_of_span_similarities_normalised(
     states = {"<a> <b1> <b2>": torch.stack([e[0], e[1], e[2]]), "a prompt": torch.stack([e[0], (e[1] + e[3]) / 2**0.5])}
     ewa = ElasticWeights.__new__(ElasticWeights)
     ewa._states = lambda text: states[text]
-    experts = [SimpleNamespace(spec=SimpleNamespace(tokens=["<a>"])), SimpleNamespace(spec=SimpleNamespace(tokens=["<b1>", "<b2>"]))]
+    experts = [SimpleNamespace(spec=SimpleNamespace(tokens=tokens)) for tokens in (["<a>"], ["<b1>", "<b2>"])]
     ElasticWeights.__init__(ewa, None, experts)
     # A: max cos of <a> over the prompt = 1 -> 1^4; B: mean(1/√2, 0) -> (1/(2√2))^4
     sa, sb = 1.0, (1 / (2 * 2**0.5)) ** 4
@@ -226,7 +263,8 @@ def test_cli_runs_the_benchmark_and_prints_the_table(bench_run, capsys):
     from test_cli import run
 
     bench, _, cfg_path = bench_run
-    code, out, err = run(["bench", "continual", "--config", cfg_path, "--methods", "merge,oracle", "--out", bench.out.parent], capsys)
+    args = ["bench", "continual", "--config", cfg_path, "--methods", "merge,oracle", "--out", bench.out.parent]
+    code, out, err = run(args, capsys)
     assert code == 0, err
     assert "merge" in out and "report:" in out
     code, out, err = run(["bench", "continual", "--config", cfg_path, "--methods", "nope"], capsys)
@@ -241,10 +279,13 @@ def test_fl2t_batched_sampler_gives_the_images_of_fused_generation(bench_run):
     from fl2t.methods import MethodContext
 
     bench, _, _ = bench_run
-    m = METHODS["fl2t"](MethodContext(base=bench.base, learn=bench.cfg.learn, workdir=bench.out / "fl2t" / "order0" / "state", store=bench.out / "experts"))
+    state = bench.out / "fl2t" / "order0" / "state"
+    ctx = MethodContext(base=bench.base, learn=bench.cfg.learn, workdir=state, store=bench.out / "experts")
+    m = METHODS["fl2t"](ctx)
     prompts = ["a <c-stripestar> star", "a circle in the style of <s-pastel>"]
     sampler = m.sampler()
     batched = sampler(prompts, [3, 4], steps=4)
     for p, seed, image in zip(prompts, [3, 4], batched):
-        fused = sampler.pipe(p, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed)).images[0]
+        gen = torch.Generator().manual_seed(seed)
+        fused = sampler.pipe(p, num_inference_steps=4, guidance_scale=5.0, generator=gen).images[0]
         assert np.abs(np.asarray(fused, dtype=float) - np.asarray(image, dtype=float)).max() <= 2

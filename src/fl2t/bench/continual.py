@@ -12,16 +12,18 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
@@ -36,6 +38,10 @@ from fl2t.metrics import (
     reference_alignment,
     text_alignment,
 )
+
+if TYPE_CHECKING:
+    from fl2t.methods import Method
+    from fl2t.sampling import Sampler
 
 BUILTIN = Path(__file__).resolve().parent.parent / "benchmarks"
 METRICS = ("nia", "ia", "ca", "ta", "dino")
@@ -63,26 +69,56 @@ class BenchConfig(BaseModel):
     world: bool = Field(False, description="the concepts are tiny-world concepts, written into the run folder")
     data: str | None = Field(None, description="folder the concept paths are relative to")
     concepts: list[ConceptEntry | str] = Field(min_length=2)
-    orders: int | list[list[str]] = Field(1, description="number of task orders (the listed one, then seeded shuffles), or the orders")
+    orders: int | list[list[str]] = Field(
+        1, description="number of task orders (the listed one, then seeded shuffles), or the orders"
+    )
     order_seed: int = 0
     prompts: dict[str, list[str]] | None = Field(
-        None, description="evaluation prompt templates per prompt set (object, pet, style); {} is the concept's subject; default with world: the world's"
+        None,
+        description=(
+            "evaluation prompt templates per prompt set (object, pet, style); {} is the concept's subject; "
+            "default with world: the world's"
+        ),
     )
     prompts_per_concept: int | None = Field(None, ge=1, description="use the first N templates (default: all)")
     images_per_prompt: int = Field(1, ge=1)
     class_images: int = Field(8, ge=1, description="base-model images of the class word per concept, for CA")
-    multi: list[list[str]] = Field(default_factory=list, description="pairs of concept names for the multi-concept score")
+    multi: list[list[str]] = Field(
+        default_factory=list, description="pairs of concept names for the multi-concept score"
+    )
     multi_prompts: dict[str, str] = Field(
         default_factory=lambda: {"object+style": "a {} in the style of {}", "object+object": "a {} and a {}"},
         description="multi-concept template per pair kind ({} are the two subjects)",
     )
     seed: int = 0
     sample: SampleSettings = Field(default_factory=SampleSettings)
-    clip: str = Field("world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder")
-    dino: str | None = Field(None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column")
+    clip: str = Field(
+        "world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder"
+    )
+    dino: str | None = Field(
+        None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column"
+    )
     learn: LearnSettings = Field(default_factory=LearnSettings)
     consolidate: ConsolidateSettings = Field(default_factory=ConsolidateSettings)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method settings (e.g. ewc: {ewc_lambda: 1e4})")
+    # Each a fl2t.methods MethodSettings subclass (imported by the validator only when settings are given).
+    methods: dict[str, SerializeAsAny[BaseModel]] = Field(
+        default_factory=dict,
+        description="per-method settings, each method's own model (e.g. ewc: {ewc_lambda: 1e4}); unlisted: defaults",
+    )
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_settings(cls, raw: Any) -> Any:
+        """Each listed method's settings as its typed model (`EWCSettings` for ewc); an unknown method, setting or
+        value is refused with what was wrong."""
+        if not isinstance(raw, dict) or not raw:
+            return raw
+        from fl2t.methods import method_settings
+
+        try:
+            return {name: method_settings(name, values) for name, values in raw.items()}
+        except Fl2tError as e:
+            raise PydanticCustomError("method_settings", "{message}", {"message": str(e)}) from None
 
 
 def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
@@ -139,13 +175,21 @@ class Evaluated:
 
 
 class Benchmark:
-    def __init__(self, cfg: BenchConfig, out: Path, methods: list[str], progress: Callable | None = None, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        out: Path,
+        methods: list[str],
+        progress: Callable[[], Any] | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
         from fl2t.methods import METHODS
 
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise Fl2tError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-        self.cfg, self.methods, self.say = cfg.model_copy(deep=True), methods, say  # filled in below (prompts); the caller's stays as given
+        # The benchmark's own copy, filled in below (prompts); the caller's stays as given.
+        self.cfg, self.methods, self.say = cfg.model_copy(deep=True), methods, say
         self.out = Path(out) / cfg.name
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +202,8 @@ class Benchmark:
         self._dino: DinoEvaluator | None = None
         self._eval: dict[str, Evaluated] = {}
         self._status: Callable[[str], None] = lambda text: None
-        self._oracle: dict[tuple[str, str], tuple[list, torch.Tensor]] = {}
+        # A concept's images under a method that samples each concept alone: (workdir, concept) -> images, CLIP
+        self._per_concept: dict[tuple[str, str], tuple[list[Image.Image], torch.Tensor]] = {}
 
     # -- inputs -----------------------------------------------------------------------------------------
     def _base(self) -> str:
@@ -169,14 +214,15 @@ class Benchmark:
         return self.cfg.base
 
     def _check_fingerprint(self) -> None:
-        """Cached results are reused only by a run with the same base weights and settings; another run in the same
-        folder would mix two experiments silently. More orders or methods resume; anything else is refused."""
+        """Cached results are reused only by a run with the same base weights and settings; another run in the
+        same folder would mix two experiments silently. More orders or methods resume; anything else is refused."""
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
             if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
                 from fl2t.world import MANIFEST, base_path
 
-                cfg[name] = "world " + hashlib.sha256((base_path().parent / MANIFEST).read_bytes()).hexdigest()[:16]
+                manifest = (base_path().parent / MANIFEST).read_bytes()
+                cfg[name] = "world " + hashlib.sha256(manifest).hexdigest()[:16]
             elif cfg[name] is not None:
                 cfg[name] = _weights_fingerprint(self.base if name == "base" else cfg[name])
         cfg = json.loads(json.dumps(cfg, default=str))
@@ -217,14 +263,19 @@ class Benchmark:
         concepts = [load_concept(p, min_images=2) for p in paths]
         if cfg.prompts is None:
             if not cfg.world:
-                raise Fl2tError(f"benchmark {cfg.name}: give the evaluation prompts per kind (prompts: {{object: [...], style: [...]}})")
+                raise Fl2tError(
+                    f"benchmark {cfg.name}: give the evaluation prompts per kind "
+                    "(prompts: {object: [...], style: [...]})"
+                )
             from fl2t.world import PROMPT_TEMPLATES
 
             cfg.prompts = {k: list(v) for k, v in PROMPT_TEMPLATES.items()}
         self.prompt_sets = {c.name: e.prompts or c.spec.kind for c, e in zip(concepts, entries)}
         for c in concepts:
             if self.prompt_sets[c.name] not in cfg.prompts:
-                raise Fl2tError(f"benchmark {cfg.name}: no prompts for set {self.prompt_sets[c.name]!r} (concept {c.name})")
+                raise Fl2tError(
+                    f"benchmark {cfg.name}: no prompts for set {self.prompt_sets[c.name]!r} (concept {c.name})"
+                )
         if len({c.name for c in concepts}) != len(concepts):
             raise Fl2tError(f"benchmark {cfg.name}: two concepts have the same name")
         return concepts
@@ -267,18 +318,20 @@ class Benchmark:
         else:
             from safetensors.torch import save_file
 
-            from fl2t.methods.base import Sampler
             from fl2t.models import load_base
+            from fl2t.sampling import Sampler
 
             pipe = load_base(self.base)
             pipe.set_progress_bar_config(disable=True)
             # The class word's images: the concept's own prompts with its tokens replaced.
             texts = [class_texts[i % len(class_texts)] for i in range(cfg.class_images)]
-            images = Sampler(pipe)(texts, [cfg.seed + 50_000 + i for i in range(len(texts))], cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
+            seeds_class = [cfg.seed + 50_000 + i for i in range(len(texts))]
+            images = Sampler(pipe)(texts, seeds_class, cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
             class_emb = self.clip.image_embeds(images)
             cache.parent.mkdir(exist_ok=True)
             save_file({"clip": class_emb.contiguous()}, cache)
-        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, reference_alignment(refs), reference_alignment(refs_dino) if refs_dino is not None else None, class_emb)
+        ref_dino = reference_alignment(refs_dino) if refs_dino is not None else None
+        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, reference_alignment(refs), ref_dino, class_emb)
         self._eval[name] = ev
         return ev
 
@@ -286,7 +339,7 @@ class Benchmark:
     def method_dir(self, method: str, k: int) -> Path:
         return self.out / method / f"order{k}"
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         total = len(self.methods) * len(self.orders) * len(self.names)
         with self._bar("tasks", total) as advance:
             for method in self.methods:
@@ -297,7 +350,7 @@ class Benchmark:
         return results
 
     @contextmanager
-    def _bar(self, name: str, total: int):
+    def _bar(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
         """Yields advance(n); while open, `self._status(text)` shows what runs next to the bar."""
         if self.progress is None:
             yield lambda n=1: None
@@ -308,21 +361,25 @@ class Benchmark:
             yield lambda n=1: p.advance(task, n)
         self._status = lambda text: None
 
-    def run_order(self, method: str, k: int, order: list[str], advance: Callable[[int], None]) -> None:
+    def method(self, name: str, k: int) -> Method:
+        """Method `name` with its state for order k, and its own settings from the config (or its defaults)."""
         from fl2t.methods import METHODS, MethodContext
 
-        folder = self.method_dir(method, k)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "order.json").write_text(json.dumps(order))
         ctx = MethodContext(
             base=self.base,
             learn=self.cfg.learn,
-            workdir=folder / "state",
+            workdir=self.method_dir(name, k) / "state",
             store=self.out / "experts",
             consolidate=self.cfg.consolidate,
-            params=self.cfg.methods.get(method, {}),
+            settings=self.cfg.methods.get(name),  # None: the method's defaults
         )
-        m = METHODS[method](ctx)
+        return METHODS[name](ctx)
+
+    def run_order(self, method: str, k: int, order: list[str], advance: Callable[[int], None]) -> None:
+        folder = self.method_dir(method, k)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "order.json").write_text(json.dumps(order))
+        m = self.method(method, k)
         if m.tasks != order[: len(m.tasks)]:
             raise Fl2tError(f"{folder}: its state was made for another task order; remove the folder to start it again")
         by_name = {c.name: c for c in self.concepts}
@@ -338,31 +395,23 @@ class Benchmark:
             self._status(f"{method} order {k}: evaluate {t + 1} concepts")
             last = t == len(order) - 1
             scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
-            if t == len(order) - 1 and self.cfg.multi and method != "oracle":
+            if last and self.cfg.multi and not m.samples_per_concept:
                 scores["_multi"] = self.multi(m)
             tmp = result.with_suffix(".tmp")
             tmp.write_text(json.dumps(scores, indent=2))
             tmp.replace(result)
             advance(1)
 
-    def evaluate(self, method, names: list[str], learned: list[str], save_grid: Path | None = None) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self, method: Method, names: list[str], learned: list[str], save_grid: Path | None = None
+    ) -> dict[str, dict[str, float]]:
         """Scores of the concepts `names` under the method's current model, which has learned `learned`."""
-        sampler = None if method.name == "oracle" else method.sampler()
+        sampler = None if method.samples_per_concept else method.sampler()
         references = {n: self.evaluated(n).refs for n in learned}
-        s = self.cfg.sample
         out = {}
         for name in names:
             ev = self.evaluated(name)
-            # The oracle's model of a concept is its expert alone, the same after every task: generated once.
-            key = (str(method.ctx.workdir), name)
-            if method.name == "oracle" and key in self._oracle:
-                images, emb = self._oracle[key]
-            else:
-                sm = method.sampler(name) if method.name == "oracle" else sampler
-                images = sm(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
-                emb = self.clip.image_embeds(images)
-                if method.name == "oracle":
-                    self._oracle[key] = (images, emb)
+            images, emb = self._generate(method, sampler, name)
             ia = image_alignment(emb, ev.refs)
             scores = {
                 "ia": ia,
@@ -374,13 +423,29 @@ class Benchmark:
                 scores["dino"] = image_alignment(self.dino.image_embeds(images), ev.refs_dino)
             out[name] = scores
             if save_grid is not None:
-                from fl2t.worldkit.check import image_grid
+                from fl2t.images import image_grid
 
                 save_grid.mkdir(parents=True, exist_ok=True)
-                image_grid(images[:16], columns=8, scale=max(1, 96 // images[0].width)).save(save_grid / f"{name}.png")
+                grid = image_grid(images[:16], columns=8, scale=max(1, 96 // images[0].width))
+                grid.save(save_grid / f"{name}.png")
         return out
 
-    def multi(self, method) -> dict[str, float]:
+    def _generate(self, method: Method, sampler: Sampler | None, name: str) -> tuple[list[Image.Image], torch.Tensor]:
+        """A concept's evaluation images under the method's current model, and their CLIP embeddings (N, D).
+        A method that samples each concept alone (sampler None: it gives one per concept) has the same model of
+        a concept after every task: its images are generated once."""
+        key = (str(method.ctx.workdir), name)
+        if method.samples_per_concept and key in self._per_concept:
+            return self._per_concept[key]
+        ev, s = self.evaluated(name), self.cfg.sample
+        sampler = method.sampler(name) if method.samples_per_concept else sampler
+        images = sampler(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
+        emb = self.clip.image_embeds(images)
+        if method.samples_per_concept:
+            self._per_concept[key] = (images, emb)
+        return images, emb
+
+    def multi(self, method: Method) -> dict[str, float]:
         """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged."""
         sampler = method.sampler()
         scores = {}
@@ -396,37 +461,23 @@ class Benchmark:
                 raise Fl2tError(f"no multi_prompts template for a {kinds} pair")
             prompt = template.format(ea.concept.spec.subject, eb.concept.spec.subject)
             n = max(4, self.cfg.images_per_prompt)
-            images = sampler([prompt] * n, [self.cfg.seed + 90_000 + i for i in range(n)], self.cfg.sample.steps, self.cfg.sample.guidance, self.cfg.sample.size)
+            s = self.cfg.sample
+            images = sampler([prompt] * n, [self.cfg.seed + 90_000 + i for i in range(n)], s.steps, s.guidance, s.size)
             emb = self.clip.image_embeds(images)
-            scores[f"{a}+{b}"] = 0.5 * (image_alignment(emb, ea.refs) / ea.ref_ia + image_alignment(emb, eb.refs) / eb.ref_ia)
+            nia_a = image_alignment(emb, ea.refs) / ea.ref_ia
+            scores[f"{a}+{b}"] = 0.5 * (nia_a + image_alignment(emb, eb.refs) / eb.ref_ia)
         return scores
 
     # -- results ------------------------------------------------------------------------------------------
-    def results(self) -> dict:
+    def results(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.cfg.name, "concepts": self.names, "orders": self.orders, "methods": {}}
         for method in self.methods:
-            runs = []
-            for k, order in enumerate(self.orders):
-                tasks = [json.loads((self.method_dir(method, k) / f"task{t}.json").read_text()) for t in range(len(order))]
-                R = {
-                    metric: [[tasks[t].get(name, {}).get(metric) if i <= t else None for i, name in enumerate(order)] for t in range(len(order))]
-                    for metric in METRICS
-                }
-                final = tasks[-1]
-                runs.append(
-                    {
-                        "order": order,
-                        "R": R,
-                        "final": {name: final[name] for name in self.names},
-                        "average": {m: _mean([final[n].get(m) for n in self.names]) for m in METRICS},
-                        "forgetting": {m: average_forgetting(R[m]) for m in ("nia", "ia", "ca") if R[m][-1][0] is not None},
-                        "multi": final.get("_multi"),
-                    }
-                )
+            runs = [self._run_result(method, k, order) for k, order in enumerate(self.orders)]
             averages = [r["average"]["nia"] for r in runs]
+            per_concept = {n: {m: _mean([r["final"][n].get(m) for r in runs]) for m in METRICS} for n in self.names}
             out["methods"][method] = {
                 "runs": runs,
-                "per_concept": {n: {m: _mean([r["final"][n].get(m) for r in runs]) for m in METRICS} for n in self.names},
+                "per_concept": per_concept,
                 "average": {m: _mean([r["average"][m] for r in runs]) for m in METRICS},
                 "forgetting": {m: _mean([r["forgetting"].get(m) for r in runs]) for m in ("nia", "ia", "ca")},
                 "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
@@ -434,13 +485,37 @@ class Benchmark:
             }
         return out
 
+    def _run_result(self, method: str, k: int, order: list[str]) -> dict[str, Any]:
+        """One method over one order: R[t][i] per metric (None above the diagonal), the final row and its
+        average, the average forgetting and the multi-concept scores."""
+        folder = self.method_dir(method, k)
+        tasks = [json.loads((folder / f"task{t}.json").read_text()) for t in range(len(order))]
+        R = {
+            metric: [
+                [tasks[t].get(name, {}).get(metric) if i <= t else None for i, name in enumerate(order)]
+                for t in range(len(order))
+            ]
+            for metric in METRICS
+        }
+        final = tasks[-1]
+        return {
+            "order": order,
+            "R": R,
+            "final": {name: final[name] for name in self.names},
+            "average": {m: _mean([final[n].get(m) for n in self.names]) for m in METRICS},
+            "forgetting": {m: average_forgetting(R[m]) for m in ("nia", "ia", "ca") if R[m][-1][0] is not None},
+            "multi": final.get("_multi"),
+        }
+
 
 def _weights_fingerprint(model: str) -> str | list:
-    """A local folder: the name, size and modification time of each weights file (cheap at SD size); a hub id: itself."""
+    """A local folder: the name, size and modification time of each weights file (cheap at SD size); a hub id:
+    itself."""
     root = Path(model).expanduser()
     if not root.is_dir():
         return model
-    return sorted([p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in root.rglob("*.safetensors"))
+    files = root.rglob("*.safetensors")
+    return sorted([p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -448,7 +523,16 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def run_continual(config: str | Path, methods: list[str], out: Path, progress, say, *, as_json: bool = False, **overrides: Any) -> dict:
+def run_continual(
+    config: str | Path,
+    methods: list[str],
+    out: Path,
+    progress: Callable[[], Any] | None,
+    say: Callable[[str], None],
+    *,
+    as_json: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Load the config, run every method over every order (resuming finished work), write results.json,
     report.md and report.html, and print the table."""
     import time

@@ -3,7 +3,8 @@
 A method learns concepts one task at a time (`learn`), optionally consolidates (`consolidate`), and gives a
 `Sampler` for generation. Its whole state lives on disk under `ctx.workdir` (a Library of what it learned,
 plus method-specific safetensors), so the benchmark can stop and resume between tasks. Experts learned alone
-(the same for any order) are shared between methods through `ctx.store`.
+(the same for any order) are shared between methods through `ctx.store`. A method's own settings are a
+pydantic model defined next to it (`EWCSettings` in ewc.py), filled in from the benchmark's config.
 """
 
 from __future__ import annotations
@@ -14,19 +15,31 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept
+from fl2t.errors import Fl2tError
+from fl2t.expert import Expert
 from fl2t.experts import learn_expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
-from fl2t.expert import Expert
 from fl2t.library import Library
 from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
+from fl2t.sampling import Sampler
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+
+class MethodSettings(BaseModel):
+    """A method's own settings: none for most methods; a method with some subclasses this model in its file.
+    Unknown keys are refused, so a misspelt setting in a benchmark config is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -36,59 +49,39 @@ class MethodContext:
     workdir: Path  # this method's state for one task order
     store: Path  # a Library of experts learned alone, shared by the methods that use them
     consolidate: ConsolidateSettings = field(default_factory=ConsolidateSettings)
-    params: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. ewc's lambda)
+    settings: MethodSettings | None = None  # the method's own settings (its `settings_model`); None: the defaults
     on_step: Callable[[int, float], None] | None = None  # Step-1/Step-2 progress
 
 
+Tokenize = Callable[[list[str]], torch.Tensor]  # prompts -> token ids (B, 77), what a Regulariser is given
+
+
 @functools.lru_cache(maxsize=1)
-def _loaded_base(base: str):
+def _loaded_base(base: str) -> StableDiffusionPipeline:
     return load_base(base)
 
 
-class Sampler:
-    """Generates images for prompts, one seed per image, `batch` images per pipeline call (the prompts of a call
-    may differ). `arm(prompts)` and `disarm()` bracket each call: methods whose update depends on the prompt
-    arm per-sample hooks there (the same update fusing gives, computed per image)."""
-
-    def __init__(
-        self,
-        pipe,
-        arm: Callable[[list[str]], None] | None = None,
-        disarm: Callable[[], None] | None = None,
-        batch: int = 16,
-        call: Callable | None = None,
-    ):
-        self.pipe, self.arm, self.disarm, self.batch = pipe, arm, disarm, batch
-        self.call = call or pipe  # what generates: the pipeline, or its plain diffusers __call__
-
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0, size: int | None = None) -> list[Image.Image]:
-        images: list[Image.Image] = []
-        for i in range(0, len(prompts), self.batch):
-            chunk = list(prompts[i : i + self.batch])
-            if self.arm:
-                self.arm(chunk)
-            try:
-                images += self.call(
-                    chunk,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=size,
-                    width=size,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + self.batch]],
-                ).images
-            finally:
-                if self.disarm:
-                    self.disarm()
-        return images
-
-
 class Method:
-    """One continual method. Subclasses set `name` and implement `learn` and `sampler`."""
+    """One continual method. Subclasses set `name` and implement `learn` and `sampler`.
+
+    What a subclass may declare besides:
+    - `settings_model`: the pydantic model of its own settings (the empty `MethodSettings` by default). The
+      instance's settings are `self.settings`: `ctx.settings`, or the model's defaults when that is None.
+    - `samples_per_concept`: True for a method that samples each concept with a model of that concept alone,
+      fixed once the concept is learned (the oracle). Its `sampler(concept)` must name the concept; a concept's
+      images are the same after every later task, so the benchmark generates and scores them once; and two
+      concepts cannot share a prompt, so it has no multi-concept score.
+    """
 
     name = ""
+    settings_model: type[MethodSettings] = MethodSettings
+    samples_per_concept = False
 
-    def __init__(self, ctx: MethodContext):
-        self.ctx = ctx
+    def __init__(self, ctx: MethodContext) -> None:
+        settings = self.settings_model() if ctx.settings is None else ctx.settings
+        if type(settings) is not self.settings_model:
+            raise Fl2tError(f"method {self.name} takes {self.settings_model.__name__}, not {type(settings).__name__}")
+        self.ctx, self.settings = ctx, settings
         ctx.workdir.mkdir(parents=True, exist_ok=True)
 
     # -- the tasks done so far, in arrival order ---------------------------------------------------------
@@ -116,7 +109,8 @@ class Method:
 
     def sampler(self, concept: str | None = None) -> Sampler:
         """A sampler with every concept learned so far; `concept` names the concept the prompts are for
-        (only the oracle uses it: it samples with that concept's expert alone)."""
+        (only a method with `samples_per_concept` uses it: the oracle samples with that concept's expert
+        alone)."""
         raise NotImplementedError
 
     # -- shared helpers ----------------------------------------------------------------------------------
@@ -134,7 +128,7 @@ class Method:
         lib = self.library
         return [lib.expert(n) for n in self.tasks]
 
-    def fresh_base(self):
+    def fresh_base(self) -> StableDiffusionPipeline:
         """A private copy of the base pipeline (loaded from disk once per process)."""
         return copy.deepcopy(_loaded_base(self.ctx.base))
 
@@ -159,15 +153,15 @@ class AloneMethod(Method):
 
 
 def mixed_sampler(pipe: ExpertPipeline, experts: list[Expert], weights: Callable[[str], torch.Tensor]) -> Sampler:
-    """A sampler whose update for a prompt is `Σ_g w_{l,g} B_l^g A_l^g` (w = weights(prompt), (L, G)), applied per
-    image by the aggregated-LoRA hooks, so one call can hold different prompts."""
+    """A sampler whose update for a prompt is `Σ_g w_{l,g} B_l^g A_l^g` (w = weights(prompt), (L, G)), applied
+    per image by the aggregated-LoRA hooks, so one call can hold different prompts."""
     agg = AggregatedLoRA(pipe.unet, stack_experts(experts, pipe.unet))
     return Sampler(pipe, arm=lambda prompts: agg.set(torch.stack([weights(p) for p in prompts])), disarm=agg.off)
 
 
 def lora_layers(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
     """The trained LoRA's factors per adapted module: name -> (A (r, in), B (out, r)) parameters."""
-    out = {}
+    out: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for name, module in unet.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             out[name] = (module.lora_A["default"].weight, module.lora_B["default"].weight)

@@ -2,21 +2,30 @@
 
 The diagonal Fisher information of each task is the mean squared gradient of its training loss over its
 steps, normalised to mean 1 and summed over tasks; the penalty is `λ Σ F (θ − θ*)²` with θ* the LoRA after
-the previous task. `params.ewc_lambda` sets λ (default 1e4).
+the previous task. `EWCSettings.ewc_lambda` sets λ.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from diffusers import DDPMScheduler
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from fl2t.experts import ExpertModel, Regulariser
 from fl2t.expert import Expert
+from fl2t.experts import ExpertModel, Regulariser
+from fl2t.methods.base import MethodSettings, Tokenize
 from fl2t.methods.sequential import Sequential
 
 
+class EWCSettings(MethodSettings):
+    ewc_lambda: float = Field(1e4, ge=0, description="λ, the weight of the EWC penalty")
+
+
 class _EWC(Regulariser):
-    def __init__(self, fisher: dict[str, torch.Tensor], lam: float):
+    def __init__(self, fisher: dict[str, torch.Tensor], lam: float) -> None:
         self.fisher, self.lam = fisher, lam
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -24,16 +33,17 @@ class _EWC(Regulariser):
     def _params(self, model: ExpertModel) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in model.unet.named_parameters() if p.requires_grad}
 
-    def start(self, model, tokenize) -> None:
+    def start(self, model: ExpertModel, tokenize: Tokenize) -> None:
         self.anchor = {n: p.detach().clone() for n, p in self._params(model).items()}  # θ*: the previous LoRA
 
-    def loss(self, model, tokenize, gen) -> torch.Tensor:
+    def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
         if not self.fisher:
             return torch.zeros(())
-        terms = [(self.fisher[n].to(p) * (p - self.anchor[n]) ** 2).sum() for n, p in self._params(model).items() if n in self.fisher]
+        params = {n: p for n, p in self._params(model).items() if n in self.fisher}
+        terms = [(self.fisher[n].to(p) * (p - self.anchor[n]) ** 2).sum() for n, p in params.items()]
         return self.lam * torch.stack(terms).sum()
 
-    def after_backward(self, model) -> None:
+    def after_backward(self, model: ExpertModel) -> None:
         self.steps += 1
         for n, p in self._params(model).items():
             if p.grad is not None:
@@ -47,14 +57,16 @@ class _EWC(Regulariser):
 
 class EWC(Sequential):
     name = "ewc"
+    settings_model = EWCSettings
+    settings: EWCSettings
 
     @property
-    def _fisher_file(self):
+    def _fisher_file(self) -> Path:
         return self.ctx.workdir / "fisher.safetensors"
 
-    def regulariser(self, previous: list[Expert], scheduler) -> _EWC:
+    def regulariser(self, previous: list[Expert], scheduler: DDPMScheduler) -> _EWC:
         fisher = load_file(self._fisher_file) if previous and self._fisher_file.is_file() else {}
-        self._reg = _EWC(fisher, float(self.ctx.params.get("ewc_lambda", 1e4)))
+        self._reg = _EWC(fisher, self.settings.ewc_lambda)
         return self._reg
 
     def after_task(self, expert: Expert) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -10,7 +12,8 @@ from fl2t.consolidate import consolidate, save_consolidated
 from fl2t.consolidate.pipeline import FL2TPipeline
 from fl2t.consolidate.train import canonical, set_hash
 from fl2t.errors import Fl2tError
-from fl2t.methods.base import AloneMethod, Sampler
+from fl2t.methods.base import AloneMethod
+from fl2t.sampling import Sampler
 
 
 class FL2T(AloneMethod):
@@ -24,7 +27,8 @@ class FL2T(AloneMethod):
                 return  # already consolidated for this set (a resumed run)
         except Fl2tError:
             pass
-        save_consolidated(lib, *consolidate(lib, self.ctx.consolidate, base=self.ctx.base, on_step=self.ctx.on_step))
+        model, record = consolidate(lib, self.ctx.consolidate, base=self.ctx.base, on_step=self.ctx.on_step)
+        save_consolidated(lib, model, record)
 
     def sampler(self, concept: str | None = None) -> Sampler:
         """The consolidated library. For a batch of different prompts each image gets its prompt's alpha and gamma
@@ -36,4 +40,5 @@ class FL2T(AloneMethod):
             gamma = None if weights[0][1] is None else torch.stack([g for _, g in weights])
             pipe.aggregated.set(torch.stack([a for a, _ in weights]), gamma, shared=True)
 
-        return Sampler(pipe, arm=arm, disarm=pipe.aggregated.off, call=lambda *a, **k: StableDiffusionPipeline.__call__(pipe, *a, **k))
+        plain_call = functools.partial(StableDiffusionPipeline.__call__, pipe)  # diffusers' own: the hooks fuse
+        return Sampler(pipe, arm=arm, disarm=pipe.aggregated.off, call=plain_call)

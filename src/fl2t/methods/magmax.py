@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from fl2t.expert import Expert
-from fl2t.methods.base import AloneMethod, Sampler, dense_update
+from fl2t.methods.base import AloneMethod, dense_update
+from fl2t.sampling import Sampler
 
 
 class MagMax(AloneMethod):

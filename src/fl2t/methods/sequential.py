@@ -10,10 +10,11 @@ from __future__ import annotations
 from diffusers import DDPMScheduler
 
 from fl2t.data import Concept
-from fl2t.experts import Regulariser, learn_expert
 from fl2t.expert import Expert
-from fl2t.methods.base import Method, Sampler
+from fl2t.experts import Regulariser, learn_expert
+from fl2t.methods.base import Method
 from fl2t.pipeline import diffusers_lora
+from fl2t.sampling import Sampler
 
 
 class Sequential(Method):
@@ -28,7 +29,8 @@ class Sequential(Method):
         init = previous[-1].lora if previous and self.continues else None
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         settings = self.ctx.learn if self.needs_anchors else self.ctx.learn.model_copy(update={"num_anchors": 0})
-        expert = learn_expert(concept, pipe, settings, on_step=self.ctx.on_step, init_lora=init, regulariser=self.regulariser(previous, scheduler))
+        reg = self.regulariser(previous, scheduler)
+        expert = learn_expert(concept, pipe, settings, on_step=self.ctx.on_step, init_lora=init, regulariser=reg)
         self.after_task(expert)
         self.library.add(expert)
         self._done(concept.name)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,11 +18,16 @@ from PIL import Image
 
 from fl2t.errors import Fl2tError
 from fl2t.metrics import ClipEvaluator, concept_accuracy, image_alignment, reference_alignment
-from fl2t.worldkit.build import verify_manifest
+from fl2t.sampling import Sampler
 from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, held_out_combos, random_scene, render
+from fl2t.worldkit.build import verify_manifest
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 CHECK_SEED = 777
+CHECK_BATCH = 64  # images per pipeline call for the base model's samples
 EVALUATOR_IMAGES = 300
 BASE_SEEDS_PER_PROMPT = 1
 
@@ -29,7 +35,7 @@ BASE_SEEDS_PER_PROMPT = 1
 class WorldEvaluator(ClipEvaluator):
     """The tiny CLIP, used the way real CLIP is (fl2t.metrics), plus zero-shot reading of a picture's attributes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         loaded = ClipEvaluator.load(path)
         super().__init__(loaded.model, loaded.processor)
 
@@ -75,28 +81,16 @@ class CheckContext:
         return WorldEvaluator(self.weights / "evaluator")
 
     @cached_property
-    def pipeline(self):
+    def pipeline(self) -> StableDiffusionPipeline:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(self.weights / "base")
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch: int = 64):
-    """Images for prompts, one seed each, in batches; deterministic on CPU."""
-    images: list[Image.Image] = []
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
-        out = pipe(
-            list(prompts[i : i + batch]),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            output_type="pil",
-        )
-        images += out.images
-    return images
+    def base_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        """The base model's images of the prompts, one seed each, at the check's steps and guidance."""
+        return Sampler(self.pipeline, batch=CHECK_BATCH)(prompts, seeds, self.steps, self.guidance_scale)
 
 
 def gate_manifest(ctx: CheckContext) -> list[Row]:
@@ -131,7 +125,7 @@ def gate_base(ctx: CheckContext) -> list[Row]:
     """The evaluator reads the requested shape and colour from the base model's pictures."""
     prompts, scenes = base_prompts()
     seeds = [CHECK_SEED + i for i in range(len(prompts))]
-    images = generate(ctx.pipeline, prompts, seeds, ctx.steps, ctx.guidance_scale)
+    images = ctx.base_images(prompts, seeds)
     ctx.samples["base"] = images
     read = ctx.evaluator.read(images)
     n_combos = len(held_out_combos())
@@ -164,7 +158,7 @@ def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_imag
         prompts = tuple(class_prompts(c)[:class_images])
         if prompts not in cache:
             seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
-            cache[prompts] = ev.image_embeds(generate(ctx.pipeline, prompts, seeds, ctx.steps, ctx.guidance_scale))
+            cache[prompts] = ev.image_embeds(ctx.base_images(prompts, seeds))
         rng = np.random.default_rng([CHECK_SEED, k])
         fresh = ev.image_embeds([render(c.scene(rng)) for _ in range(per_concept)])
         accs.append(concept_accuracy(fresh, c.name, refs, cache[prompts]))
@@ -181,7 +175,7 @@ class Step1:
     """Concept accuracy (DESIGN §4) of a world concept's generated images, against all ten concepts'
     references and the base model's images of its class word, with the references and class images cached."""
 
-    def __init__(self, ctx: CheckContext, folder: Path):
+    def __init__(self, ctx: CheckContext, folder: Path) -> None:
         from fl2t.data import load_concept
         from fl2t.world.concepts import write_concept
 
@@ -201,10 +195,10 @@ class Step1:
             c = get_concept(name)
             texts = [t for t in class_prompts(c) for _ in range(STEP1_SEEDS_PER_PROMPT)]
             seeds = [CHECK_SEED + 30_000 + i for i in range(len(texts))]
-            self._class[name] = self.ctx.evaluator.image_embeds(generate(self.ctx.pipeline, texts, seeds, self.ctx.steps, self.ctx.guidance_scale))
+            self._class[name] = self.ctx.evaluator.image_embeds(self.ctx.base_images(texts, seeds))
         return self._class[name]
 
-    def score(self, name: str, sampler) -> tuple[float, float, list[Image.Image]]:
+    def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image]]:
         """(concept accuracy, normalised IA, the images) of `sampler`'s pictures of concept `name`."""
         prompts, seeds = self.prompts(name)
         images = sampler(prompts, seeds, self.ctx.steps, self.ctx.guidance_scale)
@@ -228,7 +222,10 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
         s1 = Step1(ctx, folder)
         first = STEP1_CONCEPTS[0]
         settings = LearnSettings(checkpoint_every=0)  # fl2t learn's defaults (checkpoints only cost disk here)
-        seq = METHODS["sequential"](MethodContext(base=str(ctx.weights / "base"), learn=settings, workdir=folder / "seq", store=folder / "store"))
+        seq_ctx = MethodContext(
+            base=str(ctx.weights / "base"), learn=settings, workdir=folder / "seq", store=folder / "store"
+        )
+        seq = METHODS["sequential"](seq_ctx)
         t0 = time.perf_counter()
         seq.learn(s1.concepts[first])  # task 1 of a sequential LoRA is exactly `fl2t learn` of the concept alone
         seconds = time.perf_counter() - t0
@@ -242,8 +239,19 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
         ctx.samples[f"{first} after {len(STEP1_CONCEPTS)} tasks"] = images3
     n = len(images)
     return [
-        Row(f"learn {first} with fl2t learn's defaults (s)", seconds, 60.0, f"{settings.steps} steps + {settings.num_anchors} anchors", at_most=True),
-        Row(f"learned {first}: concept accuracy", ca1, 0.80, f"{n} images; normalised IA {nia1:.3f} vs base model's '{get_concept(first).class_word}' {nia_base:.3f}"),
+        Row(
+            f"learn {first} with fl2t learn's defaults (s)",
+            seconds,
+            60.0,
+            f"{settings.steps} steps + {settings.num_anchors} anchors",
+            at_most=True,
+        ),
+        Row(
+            f"learned {first}: concept accuracy",
+            ca1,
+            0.80,
+            f"{n} images; normalised IA {nia1:.3f} vs base model's '{get_concept(first).class_word}' {nia_base:.3f}",
+        ),
         Row(
             f"sequential LoRA: {first} CA drop after {len(STEP1_CONCEPTS)} tasks (points)",
             100 * (ca1 - ca3),
@@ -253,7 +261,13 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     ]
 
 
-GATES: list[Callable[[CheckContext], list[Row]]] = [gate_manifest, gate_evaluator, gate_base, gate_concept_separation, gate_step1]
+GATES: list[Callable[[CheckContext], list[Row]]] = [
+    gate_manifest,
+    gate_evaluator,
+    gate_base,
+    gate_concept_separation,
+    gate_step1,
+]
 
 
 def run_checks(
@@ -268,13 +282,3 @@ def run_checks(
     for gate in GATES:
         rows += gate(ctx)
     return rows, ctx
-
-
-def image_grid(images: Sequence[Image.Image], columns: int, scale: int = 3, pad: int = 2) -> Image.Image:
-    """Images side by side, scaled up with nearest-neighbour so pixels stay visible."""
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
-    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)

@@ -54,12 +54,15 @@ def check(
     weights: Path = typer.Option(None, help="A built world folder (default: the shipped weights)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for the base model's samples."),
     steps: int = typer.Option(25, help="DDIM steps for the base model's samples."),
-    grid: Path = typer.Option(None, help="Also save PNG grids of the samples (base model, learned concept) into this folder."),
+    grid: Path = typer.Option(
+        None, help="Also save PNG grids of the samples (base model, learned concept) into this folder."
+    ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
 ) -> None:
     """Measure the world against its gates and print the table; exit 1 if a gate fails."""
+    from fl2t.images import image_grid
     from fl2t.worldkit.build import WEIGHTS_DIR
-    from fl2t.worldkit.check import image_grid, run_checks
+    from fl2t.worldkit.check import run_checks
 
     t0 = time.time()
     rows, ctx = run_checks(weights or WEIGHTS_DIR, guidance_scale=guidance, steps=steps, threads=threads)
