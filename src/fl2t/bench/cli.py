@@ -6,25 +6,35 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Benchmarks: the continual protocol (quality) and speed.", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Benchmarks: the continual protocol (quality) and speed.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @app.command()
 def speed(
     out: Path = typer.Option(Path("runs/bench-speed"), "--out", help="Folder for results.json.", metavar="PATH"),
-    base: str = typer.Option(None, help="Base model: hub id or local diffusers folder (default: the tiny world's).", metavar="TEXT"),
+    base: str = typer.Option(
+        None, help="Base model: hub id or local diffusers folder (default: the tiny world's).", metavar="TEXT"
+    ),
     sizes: str = typer.Option("1,10,100", help="Library sizes G for generation, comma-separated.", metavar="TEXT"),
-    consolidate_sizes: str = typer.Option("2,5,10,20,50,100", help="Library sizes G for Step 2 and library memory.", metavar="TEXT"),
+    consolidate_sizes: str = typer.Option(
+        "2,5,10,20,50,100", help="Library sizes G for Step 2 and library memory.", metavar="TEXT"
+    ),
     repeats: int = typer.Option(5, help="Timed repetitions per measurement (the median is reported).", metavar="N"),
     warmup: int = typer.Option(1, help="Untimed calls before the timed ones.", metavar="N"),
     steps: int = typer.Option(20, help="Denoising steps per image.", metavar="N"),
     consolidate_steps: int = typer.Option(6, help="Step-2 steps per G (the first is warm-up).", metavar="N"),
     train_steps: int = typer.Option(8, help="Step-1 steps on the tiny world (the first is warm-up).", metavar="N"),
     train_batch_size: int = typer.Option(1, help="Images per Step-1 step on the tiny world.", metavar="N"),
-    sd15_steps: int = typer.Option(10, help="Step-1 steps at SD-1.5 size, CUDA only (the first is warm-up).", metavar="N"),
+    sd15_steps: int = typer.Option(
+        10, help="Step-1 steps at SD-1.5 size, CUDA only (the first is warm-up).", metavar="N"
+    ),
     sd15_batch_size: int = typer.Option(1, help="Images per Step-1 step at SD-1.5 size.", metavar="N"),
     diffusers_max: int = typer.Option(100, help="Largest G tried with diffusers' set_adapters.", metavar="N"),
-    peak_tflops: float = typer.Option(None, help="The accelerator's peak bf16 TFLOP/s for MFU (default: looked up by name).", metavar="X"),
+    peak_tflops: float = typer.Option(
+        None, help="The accelerator's peak bf16 TFLOP/s for MFU (default: looked up by name).", metavar="X"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the tables."),
 ) -> None:
     """Generation, Step 2, Step 1 and library memory against the number of concepts G; writes results.json."""
@@ -62,16 +72,41 @@ def speed(
 
 @app.command()
 def continual(
-    config: str = typer.Option("tiny10", "--config", "-c", help="Benchmark YAML, or a built-in: tiny10, cifc, dreambooth.", metavar="TEXT"),
-    methods: str = typer.Option("fl2t,merge,sequential,oracle", help="Comma-separated: oracle, sequential, ewc, lwf, c-lora, merge, magmax, cidm, fl2t.", metavar="TEXT"),
+    config: str = typer.Option(
+        "tiny10", "--config", "-c", help="Benchmark YAML, or a built-in: tiny10, cifc, dreambooth.", metavar="TEXT"
+    ),
+    methods: str = typer.Option(
+        "fl2t,merge,sequential,oracle",
+        help="Comma-separated: oracle, sequential, ewc, lwf, c-lora, merge, magmax, cidm, fl2t.",
+        metavar="TEXT",
+    ),
     orders: int = typer.Option(None, help="Number of task orders (default: the config's).", metavar="N"),
-    data: Path = typer.Option(None, help="Folder the config's concept paths are relative to (your local copy of the data).", metavar="PATH"),
-    base: str = typer.Option(None, help="Base model: hub id or local diffusers folder (default: the config's).", metavar="TEXT"),
-    out: Path = typer.Option(Path("runs"), "--out", help="Runs folder; results go to OUT/<name>/ (reruns skip finished work).", metavar="PATH"),
+    data: Path = typer.Option(
+        None, help="Folder the config's concept paths are relative to (your local copy of the data).", metavar="PATH"
+    ),
+    base: str = typer.Option(
+        None, help="Base model: hub id or local diffusers folder (default: the config's).", metavar="TEXT"
+    ),
+    out: Path = typer.Option(
+        Path("runs"),
+        "--out",
+        help="Runs folder; results go to OUT/<name>/ (reruns skip finished work).",
+        metavar="PATH",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
 ) -> None:
     """The continual protocol: after each task, score every concept learned so far; table, report.md/html."""
     from fl2t.bench.continual import run_continual
     from fl2t.console import progress, say
 
-    run_continual(config, [m.strip() for m in methods.split(",") if m.strip()], out, progress, say, as_json=as_json, orders=orders, data=str(data) if data else None, base=base)
+    run_continual(
+        config,
+        [m.strip() for m in methods.split(",") if m.strip()],
+        out,
+        progress,
+        say,
+        as_json=as_json,
+        orders=orders,
+        data=str(data) if data else None,
+        base=base,
+    )

@@ -9,17 +9,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="The tiny world: a miniature text-to-image world that runs on a CPU.", no_args_is_help=True)
+app = typer.Typer(
+    help="The tiny world: a miniature text-to-image world that runs on a CPU.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 console = Console(width=140)
 
 
 @app.command()
 def build(
-    out: Path = typer.Option(None, "--out", help="Folder to build into (default: the package's shipped weights)."),
-    seed: int = typer.Option(None, help="Seed of the whole build (default: the shipped world's seed)."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder to build into (default: the package's shipped weights).", metavar="PATH"
+    ),
+    seed: int = typer.Option(None, help="Seed of the whole build (default: the shipped world's seed).", metavar="N"),
     resume: bool = typer.Option(False, help="Load stages whose output already exists instead of training them."),
-    until: str = typer.Option("evaluator", help="Stop after this stage: vae, base or evaluator (the last)."),
-    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
+    until: str = typer.Option(
+        "evaluator", help="Stop after this stage: vae, base or evaluator (the last).", metavar="TEXT"
+    ),
+    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
 ) -> None:
     """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
     from fl2t.worldkit.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
@@ -51,13 +59,15 @@ def concepts(out: Path = typer.Argument(..., help="Folder to write one sub-folde
 
 @app.command()
 def check(
-    weights: Path = typer.Option(None, help="A built world folder (default: the shipped weights)."),
-    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale for the base model's samples."),
-    steps: int = typer.Option(25, help="DDIM steps for the base model's samples."),
-    grid: Path = typer.Option(
-        None, help="Also save PNG grids of the samples (base model, learned concept) into this folder."
+    weights: Path = typer.Option(None, help="A built world folder (default: the shipped weights).", metavar="PATH"),
+    guidance: float = typer.Option(
+        5.0, help="Classifier-free guidance scale for the base model's samples.", metavar="X"
     ),
-    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine."),
+    steps: int = typer.Option(25, help="DDIM steps for the base model's samples.", metavar="N"),
+    grid: Path = typer.Option(
+        None, help="Also save PNG grids of the samples (base model, learned concept) into this folder.", metavar="PATH"
+    ),
+    threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
 ) -> None:
     """Measure the world against its gates and print the table; exit 1 if a gate fails."""
     from fl2t.images import image_grid
