@@ -6,18 +6,26 @@ import shutil
 import pytest
 import torch
 
+from conftest import STEP2
 from fl2t.config import ConsolidateSettings
-from fl2t.consolidate import ConsolidatedModel, consolidate, save_consolidated
+from fl2t.consolidate import ConsolidatedConfig, ConsolidatedModel, consolidate
 from fl2t.consolidate.pipeline import FL2TPipeline
-from fl2t.errors import Fl2tError
+from fl2t.errors import Cancelled, Fl2tError
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
-
-from conftest import STEP2
 from test_cli import run
 
+
+def new_model(proxies: torch.Tensor, shapes: dict, rank: int, settings: ConsolidateSettings) -> ConsolidatedModel:
+    G, d = proxies.shape
+    config = ConsolidatedConfig(settings=settings, n_concepts=G, width=d, rank=rank, layer_shapes=shapes)
+    return ConsolidatedModel(config, proxies)
+
+
+def saved_config(lib) -> dict:
+    return json.loads((lib / "consolidated" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("proxy_attention", [True, False])
@@ -25,7 +33,7 @@ def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
     torch.manual_seed(0)
     G, d, L, r = 5, 32, 7, 4
     settings = ConsolidateSettings(proxy_attention=proxy_attention)
-    model = ConsolidatedModel(torch.randn(G, d), {f"layer{i}": (16, 16) for i in range(L)}, r, settings)
+    model = new_model(torch.randn(G, d), {f"layer{i}": (16, 16) for i in range(L)}, r, settings)
     with torch.no_grad():
         model.relevance.weight.normal_()
         model.gate.weight.normal_()
@@ -45,9 +53,12 @@ def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
 
 def test_ablation_switches_remove_their_component():
     proxies, shapes = torch.randn(3, 32), {"a.to_q": (16, 16)}
-    full = ConsolidatedModel(proxies, shapes, 4, ConsolidateSettings())
-    bare = ConsolidatedModel(proxies, shapes, 4, ConsolidateSettings(gates=False, shared=False, contrastive=False, proxy_attention=False))
-    assert {"gate.weight", "shared_A.a__to_q", "prompt_proj.weight", "layers.0.self_attn.in_proj_weight"} <= set(full.state_dict())
+    full = new_model(proxies, shapes, 4, ConsolidateSettings())
+    off = ConsolidateSettings(gates=False, shared=False, contrastive=False, proxy_attention=False)
+    bare = new_model(proxies, shapes, 4, off)
+    assert {"gate.weight", "shared_A.a__to_q", "prompt_proj.weight", "layers.0.self_attn.in_proj_weight"} <= set(
+        full.state_dict()
+    )
     assert not any(k.startswith(("gate", "shared", "prompt_proj")) or "self_attn" in k for k in bare.state_dict())
     alpha, gamma, _ = bare(torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 3))
     assert gamma is None and bare.shared_factors() is None
@@ -96,12 +107,20 @@ def test_one_hot_weights_reproduce_the_expert_alone(four_experts, tmp_path):
 
 def test_consolidated_library_generates_and_explains_its_choice(consolidated_library):
     lib = Library(consolidated_library)
-    record = json.loads((consolidated_library / "consolidated" / "consolidated.json").read_text())
-    assert [e["name"] for e in record["experts"]] == [e.name for e in sorted(lib.experts(), key=lambda e: e.content_hash)]
+    config = saved_config(consolidated_library)
+    assert [e["name"] for e in config["concepts"]] == [
+        e.name for e in sorted(lib.experts(), key=lambda e: e.content_hash)
+    ]
     pipe = FL2TPipeline.from_pretrained(library=consolidated_library)
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     prompts = ["a photo of <c-stripes> ball", "a photo of <c-checks> box", "a photo of <c-stripes> ball"]
-    out = pipe(prompts, num_inference_steps=2, num_images_per_prompt=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        prompts,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (6, 32, 32, 3)
     assert all(torch.equal(before[n], p) for n, p in pipe.unet.named_parameters())
     rel = pipe.relevance("a photo of <c-stripes> ball")
@@ -116,10 +135,18 @@ def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts):
         lib = Library(tmp_path / f"lib{k}")
         for i in order:  # incremental: consolidate after each arrival
             lib.add(four_experts[i])
-            save_consolidated(lib, *consolidate(lib, STEP2.model_copy(update={"steps": 2 if len(lib.names()) < 4 else 6})))
-        blobs.append((lib.path / "consolidated" / "consolidated.safetensors").read_bytes())
+            steps = 2 if len(lib.names()) < 4 else 6
+            lib.save_consolidated(consolidate(lib, STEP2.model_copy(update={"steps": steps})).save_pretrained)
+        blobs.append((lib.path / "consolidated" / "model.safetensors").read_bytes())
         pipe = FL2TPipeline.from_pretrained(library=lib)
-        images.append(pipe("a photo of <c-rings> ring", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(4)).images)
+        images.append(
+            pipe(
+                "a photo of <c-rings> ring",
+                num_inference_steps=2,
+                output_type="np",
+                generator=torch.Generator().manual_seed(4),
+            ).images
+        )
     assert blobs[0] == blobs[1] == blobs[2]
     assert (images[0] == images[1]).all() and (images[0] == images[2]).all()
 
@@ -137,8 +164,20 @@ def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library,
     shutil.copytree(consolidated_library, lib)
     code, out, err = run(["consolidate", "-l", lib, "--steps", "3", "--no-gates", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["set_hash"] == json.loads((lib / "consolidated" / "consolidated.json").read_text())["set_hash"]
-    code, out, err = run(["generate", "a photo of <c-stripes> ball and <c-checks> box", "-l", lib, "--steps", "2", "-o", tmp_path / "x.png"], capsys)
+    assert json.loads(out)["set_hash"] == saved_config(lib)["set_hash"]
+    code, out, err = run(
+        [
+            "generate",
+            "a photo of <c-stripes> ball and <c-checks> box",
+            "-l",
+            lib,
+            "--steps",
+            "2",
+            "-o",
+            tmp_path / "x.png",
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "x.png").is_file(), err
     code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib, "--json"], capsys)
     assert code == 0 and all("c-stripes" in w for w in json.loads(out).values())
@@ -146,8 +185,7 @@ def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library,
     code, out, err = run(["forget", "c-checks", "-l", lib, "--config", tmp_path / "s.yaml"], capsys)
     assert code == 0, err
     assert Library(lib).names() == ["c-stripes"]
-    record = json.loads((lib / "consolidated" / "consolidated.json").read_text())
-    assert [e["name"] for e in record["experts"]] == ["c-stripes"]
+    assert [e["name"] for e in saved_config(lib)["concepts"]] == ["c-stripes"]
 
 
 def test_each_prompt_selects_its_own_concept(tmp_path, four_experts):
@@ -158,10 +196,51 @@ def test_each_prompt_selects_its_own_concept(tmp_path, four_experts):
     lib = Library(tmp_path / "lib")
     for e in four_experts:
         lib.add(e)
-    save_consolidated(lib, *consolidate(lib, STEP2.model_copy(update={"steps": 40})))
+    lib.save_consolidated(consolidate(lib, STEP2.model_copy(update={"steps": 40})).save_pretrained)
     pipe = FL2TPipeline.from_pretrained(library=lib)
     alpha = torch.stack([pipe.weights_for(e.spec.stable_prompt)[0].mean(0) for e in pipe.experts])  # (G, G)
     base = pipe.weights_for("a photo of a ball")[0].mean(0)  # (G,)
     assert (alpha.argmax(1) == torch.arange(len(alpha))).all(), alpha
     assert 1 - base.sum() > base.max(), base
     assert alpha.diagonal().min() > 0.5 and 1 - base.sum() > 0.5, (alpha, base)  # a clear choice, not a plurality
+
+
+def test_saved_model_loads_back_with_its_config_weights_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    shapes = {"down.attn2.to_k": (32, 16), "up.attn1.to_q": (16, 16)}
+    model = new_model(torch.randn(3, 32), shapes, 4, ConsolidateSettings(decoder_layers=1))
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    again = ConsolidatedModel.from_pretrained(tmp_path / "m")
+    assert again.config == model.config and list(again.config.layer_shapes) == list(shapes)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    text, pad, named = (
+        torch.randn(2, 5, 32),
+        torch.zeros(2, 5, dtype=torch.bool),
+        torch.tensor([[1.0, 0, 0], [0, 0, 0]]),
+    )
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.eval()(text, pad, named), again(text, pad, named)))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_changed_consolidated_file_is_refused_on_load(name, tmp_path, consolidated_library):
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    path = tmp_path / "lib" / "consolidated" / name
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(Fl2tError, match="consolidated model is damaged"):
+        FL2TPipeline.from_pretrained(library=tmp_path / "lib")
+
+
+def test_cancel_stops_consolidation_after_k_steps_and_writes_nothing(tmp_path, consolidated_library):
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    lib = Library(tmp_path / "lib")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lib" / "consolidated").iterdir()}
+    steps: list[int] = []
+    with pytest.raises(Cancelled, match="cancelled at step 2"):
+        consolidate(lib, STEP2, on_step=lambda i, loss: steps.append(i), cancel=lambda: len(steps) >= 2)
+    assert steps == [0, 1]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lib" / "consolidated").iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [".lock", "consolidated", "experts", "library.json"]

@@ -18,7 +18,9 @@ SETTINGS = "learn:\n  steps: 6\n  num_anchors: 1\n  anchor_steps: 1\n  checkpoin
 
 def fl2t(args, env=None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)], capture_output=True, text=True, env=env, **kw
+    )
 
 
 @pytest.fixture
@@ -29,10 +31,22 @@ def settings_file(tmp_path):
 
 
 @pytest.mark.parametrize("moment", ["step:3", "staged", "parked", "renamed", "committed"])
-def test_killed_replace_leaves_old_or_new_state_and_next_write_cleans_up(moment, library_copy, concepts_root, tiny_base, settings_file):
+def test_killed_replace_leaves_old_or_new_state_and_next_write_cleans_up(
+    moment, library_copy, concepts_root, tiny_base, settings_file
+):
     lib = Library(library_copy)
     old_hash = lib.manifest().experts["c-stripeball"]
-    args = ["learn", concepts_root / "c-stripeball", "-l", library_copy, "--config", settings_file, "--replace", "--seed", "5"]
+    args = [
+        "learn",
+        concepts_root / "c-stripeball",
+        "-l",
+        library_copy,
+        "--config",
+        settings_file,
+        "--replace",
+        "--seed",
+        "5",
+    ]
     r = fl2t(args, env={"FL2T_KILL_AT": moment})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert lib.check() == []
@@ -42,13 +56,21 @@ def test_killed_replace_leaves_old_or_new_state_and_next_write_cleans_up(moment,
     # the next writer finishes the job and leaves no debris
     lib.add(lib.expert("c-stripeball"), replace=True)
     assert lib.check() == [] and lib.names() == ["c-stripeball"]
-    assert sorted(p.name for p in library_copy.iterdir() if p.name != ".checkpoints") == [".lock", "experts", "library.json"]
+    assert sorted(p.name for p in library_copy.iterdir() if p.name != ".checkpoints") == [
+        ".lock",
+        "experts",
+        "library.json",
+    ]
 
 
-def test_killed_first_write_of_a_new_library_leaves_a_valid_empty_library(tmp_path, concepts_root, tiny_base, settings_file):
+def test_killed_first_write_of_a_new_library_leaves_a_valid_empty_library(
+    tmp_path, concepts_root, tiny_base, settings_file
+):
     lib_path = tmp_path / "new-lib"
-    r = fl2t(["learn", concepts_root / "c-checkbox", "-l", lib_path, "--base", tiny_base, "--config", settings_file],
-             env={"FL2T_KILL_AT": "renamed"})
+    r = fl2t(
+        ["learn", concepts_root / "c-checkbox", "-l", lib_path, "--base", tiny_base, "--config", settings_file],
+        env={"FL2T_KILL_AT": "renamed"},
+    )
     assert r.returncode == -signal.SIGKILL
     assert Library(lib_path).names() == [] and Library(lib_path).check() == []
     r = fl2t(["learn", concepts_root / "c-checkbox", "-l", lib_path, "--base", tiny_base, "--config", settings_file])
@@ -58,8 +80,21 @@ def test_killed_first_write_of_a_new_library_leaves_a_valid_empty_library(tmp_pa
 
 def test_kill_from_outside_at_any_time_keeps_the_library_loadable(library_copy, concepts_root, settings_file):
     lib = Library(library_copy)
-    args = [sys.executable, "-m", "fl2t.cli", "-q", "learn", concepts_root / "c-stripeball", "-l", library_copy,
-            "--config", settings_file, "--replace", "--seed", "9"]
+    args = [
+        sys.executable,
+        "-m",
+        "fl2t.cli",
+        "-q",
+        "learn",
+        concepts_root / "c-stripeball",
+        "-l",
+        library_copy,
+        "--config",
+        settings_file,
+        "--replace",
+        "--seed",
+        "9",
+    ]
     for delay in (1.0, 3.0, 6.0):
         proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
@@ -99,12 +134,12 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path, c
 def test_killed_consolidate_leaves_a_usable_consolidated_model(moment, tmp_path, consolidated_library):
     shutil.copytree(consolidated_library, tmp_path / "lib")
     lib = Library(tmp_path / "lib")
-    old = (tmp_path / "lib" / "consolidated" / "consolidated.safetensors").read_bytes()
+    old = (tmp_path / "lib" / "consolidated" / "model.safetensors").read_bytes()
     r = fl2t(["consolidate", "-l", tmp_path / "lib", "--steps", "2", "--seed", "1"], env={"FL2T_KILL_AT": moment})
     assert r.returncode == -signal.SIGKILL, r.stderr
-    tensors, record = lib.consolidated()  # old or new, hash-checked
+    lib.consolidated_dir()  # old or new, hash-checked
     assert lib.check() == []
-    now = (tmp_path / "lib" / "consolidated" / "consolidated.safetensors")
+    now = tmp_path / "lib" / "consolidated" / "model.safetensors"
     assert (now.is_file() and now.read_bytes() != old) == (moment == "consolidated-renamed")
     FL2TPipeline.from_pretrained(library=lib)  # loads: the consolidated model matches the set
     lib.add(lib.expert("c-stripes"), replace=True)  # the next writer cleans up

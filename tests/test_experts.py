@@ -1,18 +1,17 @@
 import json
 
 import pytest
-from accelerate.state import AcceleratorState
 import torch
+from accelerate.state import AcceleratorState
 
+from conftest import FAST
 from fl2t.config import LearnSettings
 from fl2t.data import load_concept
-from fl2t.errors import Fl2tError
+from fl2t.errors import Cancelled, Fl2tError
 from fl2t.experts import learn_expert
 from fl2t.library import Library
 from fl2t.models import load_base, sd15_random_pipeline
 from fl2t.pipeline import ExpertPipeline
-
-from conftest import FAST
 
 
 @torch.no_grad()
@@ -53,9 +52,15 @@ def test_library_round_trips_exactly(tmp_path, learned_library):
         assert torch.equal(expert.lora[k], again.lora[k])
     assert torch.equal(expert.token_embeddings, again.token_embeddings)
     assert torch.equal(expert.anchors, again.anchors)
-    assert again.content_hash == expert.content_hash == json.loads((learned_library / "library.json").read_text())["experts"]["c-stripeball"]
+    assert (
+        again.content_hash
+        == expert.content_hash
+        == json.loads((learned_library / "library.json").read_text())["experts"]["c-stripeball"]
+    )
     for f in ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors", "expert.json"):
-        assert (tmp_path / "copy" / "experts" / "c-stripeball" / f).read_bytes() == (learned_library / "experts" / "c-stripeball" / f).read_bytes()
+        assert (tmp_path / "copy" / "experts" / "c-stripeball" / f).read_bytes() == (
+            learned_library / "experts" / "c-stripeball" / f
+        ).read_bytes()
 
 
 def test_changed_weights_are_detected_on_load(library_copy):
@@ -89,7 +94,12 @@ def test_layerwise_expert_learns_one_embedding_per_cross_attention_layer(tmp_pat
     lib = Library(tmp_path / "lib")
     lib.add(expert)
     pipe = ExpertPipeline.from_library(lib, "c-checkbox")
-    out = pipe("a photo of <c-checkbox> box", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a photo of <c-checkbox> box",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out.images)).all()
 
 
@@ -130,3 +140,16 @@ def test_memory_options_train_the_same_expert(option, tiny_base, concepts_root):
     delta = max((plain.lora[k] - other.lora[k]).abs().max().item() for k in plain.lora)
     assert delta <= tol * max(v.abs().max().item() for v in plain.lora.values())
     assert any(v.abs().max() > 0 for k, v in other.lora.items() if k.endswith("lora_B.weight"))
+
+
+def test_cancel_stops_learning_after_k_steps(tiny_base, concepts_root):
+    steps: list[int] = []
+    with pytest.raises(Cancelled, match="cancelled at step 3"):
+        learn_expert(
+            load_concept(concepts_root / "c-checkbox"),
+            str(tiny_base),
+            FAST.model_copy(update={"steps": 6}),
+            on_step=lambda i, loss: steps.append(i),
+            cancel=lambda: len(steps) >= 3,
+        )
+    assert steps == [0, 1, 2]

@@ -1,10 +1,12 @@
-"""The on-disk library: every learned concept expert (and, later, the consolidated model for the set).
+"""The on-disk library: every learned concept expert, and the consolidated model for the set.
 
     LIB/library.json              manifest: format, base model, experts (name -> content hash)
     LIB/experts/<name>/expert.json       tokens, class word, kind, base, LoRA layout, settings, file hashes
     LIB/experts/<name>/lora.safetensors  "<module>.lora_A.weight" (r, in), "<module>.lora_B.weight" (out, r)
     LIB/experts/<name>/embeddings.safetensors  token_embeddings (n, d) or (L, n, d); stable_embedding (d,)
     LIB/experts/<name>/anchors.safetensors     latents (N, C, h, w) the expert generated, for Step 2
+    LIB/consolidated/              the consolidated model's folder, as its `save_pretrained` writes it
+    LIB/consolidated/files.json    the library's record: the sha256 of every other file in the folder
 
 Every write happens under an exclusive lock (`LIB/.lock`, released by the kernel if the process dies), goes to a
 temporary folder inside LIB and is renamed into place; the manifest is replaced last and is the commit point.
@@ -17,27 +19,26 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from fl2t.data import ConceptSpec
 from fl2t.errors import Fl2tError
-from fl2t.expert import FORMAT, BaseRef, Expert, ExpertRecord, read_expert_record
+from fl2t.expert import FORMAT, SHA256, BaseRef, Expert, ExpertRecord, read_expert_record
 from fl2t.files import atomic_write_json, kill_point, read_json, read_validated
 from fl2t.models import PICKLE_SUFFIXES
 
 MANIFEST = "library.json"
+CONSOLIDATED = "consolidated"  # LIB/consolidated/: the consolidated model's own files, and files.json
+FILES_RECORD = "files.json"
 
 
 class ManifestRecord(BaseModel):
@@ -47,6 +48,24 @@ class ManifestRecord(BaseModel):
     format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
     base: BaseRef | None = None
     experts: dict[str, str] = {}  # name -> content hash
+
+
+class FilesRecord(BaseModel):
+    """Schema of LIB/consolidated/files.json: the sha256 of every other file in the folder, by relative path."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
+    files: dict[str, Annotated[str, Field(pattern=SHA256)]]
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but files.json, keyed by its path relative to `folder`."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in paths
+        if p.relative_to(folder).as_posix() != FILES_RECORD
+    }
 
 
 class Library:
@@ -226,35 +245,44 @@ class Library:
         return record["content_hash"]
 
     # -- the consolidated model ----------------------------------------------------------------------------
-    def consolidated(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and record of LIB/consolidated/ (hash-checked); the record names the set it was made for."""
-        folder = self.path / "consolidated"
-        if not (folder / "consolidated.json").is_file():
+    def consolidated_dir(self) -> Path:
+        """LIB/consolidated/, every file checked against the sha256 the library recorded when it placed the folder
+        (after a writer was killed while replacing it: the parked old one, still valid). Read it with
+        `ConsolidatedModel.from_pretrained`; its config names the set it was made for."""
+        folder = self.path / CONSOLIDATED
+        if not (folder / FILES_RECORD).is_file():
             parked = sorted(self.path.glob(".old-consolidated-*"))
             if not parked:
-                raise Fl2tError(f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`")
-            folder = parked[0]  # a writer was killed while replacing it: the old one is still valid
+                raise Fl2tError(
+                    f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`"
+                )
+            folder = parked[0]
         self._refuse_pickles()
-        record = read_json(folder / "consolidated.json")
-        blob = (folder / "consolidated.safetensors").read_bytes() if (folder / "consolidated.safetensors").is_file() else b""
-        if not isinstance(record, dict) or hashlib.sha256(blob).hexdigest() != record.get("files", {}).get("consolidated.safetensors"):
-            raise Fl2tError(f"{folder}: consolidated model is damaged (hash mismatch); run `fl2t consolidate --library {self.path}`")
+        damaged = Fl2tError(
+            f"{folder}: consolidated model is damaged (hash mismatch); run `fl2t consolidate --library {self.path}`"
+        )
         try:
-            return st_load(blob), record
-        except SafetensorError as e:
-            raise Fl2tError(f"{folder}: not a valid safetensors file ({e})") from None
+            record = FilesRecord(**json.loads((folder / FILES_RECORD).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):  # unreadable, not JSON, or not the schema
+            raise damaged from None
+        if _file_hashes(folder) != record.files:
+            raise damaged
+        return folder
 
-    def save_consolidated(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> str:
-        """Write LIB/consolidated/ atomically; returns the weights' sha256."""
-        blob = st_save(tensors)
-        digest = hashlib.sha256(blob).hexdigest()
+    def save_consolidated(self, write: Callable[[Path], None]) -> dict[str, str]:
+        """Place a consolidated model at LIB/consolidated/ atomically, under the library's lock: `write(folder)`
+        fills a staged folder (`model.save_pretrained`), the library records each file's sha256 in files.json, then
+        renames the folder into place. Returns the recorded hashes (file name -> sha256)."""
         with self._writing() as tmp:
-            staged = tmp / "consolidated"
+            staged = tmp / CONSOLIDATED
             staged.mkdir()
-            (staged / "consolidated.safetensors").write_bytes(blob)
-            atomic_write_json(staged / "consolidated.json", {**record, "format": FORMAT, "files": {"consolidated.safetensors": digest}})
+            write(staged)
+            files = _file_hashes(staged)
+            if not files or FILES_RECORD in files:
+                raise ValueError(f"the consolidated model's writer must write its files, and no {FILES_RECORD}")
+            atomic_write_json(staged / FILES_RECORD, FilesRecord(files=files).model_dump())
             kill_point("consolidated-staged")
-            final = self.path / "consolidated"
+            final = self.path / CONSOLIDATED
             if final.exists():
                 os.replace(final, self.path / f".old-consolidated-{uuid.uuid4().hex[:8]}")
                 kill_point("consolidated-parked")
@@ -262,7 +290,7 @@ class Library:
             kill_point("consolidated-renamed")
             for old in self.path.glob(".old-consolidated-*"):
                 shutil.rmtree(old)
-        return digest
+        return files
 
     def remove(self, name: str) -> None:
         """Take a concept out of the library (its consolidated model then no longer matches the set)."""

@@ -1,6 +1,14 @@
-"""Step 2: consolidating a library's experts (DESIGN §3)."""
+"""Step 2: consolidating a library's experts (DESIGN §3).
 
-from fl2t.consolidate.model import ConsolidatedModel, ProxyDecoderLayer
-from fl2t.consolidate.train import canonical, consolidate, load_consolidated, save_consolidated, set_hash
+    model = consolidate(lib, settings)                # train (train.py)
+    lib.save_consolidated(model.save_pretrained)      # place it in LIB/consolidated/, atomically
+    pipe = FL2TPipeline.from_pretrained(library=lib)  # generate (pipeline.py)
 
-__all__ = ["ConsolidatedModel", "ProxyDecoderLayer", "canonical", "consolidate", "load_consolidated", "save_consolidated", "set_hash"]
+`model.py` holds the model and its on-disk form, `common.py` what training and inference share.
+"""
+
+from fl2t.consolidate.common import canonical, set_hash
+from fl2t.consolidate.model import ConsolidatedConfig, ConsolidatedModel, ProxyDecoderLayer
+from fl2t.consolidate.train import consolidate
+
+__all__ = ["ConsolidatedConfig", "ConsolidatedModel", "ProxyDecoderLayer", "canonical", "consolidate", "set_hash"]

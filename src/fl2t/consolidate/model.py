@@ -3,23 +3,66 @@
 Shapes: G concepts, d the text encoder's width, T prompt tokens, L adapted UNet layers, r the LoRA rank.
 Nothing here is indexed by a concept's position: every weight is shared across concepts, and the proxies
 carry no positional encoding, so permuting the concepts permutes every output the same way.
+
+On disk, as diffusers models are: `save_pretrained(folder)` writes `config.json` (a `ConsolidatedConfig`: the
+settings, every shape needed to rebuild the model, the set it was made for) beside `model.safetensors`;
+`from_pretrained(folder)` reads them back. `Library.save_consolidated` places such a folder in a library.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from fl2t.config import ConsolidateSettings
+from fl2t.errors import Fl2tError
+from fl2t.expert import FORMAT, SHA256
+from fl2t.files import atomic_write_bytes, atomic_write_json, read_validated
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ConceptRef(BaseModel):
+    """One expert of the set: its name and content hash."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    content_hash: str = Field(pattern=SHA256)
+
+
+class ConsolidatedConfig(BaseModel):
+    """config.json of a consolidated model."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
+    settings: ConsolidateSettings
+    n_concepts: int = Field(ge=1)  # G
+    width: int = Field(ge=1)  # d, the text encoder's width
+    rank: int = Field(ge=1)  # r, the experts' largest LoRA rank
+    layer_shapes: dict[str, tuple[int, int]]  # adapted UNet layer -> (in, out) features, in the experts' stack order
+    set_hash: str = ""  # the set it was made for (`fl2t.consolidate.set_hash`); empty for a model made by hand
+    concepts: list[ConceptRef] = []  # the set's experts in canonical order (empty for a model made by hand)
+
+    @model_validator(mode="after")
+    def _one_concept_per_proxy(self) -> ConsolidatedConfig:
+        if self.concepts and len(self.concepts) != self.n_concepts:
+            raise ValueError(f"{len(self.concepts)} concepts for {self.n_concepts} proxies")
+        return self
 
 
 class ProxyDecoderLayer(nn.Module):
     """Pre-norm block: self-attention among proxies, cross-attention proxies -> prompt tokens, MLP."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: int, proxy_attention: bool):
+    def __init__(self, d: int, heads: int, mlp_ratio: int, proxy_attention: bool) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(d) if proxy_attention else None
         self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True) if proxy_attention else None
@@ -39,17 +82,26 @@ class ProxyDecoderLayer(nn.Module):
 
 
 class ConsolidatedModel(nn.Module):
-    """proxies (G, d) -> decoder(prompt) -> Z (B, G, d) -> relevance alpha (B, L, G) and gates gamma (B, L, G, r)."""
+    """proxies (G, d) -> decoder(prompt) -> Z (B, G, d) -> relevance alpha (B, L, G) and gates gamma (B, L, G, r).
 
-    def __init__(self, proxies: torch.Tensor, layer_shapes: dict[str, tuple[int, int]], rank: int, settings: ConsolidateSettings):
+    `proxies` initialises P (G, d), normally from the experts' C_g; without it, zeros (weights to be loaded).
+    """
+
+    def __init__(self, config: ConsolidatedConfig, proxies: torch.Tensor | None = None) -> None:
         super().__init__()
-        G, d = proxies.shape
-        L = len(layer_shapes)
+        self.config = config
+        settings = config.settings
+        G, d, L = config.n_concepts, config.width, len(config.layer_shapes)
+        if proxies is None:
+            proxies = torch.zeros(G, d)
+        if tuple(proxies.shape) != (G, d):
+            raise ValueError(f"proxies of shape {tuple(proxies.shape)} for a config of G={G}, d={d}")
         heads = settings.heads if d % settings.heads == 0 else 1
-        self.rank = rank
+        self.rank = config.rank
         self.proxies = nn.Parameter(proxies.detach().clone().float())  # (G, d), initialised from C_g
         self.layers = nn.ModuleList(
-            ProxyDecoderLayer(d, heads, settings.mlp_ratio, settings.proxy_attention) for _ in range(settings.decoder_layers)
+            ProxyDecoderLayer(d, heads, settings.mlp_ratio, settings.proxy_attention)
+            for _ in range(settings.decoder_layers)
         )
         self.out_norm = nn.LayerNorm(d)
         self.relevance = nn.Linear(d, L)  # s_{l,g} = head_l(Z_g), all L heads in one matrix
@@ -59,7 +111,7 @@ class ConsolidatedModel(nn.Module):
         # matched some proxy better than concept prompts matched their own.) Scale and threshold set by `init_routing`.
         self.match_scale = nn.Parameter(torch.ones(L))
         self.none_logit = nn.Parameter(torch.zeros(L))  # per layer, the logit of "none of them"
-        self.gate = nn.Linear(d, L * rank) if settings.gates else None
+        self.gate = nn.Linear(d, L * config.rank) if settings.gates else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, 3.0)  # gamma starts near 1: every feature of an expert in use
@@ -69,12 +121,52 @@ class ConsolidatedModel(nn.Module):
         self.shared_B = nn.ParameterDict()
         if settings.shared:
             g = torch.Generator().manual_seed(0)
-            for name, (fan_in, fan_out) in layer_shapes.items():
+            for name, (fan_in, fan_out) in config.layer_shapes.items():
                 key = name.replace(".", "__")
                 self.shared_A[key] = nn.Parameter(torch.randn(settings.shared_rank, fan_in, generator=g) / fan_in**0.5)
                 self.shared_B[key] = nn.Parameter(torch.zeros(fan_out, settings.shared_rank))
 
+    # -- on disk ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write config.json and model.safetensors (float32) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors))
+        atomic_write_json(folder / CONFIG_NAME, self.config.model_dump(mode="json"), sort_keys=False)
+
+    @staticmethod
+    def load_config(folder: str | Path) -> ConsolidatedConfig:
+        """The config.json of a saved model, validated; cheap (no weights read)."""
+        return read_validated(ConsolidatedConfig, Path(folder) / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ConsolidatedModel:
+        """The model saved in `folder` by `save_pretrained`, in eval mode, on the CPU. Reads safetensors only."""
+        folder = Path(folder)
+        config = cls.load_config(folder)
+        path = folder / WEIGHTS_NAME
+        try:
+            tensors = st_load(path.read_bytes())
+        except OSError as e:
+            raise Fl2tError(
+                f"{path}: cannot be read ({e}); consolidate the library again (`fl2t consolidate`)"
+            ) from None
+        except SafetensorError as e:
+            raise Fl2tError(f"{path}: not a valid safetensors file ({e})") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise Fl2tError(
+                f"{folder}: consolidated weights do not fit this version of fl2t ({str(e).splitlines()[0]}); "
+                "consolidate the library again (`fl2t consolidate`)"
+            ) from None
+        return model.eval()
+
+    # -- the forward pass ---------------------------------------------------------------------------------------
     def shared_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The shared LoRA per layer, (A (r_s, in), B (out, r_s)); None when the settings have none."""
         if not len(self.shared_A):
             return None
         return {k.replace("__", "."): (self.shared_A[k], self.shared_B[k]) for k in self.shared_A}
@@ -106,13 +198,18 @@ class ConsolidatedModel(nn.Module):
             gamma = torch.sigmoid(self.gate(z).view(B, G, -1, self.rank)).transpose(1, 2)  # (B, L, G, r)
         return alpha, gamma
 
-    def forward(self, text: torch.Tensor, text_pad: torch.Tensor, named: torch.Tensor):
-        """named (B, G): the share of each concept's tokens each prompt contains (`concepts_named`)."""
+    def forward(
+        self, text: torch.Tensor, text_pad: torch.Tensor, named: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """alpha (B, L, G), gamma (B, L, G, r) or None, Z (B, G, d); named (B, G): the share of each concept's
+        tokens each prompt contains (`concepts_named`)."""
         z = self.decode(text, text_pad)
         alpha, gamma = self.weights(z, named)
         return alpha, gamma, z
 
-    def contrastive_loss(self, text: torch.Tensor, text_pad: torch.Tensor, z: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    def contrastive_loss(
+        self, text: torch.Tensor, text_pad: torch.Tensor, z: torch.Tensor, positives: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         """InfoNCE between the pooled prompt state and the decoded proxies; positives (B, G) bool, >= 1 per row."""
         keep = (~text_pad).unsqueeze(-1).float()
         pooled = self.prompt_proj((text * keep).sum(1) / keep.sum(1).clamp(min=1))  # (B, d)

@@ -8,13 +8,17 @@ classifier-free guidance alike) runs on the fused weights, and the UNet gets its
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from fl2t.consolidate.train import canonical, concepts_named, load_consolidated, prompt_states
+from fl2t.consolidate.common import canonical, concepts_named, prompt_states, set_hash
+from fl2t.consolidate.model import ConsolidatedModel
 from fl2t.errors import Fl2tError
+from fl2t.expert import Expert
+from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.pipeline import ExpertPipeline
 
@@ -24,6 +28,8 @@ class FL2TPipeline(ExpertPipeline):
 
         pipe = FL2TPipeline.from_pretrained(library="my-lib")
         image = pipe("a photo of <my-dog> dog next to <my-toy> toy").images[0]
+
+    The relevance and gates come from the library's consolidated model, which must be for its current set.
     """
 
     @classmethod
@@ -34,15 +40,14 @@ class FL2TPipeline(ExpertPipeline):
         library: str | Path | Library,
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
-    ) -> "FL2TPipeline":
+    ) -> FL2TPipeline:
         self, lib = cls.for_library(library, pretrained_model_name_or_path, torch_dtype)
         self.experts = canonical(lib.experts())
         for e in self.experts:
             self.add_expert_tokens(e)
         if device is not None:
             self.to(device)
-        self.consolidated, self.aggregated = load_consolidated(lib, self.experts, self)
-        self.consolidated.to(self.unet.device)
+        self.consolidated, self.aggregated = _load_consolidated(lib, self.experts, self.unet)
         return self
 
     @property
@@ -64,7 +69,13 @@ class FL2TPipeline(ExpertPipeline):
             out[name] = {**dict(zip(self.concept_names, row)), "none": max(0.0, 1.0 - sum(row))}
         return out
 
-    def __call__(self, prompt: str | list[str] | None = None, *args, negative_prompt=None, **kwargs):
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *args: Any,
+        negative_prompt: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
         if prompt is None or kwargs.get("prompt_embeds") is not None:
             raise Fl2tError("FL2TPipeline needs the prompt text (it picks the concepts from it), not prompt_embeds")
         if args:
@@ -80,7 +91,8 @@ class FL2TPipeline(ExpertPipeline):
             self.aggregated.fuse(alpha, gamma, shared=True)
             try:
                 neg = [negatives[i] for i in idx]
-                out = super().__call__([p] * len(idx), negative_prompt=None if all(x is None for x in neg) else neg, **kwargs)
+                neg = None if all(x is None for x in neg) else neg
+                out = super().__call__([p] * len(idx), negative_prompt=neg, **kwargs)
             finally:
                 self.aggregated.unfuse()
             for j, i in enumerate(idx):
@@ -93,3 +105,24 @@ class FL2TPipeline(ExpertPipeline):
         if not return_dict:
             return (flat, None)
         return StableDiffusionPipelineOutput(images=flat, nsfw_content_detected=None)
+
+
+def _load_consolidated(
+    lib: Library, experts: list[Expert], unet: torch.nn.Module
+) -> tuple[ConsolidatedModel, AggregatedLoRA]:
+    """The library's consolidated model for exactly these experts (canonical order), on the UNet's device, its
+    update hooked into the UNet."""
+    folder = lib.consolidated_dir()
+    if ConsolidatedModel.load_config(folder).set_hash != set_hash(experts):
+        raise Fl2tError(
+            f"library {lib.path}: the consolidated model is for another set of concepts; "
+            f"run `fl2t consolidate --library {lib.path}`"
+        )
+    model = ConsolidatedModel.from_pretrained(folder).to(unet.device)
+    stack = stack_experts(experts, unet)
+    if list(model.config.layer_shapes) != stack.modules:
+        raise Fl2tError(
+            f"library {lib.path}: the consolidated model adapts other UNet layers than its experts; "
+            f"run `fl2t consolidate --library {lib.path}`"
+        )
+    return model, AggregatedLoRA(unet, stack, model.shared_factors())

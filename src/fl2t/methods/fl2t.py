@@ -8,9 +8,8 @@ import functools
 import torch
 from diffusers import StableDiffusionPipeline
 
-from fl2t.consolidate import consolidate, save_consolidated
+from fl2t.consolidate import ConsolidatedModel, consolidate, set_hash
 from fl2t.consolidate.pipeline import FL2TPipeline
-from fl2t.consolidate.train import canonical, set_hash
 from fl2t.errors import Fl2tError
 from fl2t.methods.base import AloneMethod
 from fl2t.sampling import Sampler
@@ -22,13 +21,12 @@ class FL2T(AloneMethod):
     def consolidate(self) -> None:
         lib = self.library
         try:
-            _, record = lib.consolidated()
-            if record.get("set_hash") == set_hash(canonical(lib.experts())):
+            if ConsolidatedModel.load_config(lib.consolidated_dir()).set_hash == set_hash(lib.experts()):
                 return  # already consolidated for this set (a resumed run)
         except Fl2tError:
             pass
-        model, record = consolidate(lib, self.ctx.consolidate, base=self.ctx.base, on_step=self.ctx.on_step)
-        save_consolidated(lib, model, record)
+        model = consolidate(lib, self.ctx.consolidate, base=self.ctx.base, on_step=self.ctx.on_step)
+        lib.save_consolidated(model.save_pretrained)
 
     def sampler(self, concept: str | None = None) -> Sampler:
         """The consolidated library. For a batch of different prompts each image gets its prompt's alpha and gamma
