@@ -10,7 +10,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from fl2t.config import ConsolidateSettings, LearnSettings
-from fl2t.consolidate import consolidate, save_consolidated
+from fl2t.consolidate import consolidate
 from fl2t.data import load_concept
 from fl2t.experts import learn_expert
 from fl2t.library import Library
@@ -101,5 +101,5 @@ def consolidated_library(tmp_path_factory, four_experts):
     lib = Library(tmp_path_factory.mktemp("cons") / "library")
     for e in four_experts[:2]:
         lib.add(e)
-    save_consolidated(lib, *consolidate(lib, STEP2))
+    lib.save_consolidated(consolidate(lib, STEP2).save_pretrained)
     return lib.path

@@ -21,7 +21,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from fl2t.config import ConsolidateSettings, LearnSettings
-from fl2t.consolidate import consolidate, save_consolidated
+from fl2t.consolidate import consolidate
 from fl2t.data import Concept, load_concept
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
@@ -221,11 +221,11 @@ def consolidate_library(
     settings = settings or ConsolidateSettings()
     lib = open_library(library)
     with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
-        model, record = consolidate(
+        model = consolidate(
             lib, settings, base=base, on_step=lambda i, loss: update(i + 1, f"loss {loss:.4f}"), cancel=cancel
         )
-    save_consolidated(lib, model, record)
-    return record["set_hash"]
+    lib.save_consolidated(model.save_pretrained)
+    return model.config.set_hash
 
 
 def forget(

@@ -153,7 +153,7 @@ def _consolidation_row(
 ) -> dict:
     """Step 2 on the library of G concepts: time per step after the first, time to the first step, peak memory of
     both phases. The consolidated model is saved for generation."""
-    from fl2t.consolidate import consolidate, save_consolidated
+    from fl2t.consolidate import consolidate
 
     say(f"  Step 2, G={G}: {settings.consolidate_steps} steps")
     ends: list[float] = []
@@ -166,8 +166,8 @@ def _consolidation_row(
 
         start = time.perf_counter()
         cs = ConsolidateSettings(steps=settings.consolidate_steps, seed=settings.seed)
-        model, record = consolidate(lib, cs, base=base, on_step=on_step)
-    save_consolidated(lib, model, record)
+        model = consolidate(lib, cs, base=base, on_step=on_step)
+    lib.save_consolidated(model.save_pretrained)
     del model
     step_times = [b - a for a, b in zip(ends, ends[1:])]
     return {

@@ -118,11 +118,12 @@ def _image(pipe: Any, prompt: str, settings: SpeedSettings) -> Callable[..., Any
 
 def _ensure_consolidated(lib: Library, G: int, settings: SpeedSettings, base: str, say: Say) -> None:
     """Give the library a consolidated model if it has none (Step 2 has usually saved one already)."""
-    from fl2t.consolidate import consolidate, save_consolidated
+    from fl2t.consolidate import consolidate
 
     if not (lib.path / "consolidated").is_dir():
         say(f"  G={G}: consolidating (1 step; speed does not depend on training)")
-        save_consolidated(lib, *consolidate(lib, ConsolidateSettings(steps=1, seed=settings.seed), base=base))
+        model = consolidate(lib, ConsolidateSettings(steps=1, seed=settings.seed), base=base)
+        lib.save_consolidated(model.save_pretrained)
 
 
 def _fl2t_variants(fl2t: Any, prompt: str, settings: SpeedSettings) -> tuple[Callable[..., Any], Callable[[], None]]:
