@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
 
 from fl2t.errors import Fl2tError
 
 
-def _load(cls, name: str | Path, what: str):
+def _load(cls: type, name: str | Path, what: str) -> Any:
     try:
         return cls.from_pretrained(str(name), use_safetensors=True)
     except OSError as e:
@@ -32,7 +34,7 @@ def _load(cls, name: str | Path, what: str):
 class ClipEvaluator:
     """CLIP image and text embeddings, unit norm. Loads any CLIPModel folder or hub id."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model.eval()
         self.processor = processor
 
@@ -62,7 +64,7 @@ class ClipEvaluator:
 class DinoEvaluator:
     """DINO ViT CLS features, unit norm (the field uses facebook/dino-vits16). Any transformers ViT folder."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model.eval()
         self.processor = processor
 

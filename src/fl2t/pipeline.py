@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -52,7 +53,9 @@ class ExpertPipeline(StableDiffusionPipeline):
         return self
 
     @classmethod
-    def for_library(cls, library: str | Path | Library, base: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    def for_library(
+        cls, library: str | Path | Library, base: str | None = None, torch_dtype: torch.dtype = torch.float32
+    ) -> tuple[ExpertPipeline, Library]:
         """(a pipeline on the library's base model, or `base` of the same architecture, with no expert yet; the library)"""
         lib = library if isinstance(library, Library) else Library(library)
         if not lib.exists:
@@ -92,7 +95,17 @@ class ExpertPipeline(StableDiffusionPipeline):
         else:
             add_tokens(self.tokenizer, self.text_encoder, expert.spec.tokens, rows=expert.token_embeddings)
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, **kwargs):
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hooks = self.token_hooks
         if not hooks or prompt_embeds is not None:
             return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds, **kwargs)

@@ -8,8 +8,10 @@ the L results concatenated along the token axis, `(B, L*T, D)`; each cross-atten
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -104,7 +106,15 @@ class LayerwiseCrossAttnProcessor:
         self.n_layers = n_layers
         self.inner = AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.chunk(self.n_layers, dim=1)[self.index]
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
