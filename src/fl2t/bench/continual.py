@@ -202,6 +202,7 @@ class Benchmark:
         self._dino: DinoEvaluator | None = None
         self._eval: dict[str, Evaluated] = {}
         self._status: Callable[[str], None] = lambda text: None
+        self._step: Callable[[int, float], None] = lambda i, loss: None
         # A concept's images under a method that samples each concept alone: (workdir, concept) -> images, CLIP
         self._per_concept: dict[tuple[str, str], tuple[list[Image.Image], torch.Tensor]] = {}
 
@@ -357,9 +358,18 @@ class Benchmark:
             return
         with self.progress() as p:
             task = p.add_task(name, total=total, info="")
-            self._status = lambda text: p.update(task, info=text)
+            phase = [""]
+
+            def status(text: str) -> None:
+                phase[0] = text
+                p.update(task, info=text)
+
+            self._status = status
+            # Training steps show beside the phase, so a log gets a line every few seconds, not one per task.
+            self._step = lambda i, loss: p.update(task, info=f"{phase[0]}: step {i + 1}, loss {loss:.4f}")
             yield lambda n=1: p.advance(task, n)
         self._status = lambda text: None
+        self._step = lambda i, loss: None
 
     def method(self, name: str, k: int) -> Method:
         """Method `name` with its state for order k, and its own settings from the config (or its defaults)."""
@@ -372,6 +382,7 @@ class Benchmark:
             store=self.out / "experts",
             consolidate=self.cfg.consolidate,
             settings=self.cfg.methods.get(name),  # None: the method's defaults
+            on_step=lambda i, loss: self._step(i, loss),
         )
         return METHODS[name](ctx)
 
