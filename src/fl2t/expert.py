@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,16 @@ from safetensors.torch import save as st_save
 from fl2t.data import ConceptSpec
 from fl2t.errors import Fl2tError
 from fl2t.files import atomic_write_json, read_validated
+from fl2t.models import base_name
 
 FORMAT = 1
 WEIGHT_FILES = ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors")
 SHA256 = r"^[0-9a-f]{64}$"
+
+
+def set_hash_of(content_hashes: Iterable[str]) -> str:
+    """A set of experts' identity: sha256 over their content hashes, in any order (`fl2t.consolidate.set_hash`)."""
+    return hashlib.sha256("".join(sorted(content_hashes)).encode()).hexdigest()
 
 
 class BaseRef(BaseModel):
@@ -114,7 +121,7 @@ class Expert:
         return {
             "format": FORMAT,
             **self.spec.model_dump(),
-            "base": self.base,
+            "base": {**self.base, "id": base_name(self.base["id"])},  # the built-in world by name: portable
             "rank": self.rank,
             "layerwise": self.layerwise,
             "modules": len(self.modules),
@@ -140,7 +147,7 @@ class Expert:
         return record
 
     @classmethod
-    def load(cls, folder: Path) -> "Expert":
+    def load(cls, folder: Path) -> Expert:
         record = read_expert_record(folder)
         tensors = {}
         for fname in WEIGHT_FILES:
@@ -173,7 +180,7 @@ class Expert:
 def read_expert_record(folder: Path) -> ExpertRecord:
     record = read_validated(ExpertRecord, folder / "expert.json")
     try:
-        record.spec
+        _ = record.spec
     except ValidationError as e:
         raise Fl2tError(f"{folder / 'expert.json'}: {e.errors()[0]['msg']}") from None
     return record

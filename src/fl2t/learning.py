@@ -6,7 +6,8 @@ the command line, the web app, the demo and the Python API all call.
 
 `learn` validates everything before training anything (folders, names, tokens, the base and the library), learns
 each concept alone (Step 1, spread over processes under torchrun/accelerate launch), adds the experts to the
-library and consolidates the new set (Step 2). Progress goes to a `track(label, total)` callable (see
+library (one version each) and consolidates the new set (Step 2), measuring each concept's fidelity; a consolidation
+that loses more than `gate_threshold` of some concept's fidelity is kept as a candidate version, not made current. Progress goes to a `track(label, total)` callable (see
 `fl2t.console.track`); `cancel()` returning True stops the work at the next step and puts the library back as it
 was before the call.
 """
@@ -22,6 +23,9 @@ from diffusers import StableDiffusionPipeline
 
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.consolidate import consolidate
+from fl2t.consolidate.fidelity import fidelity
+from fl2t.consolidate.model import ConsolidatedModel
+from fl2t.consolidate.train import build_pipeline
 from fl2t.data import Concept, load_concept
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
@@ -34,6 +38,24 @@ from fl2t.text import check_new_tokens
 Update = Callable[..., None]
 Track = Callable[[str, int], AbstractContextManager[Update]]
 Cancel = Callable[[], bool]
+
+# The regression gate's default: the largest fidelity drop allowed for any concept. Measured on the tiny test libraries
+# (tests/test_library_history.py, `test_gate_threshold_measurement`): consolidating the same set again with another seed
+# moved a concept's fidelity by at most ~0.02, and a lost concept (its expert zeroed) dropped it by ~1.
+GATE_THRESHOLD = 0.1
+
+
+class FidelityDropped(Fl2tError):
+    """The regression gate refused a consolidation: it is recorded as candidate version `version`, not current."""
+
+    def __init__(self, library: Path, version: int, drops: dict[str, float]):
+        self.version, self.drops = version, drops
+        lost = ", ".join(f"{n} {-d:+.3f}" for n, d in sorted(drops.items()))
+        super().__init__(
+            f"library {library}: consolidation lowered the fidelity of {lost}; kept as candidate version {version}, "
+            f"not made current (make it current: `fl2t library rollback {library} {version}`, or consolidate with "
+            "--accept)"
+        )
 
 
 @contextmanager
@@ -53,7 +75,9 @@ class LearnResult:
     library: Path
     learned: list[Learned] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # with resume: already in the library
-    set_hash: str | None = None  # the consolidated set, when Step 2 ran
+    set_hash: str | None = None  # the consolidated set, when Step 2 ran and was made current
+    gate: str | None = None  # the regression gate's result in one line, when Step 2 ran
+    refused: FidelityDropped | None = None  # the gate refused the consolidation (kept as a candidate version)
 
 
 def open_library(path: str | Path) -> Library:
@@ -131,6 +155,8 @@ def learn(
     resume: bool = False,
     data_parallel: bool = False,
     consolidate_after: bool = True,
+    accept: bool = False,
+    gate_threshold: float = GATE_THRESHOLD,
     track: Track = _no_track,
     say: Callable[[str], None] = lambda msg: None,
     on_learned: Callable[[Learned], None] | None = None,
@@ -192,7 +218,14 @@ def learn(
     try:
         learn_concepts(concepts, lib, learn_one, add, data_parallel=data_parallel, say=say)
         if consolidate_after and proc.is_main_process and concepts:
-            result.set_hash = consolidate_library(lib.path, cons_settings, base=base, track=track, cancel=cancel)
+            try:
+                result.set_hash = consolidate_library(
+                    lib.path, cons_settings, base=base, track=track, cancel=cancel, accept=accept,
+                    gate_threshold=gate_threshold,
+                )
+                result.gate = gate_line(lib)
+            except FidelityDropped as refused:
+                result.refused, result.gate = refused, f"fidelity gate: refused; {refused}"
     except Cancelled:
         if proc.is_main_process:
             _restore(lib, [x.name for x in result.learned], before)
@@ -216,16 +249,44 @@ def consolidate_library(
     base: str | None = None,
     track: Track = _no_track,
     cancel: Cancel | None = None,
+    accept: bool = False,
+    gate_threshold: float = GATE_THRESHOLD,
 ) -> str:
-    """Step 2 for the library's current set, saved into LIB/consolidated/; returns the set hash."""
+    """Step 2 for the library's current set, saved into LIB/consolidated/ as a new version with each concept's
+    fidelity; returns the set hash. Raises `FidelityDropped` (the version kept as a candidate) when some concept's
+    fidelity fell by more than `gate_threshold` from the current version's, unless `accept`."""
     settings = settings or ConsolidateSettings()
     lib = open_library(library)
     with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
         model = consolidate(
             lib, settings, base=base, on_step=lambda i, loss: update(i + 1, f"loss {loss:.4f}"), cancel=cancel
         )
-    lib.save_consolidated(model.save_pretrained)
+    scores = measure_fidelity(lib, model, base)
+    before = lib.fidelity()
+    drops = {n: before[n] - f for n, f in scores.items() if n in before and before[n] - f > gate_threshold}
+    refuse = bool(drops) and not accept
+    lib.save_consolidated(model.save_pretrained, set_hash=model.config.set_hash, fidelity=scores, candidate=refuse)
+    if refuse:
+        raise FidelityDropped(lib.path, lib.manifest().latest or 0, drops)
     return model.config.set_hash
+
+
+def measure_fidelity(lib: Library, model: ConsolidatedModel | None, base: str | None = None) -> dict[str, float]:
+    """Per concept, the fidelity of `model` (None: the bare base model) to the library's experts (DESIGN §4)."""
+    experts = lib.experts()
+    pipe = build_pipeline(lib, experts, base)
+    if model is not None:
+        model = model.to(pipe.unet.device)
+    return fidelity(pipe, experts, model)
+
+
+def gate_line(lib: Library) -> str:
+    """The current version's fidelity in one line: "fidelity gate: passed; lowest c-dog 0.91 (version 7)"."""
+    current = lib.current()
+    if current is None or not current.fidelity:
+        return "fidelity gate: not measured"
+    name, low = min(current.fidelity.items(), key=lambda kv: kv[1])
+    return f"fidelity gate: passed; lowest {name} {low:.3f} (version {current.number})"
 
 
 def forget(
@@ -240,5 +301,5 @@ def forget(
     lib = open_library(library)
     lib.remove(name)
     if consolidate_after and lib.names():
-        return consolidate_library(lib.path, settings, track=track)
+        return consolidate_library(lib.path, settings, track=track, accept=True)  # not gated: the user asked for it
     return None

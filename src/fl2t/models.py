@@ -34,19 +34,40 @@ def clip_tokenizer() -> CLIPTokenizer:
     )
 
 
-def default_base() -> str | None:
-    """The base model used when neither --base nor a library names one: the tiny world's, when shipped."""
+WORLD_BASE = "fl2t:world"  # the built-in tiny world's base model, by name: a library made on it is portable
+
+
+def _world_base_dir() -> Path:
     from fl2t.world import WEIGHTS_DIR
 
-    base = WEIGHTS_DIR / "base"
-    return str(base) if (base / "model_index.json").is_file() else None
+    return WEIGHTS_DIR / "base"
+
+
+def default_base() -> str | None:
+    """The base model used when neither --base nor a library names one: the tiny world's ("fl2t:world"), when
+    shipped."""
+    return WORLD_BASE if (_world_base_dir() / "model_index.json").is_file() else None
+
+
+def base_name(base: str | Path) -> str:
+    """How a library records a base model: the built-in world's weights by name ("fl2t:world"), wherever fl2t is
+    installed (a path ending in fl2t/world/weights/base, as older libraries recorded it, included); else as given."""
+    text = str(base)
+    if text == WORLD_BASE or Path(text).as_posix().rstrip("/").endswith("fl2t/world/weights/base"):
+        return WORLD_BASE
+    return text
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def load_base(base: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline from a local diffusers folder or a hub id (safetensors weights only)."""
+    """Load a Stable Diffusion pipeline from a local diffusers folder, a hub id, or "fl2t:world" (the built-in
+    tiny world's), safetensors weights only."""
+    if base_name(base) == WORLD_BASE:
+        if not (_world_base_dir() / "model_index.json").is_file():
+            raise Fl2tError(f"--base {base}: the tiny world's weights are not installed; build them with `fl2t world build`")
+        base = _world_base_dir()
     path = Path(base).expanduser()
     if path.is_file():
         kind = "a pickled checkpoint" if path.suffix.lower() in PICKLE_SUFFIXES else "a file"

@@ -1,0 +1,206 @@
+"""Library history: every change a version, rollback byte for byte, gc, fidelity per concept, the regression gate,
+format migration, portable base names."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import STEP2
+from fl2t.consolidate import canonical
+from fl2t.consolidate.train import build_pipeline, new_model
+from fl2t.consolidate.fidelity import fidelity
+from fl2t.errors import Fl2tError
+from fl2t.learning import FidelityDropped, consolidate_library, measure_fidelity
+from fl2t.library import Library
+from fl2t.models import WORLD_BASE, base_name
+
+FIXTURE = Path(__file__).parent / "fixtures" / "library-format1"
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file of a library's current state (experts/ and consolidated/), by relative path."""
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes()
+        for sub in ("experts", "consolidated")
+        for p in sorted((path / sub).rglob("*"))
+        if p.is_file()
+    }
+
+
+def fl2t(args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)], capture_output=True, text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def oracle(lib: Library, base) -> "torch.nn.Module":
+    """A consolidated model that gives a named concept's expert its full weight and nothing else: the experts
+    themselves (relevance heads zero, a large match scale, gates fully open, no shared LoRA)."""
+    experts = canonical(lib.experts())
+    pipe = build_pipeline(lib, experts, str(base))
+    model, agg = new_model(pipe, experts, STEP2.model_copy(update={"shared": False}))
+    agg.remove()
+    with torch.no_grad():
+        model.relevance.weight.zero_()
+        model.relevance.bias.zero_()
+        model.match_scale.fill_(60.0)
+        model.none_logit.fill_(30.0)
+        if model.gate is not None:
+            model.gate.weight.zero_()
+            model.gate.bias.fill_(60.0)
+    return model
+
+
+@pytest.fixture
+def two(tmp_path, four_experts) -> Library:
+    lib = Library(tmp_path / "lib")
+    for e in four_experts[:2]:
+        lib.add(e)
+    return lib
+
+
+def test_every_change_is_a_version_and_rollback_restores_each_byte_for_byte(two, four_experts, tiny_base):
+    lib = two
+    states = {v.number: None for v in lib.versions()}
+    assert [v.change for v in lib.versions()] == [f"learn {four_experts[0].name}", f"learn {four_experts[1].name}"]
+    states[2] = tree(lib.path)
+    consolidate_library(lib.path, STEP2, base=str(tiny_base))
+    states[3] = tree(lib.path)
+    lib.add(four_experts[2])
+    lib.remove(four_experts[0].name)
+    states[5] = tree(lib.path)
+    assert [v.number for v in lib.versions()] == [1, 2, 3, 4, 5] and lib.current().number == 5
+    assert lib.versions()[-1].change == f"forget {four_experts[0].name}"
+    assert set(lib.versions()[2].fidelity) == {e.name for e in four_experts[:2]}
+    for n in (2, 3, 5, 3):
+        lib.rollback(n)
+        assert tree(lib.path) == states[n] and lib.current().number == n
+        assert lib.check() == []
+    # an expert shared by every version is stored once
+    objects = lib.path / "history" / "objects"
+    sha = lib.version(1).experts[four_experts[0].name].files["lora.safetensors"]
+    assert (objects / sha).is_file() and len(list(objects.iterdir())) == len({p.name for p in objects.iterdir()})
+    # gc keeps the newest and the current one, and what they use
+    assert lib.gc(2) == [1, 2]
+    assert [v.number for v in lib.versions()] == [3, 4, 5] and lib.check() == []
+    lib.rollback(5)
+    assert tree(lib.path) == states[5]
+    with pytest.raises(Fl2tError, match="has no version 1"):
+        lib.rollback(1)
+
+
+def test_check_finds_a_damaged_file_of_an_old_version(two):
+    sha = next(iter(two.version(1).experts.values())).files["lora.safetensors"]
+    (two.path / "history" / "objects" / sha).write_bytes(b"changed")
+    assert any("version 1" in p and "damaged" in p for p in two.check())
+
+
+@pytest.mark.parametrize("moment", ["staged", "stored", "versioned", "parked", "renamed", "committed"])
+def test_killed_rollback_leaves_the_old_or_the_new_version(moment, two, four_experts, tmp_path):
+    two.add(four_experts[2])
+    old, new = tree(two.path), None
+    two.rollback(2)
+    new = tree(two.path)
+    two.rollback(3)
+    code = f"from fl2t.library import Library; Library({str(two.path)!r}).rollback(2)"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FL2T_KILL_AT": moment}, capture_output=True)
+    killed = r.returncode == -signal.SIGKILL
+    assert killed == (moment not in ("stored", "versioned")), r.stderr  # a rollback stores and records nothing
+    assert two.check() == []
+    now = two.current().number
+    assert now == (2 if moment == "committed" else 3)
+    assert {n: two.expert(n).content_hash for n in two.names()} == {
+        n: e.content_hash for n, e in two.version(now).experts.items()
+    }
+    two.add(four_experts[3])  # the next writer finishes or undoes the rest
+    two.rollback(now)
+    assert tree(two.path) == (new if now == 2 else old)
+
+
+def test_fidelity_is_one_for_the_experts_zero_for_the_base_and_drops_for_a_swapped_expert(two, tiny_base):
+    experts = canonical(two.experts())
+    model = oracle(two, tiny_base)
+    pipe = build_pipeline(two, experts, str(tiny_base))
+    assert all(abs(f - 1) < 1e-3 for f in fidelity(pipe, experts, model).values())
+    assert all(abs(f) < 1e-6 for f in measure_fidelity(two, None, str(tiny_base)).values())
+    a, b = experts
+    swapped = [a, type(b)(**{**b.__dict__, "lora": a.lora})]  # b's concept mixed with a's weights
+    scores = fidelity(pipe, experts, model, student=swapped)
+    assert scores[a.name] > 0.999 and scores[b.name] < 0.5
+
+
+def test_gate_refuses_a_consolidation_that_lost_a_concept_and_accept_overrides(two, tiny_base, monkeypatch, capsys):
+    consolidate_library(two.path, STEP2, base=str(tiny_base))
+    first = two.current()
+    assert first.change == "consolidate" and set(first.fidelity) == set(two.names())
+    consolidate_library(two.path, STEP2.model_copy(update={"seed": 1}), base=str(tiny_base))  # a normal one: kept
+    assert two.current().number == first.number + 1
+    lost = canonical(two.experts())[0]
+
+    def losing(lib, model, base=None):  # the candidate mixes a zeroed expert for `lost`
+        experts = lib.experts()
+        zeroed = [type(e)(**{**e.__dict__, "lora": {k: v * 0 for k, v in e.lora.items()}}) if e.name == lost.name else e
+                  for e in experts]
+        return fidelity(build_pipeline(lib, experts, base), experts, model.to("cpu"), student=zeroed)
+
+    monkeypatch.setattr("fl2t.learning.measure_fidelity", losing)
+    before = tree(two.path)
+    with pytest.raises(FidelityDropped, match=f"lowered the fidelity of {lost.name}") as refused:
+        consolidate_library(two.path, STEP2, base=str(tiny_base))
+    assert list(refused.value.drops) == [lost.name] and refused.value.drops[lost.name] > 0.5
+    assert tree(two.path) == before and two.current().number == first.number + 1
+    candidate = two.version(refused.value.version)
+    assert candidate.candidate and candidate.fidelity[lost.name] < 0.5
+    consolidate_library(two.path, STEP2, base=str(tiny_base), accept=True)
+    assert two.current().fidelity[lost.name] < 0.5
+
+
+def test_cli_history_rollback_gc_and_gate_exit_code(two, tiny_base, monkeypatch):
+    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2"])
+    assert r.returncode == 0, r.stderr
+    assert "fidelity gate: passed" in r.stdout
+    r = fl2t(["library", "history", two.path, "--json"])
+    versions = json.loads(r.stdout)["versions"]
+    assert [v["number"] for v in versions] == [1, 2, 3] and versions[-1]["current"] and versions[-1]["fidelity"]
+    r = fl2t(["library", "history", two.path])
+    assert r.returncode == 0 and "consolidate" in r.stdout
+    r = fl2t(["library", "rollback", two.path, "2"])
+    assert r.returncode == 0 and Library(two.path).current().number == 2, r.stderr
+    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--gate-threshold", "-2"])
+    assert r.returncode == 0  # no version before it had fidelity: nothing to compare
+    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--seed", "4", "--gate-threshold", "-2"])
+    assert r.returncode == 3 and "kept as candidate version 5" in r.stderr, r.stderr
+    assert Library(two.path).current().number == 4
+    r = fl2t(["library", "gc", two.path, "--keep", "1"])
+    assert r.returncode == 0 and [v.number for v in Library(two.path).versions()] == [4, 5]
+
+
+def test_a_library_of_format_1_opens_and_is_migrated_on_its_next_write(tmp_path, tiny_base, four_experts, capsys):
+    shutil.copytree(FIXTURE, tmp_path / "lib")
+    lib = Library(tmp_path / "lib")
+    assert lib.names() == ["c-checks", "c-stripes"] and lib.versions() == [] and lib.check() == []
+    with pytest.raises(Fl2tError, match="no consolidated model"):
+        lib.consolidated_dir()
+    lib.add(four_experts[2])
+    err = capsys.readouterr().err
+    assert "made by an older fl2t and was removed; run `fl2t consolidate" in err and "migrated from format 1" in err
+    assert json.loads((lib.path / "library.json").read_text())["format"] == 2
+    assert [v.change for v in lib.versions()] == ["migrated from format 1", f"learn {four_experts[2].name}"]
+    assert not (lib.path / "consolidated").exists() and lib.check() == []
+    consolidate_library(lib.path, STEP2, base=str(tiny_base))
+    assert set(lib.fidelity()) == {"c-checks", "c-stripes", four_experts[2].name}
+    lib.add(four_experts[3])
+    assert "migrated" not in capsys.readouterr().err  # said once
+
+
+def test_the_built_in_base_is_recorded_by_name():
+    assert base_name("/somewhere/else/site-packages/fl2t/world/weights/base") == WORLD_BASE
+    assert base_name("/data/my-sd") == "/data/my-sd" and base_name("runwayml/sd") == "runwayml/sd"
