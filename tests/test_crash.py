@@ -30,7 +30,7 @@ def settings_file(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("moment", ["step:3", "staged", "parked", "renamed", "committed"])
+@pytest.mark.parametrize("moment", ["step:3", "staged", "stored", "versioned", "parked", "renamed", "committed"])
 def test_killed_replace_leaves_old_or_new_state_and_next_write_cleans_up(
     moment, library_copy, concepts_root, tiny_base, settings_file
 ):
@@ -59,8 +59,10 @@ def test_killed_replace_leaves_old_or_new_state_and_next_write_cleans_up(
     assert sorted(p.name for p in library_copy.iterdir() if p.name != ".checkpoints") == [
         ".lock",
         "experts",
+        "history",
         "library.json",
     ]
+    assert [v.number for v in lib.versions()] == ([1, 2, 3] if moment == "committed" else [1, 2])
 
 
 def test_killed_first_write_of_a_new_library_leaves_a_valid_empty_library(
@@ -130,17 +132,21 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path, c
     assert r.returncode == 0 and not (interrupted / ".checkpoints" / "c-checkbox.safetensors").exists()
 
 
-@pytest.mark.parametrize("moment", ["consolidated-staged", "consolidated-parked", "consolidated-renamed"])
-def test_killed_consolidate_leaves_a_usable_consolidated_model(moment, tmp_path, consolidated_library):
+@pytest.mark.parametrize("moment", ["consolidated-staged", "stored", "versioned", "parked", "renamed", "committed"])
+def test_killed_consolidate_leaves_the_old_or_the_new_version(moment, tmp_path, consolidated_library):
     shutil.copytree(consolidated_library, tmp_path / "lib")
     lib = Library(tmp_path / "lib")
+    version = lib.current().number
     old = (tmp_path / "lib" / "consolidated" / "model.safetensors").read_bytes()
     r = fl2t(["consolidate", "-l", tmp_path / "lib", "--steps", "2", "--seed", "1"], env={"FL2T_KILL_AT": moment})
     assert r.returncode == -signal.SIGKILL, r.stderr
-    lib.consolidated_dir()  # old or new, hash-checked
     assert lib.check() == []
-    now = tmp_path / "lib" / "consolidated" / "model.safetensors"
-    assert (now.is_file() and now.read_bytes() != old) == (moment == "consolidated-renamed")
+    committed = moment == "committed"
+    assert lib.current().number == version + committed
+    now = (lib.consolidated_dir() / "model.safetensors").read_bytes()  # old or new, hash-checked
+    assert (now != old) == committed
     FL2TPipeline.from_pretrained(library=lib)  # loads: the consolidated model matches the set
-    lib.add(lib.expert("c-stripes"), replace=True)  # the next writer cleans up
-    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [".lock", "consolidated", "experts", "library.json"]
+    lib.add(lib.expert("c-stripes"), replace=True)  # the next writer finishes or undoes the rest
+    assert (tmp_path / "lib" / "consolidated" / "model.safetensors").read_bytes() == now
+    listing = sorted(p.name for p in (tmp_path / "lib").iterdir())
+    assert listing == [".lock", "consolidated", "experts", "history", "library.json"]

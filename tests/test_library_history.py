@@ -14,8 +14,8 @@ import torch
 
 from conftest import STEP2
 from fl2t.consolidate import canonical
-from fl2t.consolidate.train import build_pipeline, new_model
 from fl2t.consolidate.fidelity import fidelity
+from fl2t.consolidate.train import build_pipeline, new_model
 from fl2t.errors import Fl2tError
 from fl2t.learning import FidelityDropped, consolidate_library, measure_fidelity
 from fl2t.library import Library
