@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo lint test
+.PHONY: install demo lint test screenshots
 
 $(VENV)/.fl2t-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -11,7 +11,7 @@ $(VENV)/.fl2t-installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
 	  else $(PY) -m pip install torch==2.13.0; fi; }
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,ui]'
 	touch $@
 
 install: $(VENV)/.fl2t-installed
@@ -27,3 +27,8 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# Pictures of the web app's tabs (docs/ui-*.png, shown in the README), taken by the browser test's own steps
+# on the tiny world; a plain `make test` writes nothing into the checkout.
+screenshots: install
+	FL2T_UI_SCREENSHOTS=docs $(PY) -m pytest -q tests/test_ui.py -k browser

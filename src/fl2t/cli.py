@@ -313,6 +313,30 @@ def forget(
         print(f"consolidated {library} [{h[:12]}]")
 
 
+# -- ui ---------------------------------------------------------------------------------------------------
+@app.command()
+def ui(
+    library: Annotated[
+        Path, typer.Option("--library", "-l", metavar="FOLDER", help="Library folder (created by the first learn).")
+    ] = Path("fl2t-library"),
+    base: Annotated[
+        Optional[str],
+        typer.Option(metavar="MODEL", help="Base model: hub id or local diffusers folder. Default: the library's."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address to serve on; other than 127.0.0.1 only when asked.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="N", help="Port to serve on.")] = 7860,
+    config: Annotated[
+        Optional[Path], typer.Option(metavar="FILE", help="YAML settings file (sections 'learn:', 'consolidate:').")
+    ] = None,
+) -> None:
+    """Open the web app for a library: cards, learning with live progress, generation, benchmark reports."""
+    from fl2t.ui import launch
+
+    launch(library, base=base, host=host, port=port, config=config, say=console.say)
+
+
 # -- demo -------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
