@@ -80,6 +80,8 @@ def learn(
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
     data_parallel: Annotated[bool, typer.Option(help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each.")] = False,
     consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards.")] = True,
+    accept: Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")] = False,
+    gate_threshold: Annotated[Optional[float], typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Learn concept expert(s) (Step 1) into a library, then consolidate the new set (Step 2).
@@ -114,15 +116,24 @@ def learn(
             concept_dirs, library, base=base, learn_settings=settings.learn, consolidate_settings=settings.consolidate,
             name=name, tokens=token, class_word=class_word, kind=kind, replace=replace, resume=resume,
             data_parallel=data_parallel, consolidate_after=consolidate_after, track=console.track, say=console.say,
-            on_learned=report,
+            on_learned=report, accept=accept, **gate_option(gate_threshold),
         )
     except Fl2tError:
         if not proc.is_main_process:
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         raise
     if result.set_hash:
         h = result.set_hash
         print(json.dumps({"library": str(result.library), "set_hash": h}) if as_json else f"consolidated {result.library} [{h[:12]}]")
+    if result.gate and not as_json:
+        print(result.gate)
+    if result.refused:
+        raise typer.Exit(3)
+
+
+def gate_option(threshold: Optional[float]) -> dict[str, float]:
+    """--gate-threshold for learn and consolidate: the library's default unless given."""
+    return {} if threshold is None else {"gate_threshold": threshold}
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -209,16 +220,67 @@ def library_show(
 
     lib = open_library(library)
     records = lib.records()
+    fidelity = lib.fidelity()
     if as_json:
-        print(json.dumps({"base": lib.base, "experts": {n: r.model_dump() for n, r in records.items()}}, indent=2))
+        print(json.dumps({"base": lib.base, "experts": {n: r.model_dump() for n, r in records.items()},
+                          "version": lib.manifest().version, "fidelity": fidelity}, indent=2))
         return
-    table = Table(title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'})")
-    for col in ("concept", "tokens", "class", "kind", "rank", "layer-wise", "steps", "hash"):
+    table = Table(title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'}, version {lib.manifest().version or '-'})")
+    for col in ("concept", "tokens", "class", "kind", "rank", "layer-wise", "steps", "fidelity", "hash"):
         table.add_column(col)
     for n, r in records.items():
         table.add_row(n, " ".join(r.tokens), r.class_word, r.kind, str(r.rank), "yes" if r.layerwise else "no",
-                      str(r.settings.get("steps", "")), r.content_hash[:12])
+                      str(r.settings.get("steps", "")), f"{fidelity[n]:.3f}" if n in fidelity else "-", r.content_hash[:12])
     Console().print(table)
+
+
+@library_app.command("history")
+def library_history(
+    library: Annotated[Path, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List a library's versions: number, time, what changed, the set's hash, each concept's fidelity."""
+    from fl2t.learning import open_library
+
+    lib = open_library(library)
+    current = lib.manifest().version
+    versions = lib.versions()
+    if as_json:
+        rows = [{**v.model_dump(mode="json"), "current": v.number == current} for v in versions]
+        print(json.dumps({"library": str(lib.path), "current": current, "versions": rows}, indent=2))
+        return
+    table = Table(title=f"{lib.path}  (current: version {current or '-'})")
+    for col in ("version", "time", "change", "concepts", "set", "fidelity"):
+        table.add_column(col)
+    for v in versions:
+        mark = " (current)" if v.number == current else " (candidate)" if v.candidate else ""
+        scores = " ".join(f"{n} {f:.3f}" for n, f in sorted(v.fidelity.items())) or "-"
+        table.add_row(f"{v.number}{mark}", v.time, v.change, str(len(v.experts)), v.set_hash[:12], scores)
+    Console().print(table)
+
+
+@library_app.command("rollback")
+def library_rollback(
+    library: Annotated[Path, typer.Argument()],
+    version: Annotated[int, typer.Argument(metavar="N", help="The version to make current (see `fl2t library history`).")],
+) -> None:
+    """Make an earlier version of a library current again, byte for byte."""
+    from fl2t.learning import open_library
+
+    v = open_library(library).rollback(version)
+    print(f"{library}: version {v.number} ({v.change}) is current")
+
+
+@library_app.command("gc")
+def library_gc(
+    library: Annotated[Path, typer.Argument()],
+    keep: Annotated[int, typer.Option(metavar="K", help="How many of the newest versions to keep (the current one always).")],
+) -> None:
+    """Drop a library's old versions and the files only they used."""
+    from fl2t.learning import open_library
+
+    dropped = open_library(library).gc(keep)
+    print(f"{library}: dropped {len(dropped)} version(s)" + (f" ({', '.join(map(str, dropped))})" if dropped else ""))
 
 
 @library_app.command("check")
@@ -255,17 +317,26 @@ def consolidate(
     contrastive: Annotated[Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")] = None,
     proxy_attention: Annotated[Optional[bool], typer.Option("--proxy-attention/--no-proxy-attention", help="Self-attention among proxies.")] = None,
     routing: Annotated[Optional[bool], typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0).")] = None,
+    accept: Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")] = False,
+    gate_threshold: Annotated[Optional[float], typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Consolidate a library's experts (Step 2) into LIB/consolidated/."""
+    """Consolidate a library's experts (Step 2) into LIB/consolidated/, as a new version with each concept's
+    fidelity; exit 3 when the fidelity gate keeps it as a candidate instead."""
     from fl2t.config import load_settings
-    from fl2t.learning import consolidate_library
+    from fl2t.learning import FidelityDropped, consolidate_library, gate_line, open_library
 
     settings = load_settings(config, consolidate=dict(steps=steps, lr=lr, seed=seed, gates=gates, shared=shared,
                                                       contrastive=contrastive, proxy_attention=proxy_attention,
                                                       lambda_route=None if routing in (None, True) else 0.0)).consolidate
-    h = consolidate_library(library, settings, base=base, track=console.track)
+    try:
+        h = consolidate_library(library, settings, base=base, track=console.track, accept=accept, **gate_option(gate_threshold))
+    except FidelityDropped as refused:
+        print(f"fl2t: refused: {refused}", file=sys.stderr)
+        raise typer.Exit(3) from None
     print(json.dumps({"library": str(library), "set_hash": h}) if as_json else f"consolidated {library} [{h[:12]}]")
+    if not as_json:
+        print(gate_line(open_library(library)))
 
 
 @app.command()
