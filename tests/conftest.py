@@ -16,7 +16,6 @@ from fl2t.experts import learn_expert
 from fl2t.library import Library
 from fl2t.models import tiny_random_pipeline
 
-
 CLASS_WORDS = {"stripes": "ball", "checks": "box", "rings": "ring", "dots": "triangle"}
 
 

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST, STEP2
 
+from conftest import FAST, STEP2
 from fl2t import console
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.learning import learn

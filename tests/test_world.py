@@ -12,8 +12,9 @@ import yaml
 from PIL import Image
 
 from fl2t.errors import Fl2tError
+from fl2t.models import TOKENIZER_DIR
+from fl2t.models import clip_tokenizer as tokenizer
 from fl2t.world import CONCEPTS, PROMPT_TEMPLATES, base_path, evaluator_path, write_concepts
-from fl2t.worldkit.build import verify_manifest
 from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import (
     BACKGROUNDS,
@@ -27,8 +28,7 @@ from fl2t.world.generator import (
     random_scene,
     render,
 )
-from fl2t.models import TOKENIZER_DIR
-from fl2t.models import clip_tokenizer as tokenizer
+from fl2t.worldkit.build import verify_manifest
 
 
 def _scenes(seed: int, n: int, **kw) -> list[Scene]:

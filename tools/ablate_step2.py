@@ -1,8 +1,12 @@
 """Step-2 ablation over the ten tiny-world experts a `fl2t demo` run learned (runs/demo): consolidate with each switch
 off, score every concept with tiny10's evaluation settings.
 Usage: python tools/ablate_step2.py [STEPS]  (after fl2t demo)"""
-import json, shutil, sys, time
+import json
+import shutil
+import sys
+import time
 from pathlib import Path
+
 from fl2t.bench.continual import Benchmark, load_config
 from fl2t.config import ConsolidateSettings
 from fl2t.consolidate import consolidate

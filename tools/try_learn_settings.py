@@ -2,13 +2,19 @@
 (the Step-1 gate of `fl2t world check`), then continue the LoRA through checkdiamond and bullseye and print
 stripestar's concept accuracy again (the forgetting gate). Usage: python tools/try_learn_settings.py WORLD_DIR '{"lr": 1e-3}' ...
 WORLD_DIR: a built world (src/fl2t/world/weights)."""
-import sys, time, tempfile, json
+import json
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import torch
+
 torch.set_num_threads(2)
-from fl2t.worldkit.check import CheckContext, Step1
 from fl2t.config import LearnSettings
 from fl2t.methods import METHODS, MethodContext
+from fl2t.worldkit.check import CheckContext, Step1
+
 ctx = CheckContext(Path(sys.argv[1]))
 tmp = Path(tempfile.mkdtemp())
 s1 = Step1(ctx, tmp)

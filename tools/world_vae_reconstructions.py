@@ -11,8 +11,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from fl2t.worldkit import train
 from fl2t.world.concepts import CONCEPTS, reference_scenes
+from fl2t.worldkit import train
 
 
 def main(old_dir: str, new_dir: str, out: str) -> None:

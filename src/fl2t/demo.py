@@ -7,8 +7,8 @@ The continual benchmark `tiny10` (the world's ten concepts as ten tasks) on one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEMO_METHODS = ("fl2t", "merge", "sequential", "oracle")
 

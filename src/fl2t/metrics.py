@@ -39,7 +39,7 @@ class ClipEvaluator:
         self.processor = processor
 
     @classmethod
-    def load(cls, name: str | Path) -> "ClipEvaluator":
+    def load(cls, name: str | Path) -> ClipEvaluator:
         from transformers import CLIPModel, CLIPProcessor
 
         return cls(_load(CLIPModel, name, "CLIP evaluator"), CLIPProcessor.from_pretrained(str(name)))
@@ -69,7 +69,7 @@ class DinoEvaluator:
         self.processor = processor
 
     @classmethod
-    def load(cls, name: str | Path) -> "DinoEvaluator":
+    def load(cls, name: str | Path) -> DinoEvaluator:
         from transformers import AutoImageProcessor, AutoModel
 
         return cls(_load(AutoModel, name, "DINO evaluator"), AutoImageProcessor.from_pretrained(str(name)))

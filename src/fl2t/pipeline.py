@@ -37,7 +37,7 @@ class ExpertPipeline(StableDiffusionPipeline):
         base: str | None = None,
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
-    ) -> "ExpertPipeline":
+    ) -> ExpertPipeline:
         self, lib = cls.for_library(library, base, torch_dtype)
         if concepts is None:
             names = lib.names()

@@ -62,7 +62,7 @@ class ConceptTokenEmbeddings(nn.Module):
     def n_layers(self) -> int | None:
         return self.weight.shape[0] if self.weight.dim() == 3 else None
 
-    def attach(self, text_encoder: CLIPTextModel) -> "ConceptTokenEmbeddings":
+    def attach(self, text_encoder: CLIPTextModel) -> ConceptTokenEmbeddings:
         self._handle = text_encoder.get_input_embeddings().register_forward_hook(self._hook)
         return self
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ from transformers import CLIPProcessor
 from fl2t import console
 from fl2t.errors import Fl2tError
 from fl2t.files import atomic_write_json
-from fl2t.world import MANIFEST, WEIGHTS_DIR
 from fl2t.models import build_pipeline, clip_tokenizer
-from fl2t.worldkit import models, train
+from fl2t.world import MANIFEST, WEIGHTS_DIR
 from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import Scene, random_scene
+from fl2t.worldkit import models, train
 
 DEFAULT_SEED = 1234
 

@@ -12,7 +12,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from fl2t.models import clip_text_config
-
 from fl2t.world.generator import SIZE
 
 TEXT_WIDTH = 64  # the text encoders' hidden size; the 49408-row token table dominates their size

@@ -17,7 +17,6 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
 from fl2t.models import clip_tokenizer
-from fl2t.worldkit import models
 from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
@@ -29,6 +28,7 @@ from fl2t.world.generator import (
     random_caption,
     render,
 )
+from fl2t.worldkit import models
 
 Tick = Callable[[int], None]  # advances a progress bar by n steps
 
