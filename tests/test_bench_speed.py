@@ -15,10 +15,30 @@ from fl2t.cli import app
 def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disarms_hooks(tmp_path):
     out = tmp_path / "bench"
     steps = 2
-    result = CliRunner().invoke(app, [
-        "--quiet", "bench", "speed", "--out", str(out), "--sizes", "1,2", "--consolidate-sizes", "1,2,3",
-        "--repeats", "1", "--warmup", "0", "--steps", str(steps), "--consolidate-steps", "2", "--train-steps", "2",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "--quiet",
+            "bench",
+            "speed",
+            "--out",
+            str(out),
+            "--sizes",
+            "1,2",
+            "--consolidate-sizes",
+            "1,2,3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            str(steps),
+            "--consolidate-steps",
+            "2",
+            "--train-steps",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "targets" in result.output
     results = json.loads((out / "results.json").read_text())
@@ -44,11 +64,15 @@ def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disa
     for r in cons["rows"]:
         # (No timing order is asserted: on a loaded machine the first step can beat the median one.)
         assert r["step_s"]["median"] > 0 and r["to_first_step_s"] > 0
-        assert r["peak_rss_steps_bytes"] > 0 and r["dense_bytes"] == r["G"] * results["layers"]["dense_bytes_per_expert"]
+        assert (
+            r["peak_rss_steps_bytes"] > 0 and r["dense_bytes"] == r["G"] * results["layers"]["dense_bytes_per_expert"]
+        )
     assert set(cons["fit_step_s"]) == {"slope", "intercept", "r2", "max_rel_residual"}
 
     memory = results["library_memory"]["rows"]
-    assert [r["stacked_factor_bytes"] for r in memory] == [G * results["layers"]["factor_bytes_per_expert"] for G in (1, 2, 3)]
+    assert [r["stacked_factor_bytes"] for r in memory] == [
+        G * results["layers"]["factor_bytes_per_expert"] for G in (1, 2, 3)
+    ]
     assert all(r["stacked_factor_bytes"] < r["dense_bytes"] for r in memory)
 
     tiny, *sd15 = results["training"]["rows"]

@@ -24,7 +24,9 @@ def test_plain_folder_reads_yaml_and_captions(tmp_path):
     _images(d, 3)
     (d / "00.txt").write_text("a <c-dog> dog on a beach\nsecond line ignored")
     (d / "01.txt").write_text("a dog sitting on a ledge")
-    (d / "concept.yaml").write_text(yaml.safe_dump({"name": "mydog", "tokens": ["<c-dog>"], "class_word": "dog", "kind": "object"}))
+    (d / "concept.yaml").write_text(
+        yaml.safe_dump({"name": "mydog", "tokens": ["<c-dog>"], "class_word": "dog", "kind": "object"})
+    )
     c = load_concept(d)
     assert (c.name, c.spec.tokens, c.spec.class_word, c.spec.kind) == ("mydog", ["<c-dog>"], "dog", "object")
     assert c.captions == ["a <c-dog> dog on a beach", "a <c-dog> dog sitting on a ledge", None]
@@ -58,7 +60,9 @@ def test_cifc_layout_maps_class_phrase_to_tokens(tmp_path):
 def test_dreambooth_layout_reads_class_table(tmp_path):
     ds = tmp_path / "dataset"
     _images(ds / "backpack_dog", 5, suffix=".jpg")
-    (ds / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\nbackpack,backpack\nbackpack_dog,backpack\nbear_plushie,stuffed animal\n")
+    (ds / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\nbackpack,backpack\nbackpack_dog,backpack\nbear_plushie,stuffed animal\n"
+    )
     c = load_concept(ds / "backpack_dog")
     assert (c.name, c.spec.class_word, c.captions) == ("backpack_dog", "backpack", [None] * 5)
 

@@ -39,8 +39,11 @@ def cancel_after(n: int):
 
 def test_learn_adds_the_concept_and_consolidates(tmp_path, tiny_base, concepts_root):
     result = learn(
-        [concepts_root / "c-checkbox"], tmp_path / "lib", base=str(tiny_base),
-        learn_settings=QUICK, consolidate_settings=STEP2.model_copy(update={"steps": 2}),
+        [concepts_root / "c-checkbox"],
+        tmp_path / "lib",
+        base=str(tiny_base),
+        learn_settings=QUICK,
+        consolidate_settings=STEP2.model_copy(update={"steps": 2}),
     )
     assert [x.name for x in result.learned] == ["c-checkbox"]
     assert Library(tmp_path / "lib").names() == ["c-checkbox"]
@@ -54,8 +57,12 @@ def test_a_cancelled_learn_leaves_the_library_as_it_was(tmp_path, tiny_base, con
     cancel = cancel_after(1 if stop_in == "step1" else QUICK.steps + 1)
     with pytest.raises(Cancelled):
         learn(
-            [concepts_root / "c-checkbox"], library_copy, base=str(tiny_base), learn_settings=QUICK,
-            consolidate_settings=STEP2, cancel=cancel,
+            [concepts_root / "c-checkbox"],
+            library_copy,
+            base=str(tiny_base),
+            learn_settings=QUICK,
+            consolidate_settings=STEP2,
+            cancel=cancel,
         )
     assert tree_digest(library_copy) == before
     assert Library(library_copy).names() == ["c-stripeball"]
@@ -65,8 +72,13 @@ def test_a_cancelled_replace_puts_the_old_expert_back_byte_identical(tmp_path, t
     before = tree_digest(library_copy)
     with pytest.raises(Cancelled):
         learn(
-            [concepts_root / "c-stripeball"], library_copy, base=str(tiny_base), learn_settings=QUICK,
-            consolidate_settings=STEP2, replace=True, cancel=cancel_after(QUICK.steps + 1),
+            [concepts_root / "c-stripeball"],
+            library_copy,
+            base=str(tiny_base),
+            learn_settings=QUICK,
+            consolidate_settings=STEP2,
+            replace=True,
+            cancel=cancel_after(QUICK.steps + 1),
         )
     assert tree_digest(library_copy) == before
 

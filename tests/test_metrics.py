@@ -70,7 +70,12 @@ def test_average_forgetting_on_a_known_matrix():
     [
         ("a <c-star> star on a black background", ["<c-star>"], "star", "a star on a black background"),
         ("a photo of <d1> <d2> dog", ["<d1>", "<d2>"], "dog", "a photo of dog"),
-        ("a circle in the style of <s-p>, top left", ["<s-p>"], "painting", "a circle in the style of painting, top left"),
+        (
+            "a circle in the style of <s-p>, top left",
+            ["<s-p>"],
+            "painting",
+            "a circle in the style of painting, top left",
+        ),
     ],
 )
 def test_class_prompt_replaces_the_tokens_by_the_class_word(prompt, tokens, class_word, expected):
@@ -86,8 +91,17 @@ def tiny_clip(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
     )
     path = tmp_path_factory.mktemp("clip") / "clip"
@@ -111,7 +125,17 @@ def test_dino_evaluator_uses_the_cls_feature_of_a_saved_vit(tmp_path):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), add_pooling_layer=False).save_pretrained(tmp_path / "dino", safe_serialization=True)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(tmp_path / "dino", safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
     dino = DinoEvaluator.load(tmp_path / "dino")
     emb = dino.image_embeds([Image.new("RGB", (64, 64), "green"), Image.new("RGB", (64, 64), "white")])

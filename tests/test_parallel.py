@@ -44,22 +44,31 @@ def test_concepts_are_dealt_round_robin(concepts_root):
     assert my_concepts(concepts, 0, 1) == concepts
 
 
-def test_concept_parallel_library_equals_the_one_learned_in_one_process(tmp_path, tiny_base, concepts_root, settings_file):
+def test_concept_parallel_library_equals_the_one_learned_in_one_process(
+    tmp_path, tiny_base, concepts_root, settings_file
+):
     dirs = [concepts_root / "c-stripeball", concepts_root / "c-checkbox"]
     one, two = tmp_path / "one", tmp_path / "two"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the reference: one process, one concept after the other (in this one, to save a start-up)
         for d in dirs:
-            Library(one).add(learn_expert(load_concept(d), str(tiny_base), LearnSettings(steps=4, num_anchors=1, anchor_steps=1)))
+            Library(one).add(
+                learn_expert(load_concept(d), str(tiny_base), LearnSettings(steps=4, num_anchors=1, anchor_steps=1))
+            )
     finally:
         torch.set_num_threads(threads)
     r = fl2t_learn([*dirs, "-l", two, "--base", tiny_base, "--config", settings_file], nproc=2)
     assert r.returncode == 0, r.stderr
     # The main process wrote both, in the given order, once; c-checkbox was learned by process 1.
-    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("learned ")] == ["c-stripeball", "c-checkbox"]
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("learned ")] == [
+        "c-stripeball",
+        "c-checkbox",
+    ]
     assert r.stderr.count("fl2t: error") == 0
-    assert json.loads((one / "library.json").read_text()) == json.loads((two / "library.json").read_text())  # content hashes
+    assert json.loads((one / "library.json").read_text()) == json.loads(
+        (two / "library.json").read_text()
+    )  # content hashes
     for name in ("c-stripeball", "c-checkbox"):
         for f in ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors", "expert.json"):
             assert (one / "experts" / name / f).read_bytes() == (two / "experts" / name / f).read_bytes(), (name, f)
@@ -69,7 +78,10 @@ def test_concept_parallel_library_equals_the_one_learned_in_one_process(tmp_path
 
 def test_data_parallel_learns_one_concept_into_a_loadable_library(tmp_path, tiny_base, concepts_root, settings_file):
     lib = tmp_path / "lib"
-    r = fl2t_learn([concepts_root / "c-checkbox", "-l", lib, "--base", tiny_base, "--config", settings_file, "--data-parallel"], nproc=2)
+    r = fl2t_learn(
+        [concepts_root / "c-checkbox", "-l", lib, "--base", tiny_base, "--config", settings_file, "--data-parallel"],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("learned c-checkbox") == 1
     library = Library(lib)
@@ -80,7 +92,19 @@ def test_data_parallel_learns_one_concept_into_a_loadable_library(tmp_path, tiny
 
 def test_a_user_error_is_reported_once_and_nothing_is_written(tmp_path, tiny_base, concepts_root, settings_file):
     lib = tmp_path / "lib"
-    r = fl2t_learn([concepts_root / "c-checkbox", concepts_root / "nope", "-l", lib, "--base", tiny_base, "--config", settings_file], nproc=2)
+    r = fl2t_learn(
+        [
+            concepts_root / "c-checkbox",
+            concepts_root / "nope",
+            "-l",
+            lib,
+            "--base",
+            tiny_base,
+            "--config",
+            settings_file,
+        ],
+        nproc=2,
+    )
     assert r.returncode != 0
     assert r.stderr.count("fl2t: error: ") == 1 and "no such concept folder" in r.stderr, r.stderr
     assert not lib.exists()

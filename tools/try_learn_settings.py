@@ -2,6 +2,7 @@
 (the Step-1 gate of `fl2t world check`), then continue the LoRA through checkdiamond and bullseye and print
 stripestar's concept accuracy again (the forgetting gate). Usage: python tools/try_learn_settings.py WORLD_DIR '{"lr": 1e-3}' ...
 WORLD_DIR: a built world (src/fl2t/world/weights)."""
+
 import json
 import sys
 import tempfile
@@ -21,8 +22,14 @@ s1 = Step1(ctx, tmp)
 for spec in sys.argv[2:]:
     kw = json.loads(spec)
     settings = LearnSettings(checkpoint_every=0, **kw)
-    seq = METHODS["sequential"](MethodContext(base=str(Path(sys.argv[1]) / "base"), learn=settings, workdir=tmp / f"seq{hash(spec)}", store=tmp / "store"))
-    t0 = time.perf_counter(); seq.learn(s1.concepts["stripestar"]); sec = time.perf_counter() - t0
+    seq = METHODS["sequential"](
+        MethodContext(
+            base=str(Path(sys.argv[1]) / "base"), learn=settings, workdir=tmp / f"seq{hash(spec)}", store=tmp / "store"
+        )
+    )
+    t0 = time.perf_counter()
+    seq.learn(s1.concepts["stripestar"])
+    sec = time.perf_counter() - t0
     ca, nia, ims = s1.score("stripestar", seq.sampler())
     print(spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f}", flush=True)
     for name in ("checkdiamond", "bullseye"):

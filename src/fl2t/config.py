@@ -33,7 +33,9 @@ class LearnSettings(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     noise_offset: float = Field(0.0, ge=0)
     flip: bool = Field(False, description="random horizontal flips of the reference images")
-    checkpoint_every: int = Field(100, ge=0, description="save the training state every N steps for --resume (0: never)")
+    checkpoint_every: int = Field(
+        100, ge=0, description="save the training state every N steps for --resume (0: never)"
+    )
     min_images: int = Field(3, ge=1, description="fewest reference images a concept may have")
     prior_preservation: bool = Field(False, description="DreamBooth prior preservation with base-model class images")
     num_class_images: int = Field(8, ge=1)

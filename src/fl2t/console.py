@@ -68,8 +68,14 @@ class PlainProgress:
     def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
         task = len(self.tasks)
         now = time.monotonic()
-        self.tasks[task] = {"description": description, "total": total, "completed": 0, "fields": fields,
-                            "start": now, "printed": now}
+        self.tasks[task] = {
+            "description": description,
+            "total": total,
+            "completed": 0,
+            "fields": fields,
+            "start": now,
+            "printed": now,
+        }
         return task
 
     def update(self, task: int, *, completed: float | None = None, advance: float | None = None, **fields: Any) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 DEMO_METHODS = ("fl2t", "merge", "sequential", "oracle")
 
 
-def run_demo(out: Path, steps: int, progress: Callable, say: Callable[[str], None], consolidate_steps: int = 30) -> dict:
+def run_demo(
+    out: Path, steps: int, progress: Callable, say: Callable[[str], None], consolidate_steps: int = 30
+) -> dict:
     from fl2t.bench.continual import load_config, run_continual
 
     say(
@@ -39,5 +41,7 @@ def run_demo(out: Path, steps: int, progress: Callable, say: Callable[[str], Non
         sample={"steps": 12, "guidance": 5.0},
     )
     lib = Path(out) / "demo" / "fl2t" / "order0" / "state" / "library"
-    print(f"fl2t library with all ten concepts: {lib}  (try: fl2t generate --library {lib} \"a <c-stripestar> star in the style of <s-pastel>\")")
+    print(
+        f'fl2t library with all ten concepts: {lib}  (try: fl2t generate --library {lib} "a <c-stripestar> star in the style of <s-pastel>")'
+    )
     return results

@@ -57,7 +57,9 @@ class AggregatedLoRA:
     gamma (B, L, G, r) or None (all ones), L = len(stack.modules). `off()` disarms them.
     """
 
-    def __init__(self, unet: nn.Module, stack: ExpertStack, shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(
+        self, unet: nn.Module, stack: ExpertStack, shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    ):
         self.stack = stack
         self.shared = shared  # module -> (A_s (r_s, in), B_s (out, r_s)), trained parameters
         self.linears = {m: unet.get_submodule(m) for m in stack.modules}

@@ -55,7 +55,9 @@ class ClipEvaluator:
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) unit-norm text embeddings (prompts cut at CLIP's 77 tokens)."""
-        tok = self.processor(text=list(texts), return_tensors="pt", padding="max_length", max_length=77, truncation=True)
+        tok = self.processor(
+            text=list(texts), return_tensors="pt", padding="max_length", max_length=77, truncation=True
+        )
         e = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         e = e.pooler_output if hasattr(e, "pooler_output") else e
         return F.normalize(e.float(), dim=-1)
@@ -127,7 +129,9 @@ def class_prompt(prompt: str, tokens: Sequence[str], class_word: str) -> str:
     return " ".join(out)
 
 
-def concept_accuracy(generated: torch.Tensor, own: str, references: dict[str, torch.Tensor], class_images: torch.Tensor | None) -> float:
+def concept_accuracy(
+    generated: torch.Tensor, own: str, references: dict[str, torch.Tensor], class_images: torch.Tensor | None
+) -> float:
     """CA: the share of generated images nearer (mean cosine) to `own`'s references than to any other concept's
     references or to the base model's images of the class word. All inputs (N, D) unit-norm embeddings."""
     own_score = (generated @ references[own].T).mean(dim=1)  # (N,)

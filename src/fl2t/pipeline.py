@@ -108,13 +108,31 @@ class ExpertPipeline(StableDiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hooks = self.token_hooks
         if not hooks or prompt_embeds is not None:
-            return super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds, **kwargs)
+            return super().encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                **kwargs,
+            )
         # Layer-wise: one text-encoder pass per cross-attention layer, concatenated on the token axis (B, L*T, D).
         cond, uncond = [], []
         for layer in range(hooks[0].n_layers):
             for h in hooks:
                 h.layer = layer
-            c, u = super().encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, None, None, **kwargs)
+            c, u = super().encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                None,
+                None,
+                **kwargs,
+            )
             cond.append(c)
             uncond.append(u)
         return torch.cat(cond, 1), (torch.cat(uncond, 1) if uncond[0] is not None else None)

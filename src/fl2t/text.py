@@ -27,7 +27,9 @@ def check_new_tokens(tokenizer: CLIPTokenizer, tokens: list[str]) -> None:
             )
 
 
-def add_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: list[str], rows: torch.Tensor | None = None) -> list[int]:
+def add_tokens(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: list[str], rows: torch.Tensor | None = None
+) -> list[int]:
     """Add `tokens` to the tokenizer and give them embedding rows (`rows`: (n, d), or the mean embedding)."""
     check_new_tokens(tokenizer, tokens)
     tokenizer.add_tokens(tokens)
@@ -81,7 +83,9 @@ class ConceptTokenEmbeddings(nn.Module):
         return torch.where(match.any(-1, keepdim=True), swapped.to(output.dtype), output)
 
 
-def encode_layerwise(text_encoder: CLIPTextModel, input_ids: torch.Tensor, hooks: list[ConceptTokenEmbeddings], n_layers: int | None) -> torch.Tensor:
+def encode_layerwise(
+    text_encoder: CLIPTextModel, input_ids: torch.Tensor, hooks: list[ConceptTokenEmbeddings], n_layers: int | None
+) -> torch.Tensor:
     """Final hidden states (B, T, D); layer-wise, (B, L*T, D) with layer l's states at [:, l*T:(l+1)*T]."""
     if not n_layers:
         return text_encoder(input_ids)[0]

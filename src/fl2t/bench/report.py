@@ -21,7 +21,15 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per method, the final normalised IA per concept (V1..VG, averaged over orders), the
     averages, forgetting (normalised IA and CA), multi-concept score and the spread over orders."""
     names = results["concepts"]
-    header = ["method", *[f"V{i + 1} {n}" for i, n in enumerate(names)], *[c for _, c in COLUMNS], "forget nIA", "forget CA", "multi nIA", "order spread"]
+    header = [
+        "method",
+        *[f"V{i + 1} {n}" for i, n in enumerate(names)],
+        *[c for _, c in COLUMNS],
+        "forget nIA",
+        "forget CA",
+        "multi nIA",
+        "order spread",
+    ]
     rows = []
     for method, r in results["methods"].items():
         rows.append(
@@ -61,7 +69,12 @@ def plots(results: dict, out: Path) -> list[Path]:
     for method, r in results["methods"].items():
         R = np.array([[np.nan if v is None else v for v in row] for row in r["runs"][0]["R"]["nia"]])
         fig, ax = plt.subplots(figsize=(4.2, 3.6))
-        im = ax.imshow(R, cmap="viridis", vmin=np.nanmin(R) if np.isfinite(R).any() else 0, vmax=np.nanmax(R) if np.isfinite(R).any() else 1)
+        im = ax.imshow(
+            R,
+            cmap="viridis",
+            vmin=np.nanmin(R) if np.isfinite(R).any() else 0,
+            vmax=np.nanmax(R) if np.isfinite(R).any() else 1,
+        )
         ax.set_xlabel("concept (arrival order)")
         ax.set_ylabel("after task")
         ax.set_title(f"{method}: R[t][i], normalised IA (order 0)", fontsize=9)
@@ -76,11 +89,20 @@ def plots(results: dict, out: Path) -> list[Path]:
 def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
     header, rows = table_rows(results)
     pngs = plots(results, folder / "plots")
-    md = [f"# Continual benchmark: {results['name']}", "", f"Orders: {len(results['orders'])}; concepts in listed order: {', '.join(results['concepts'])}.", ""]
+    md = [
+        f"# Continual benchmark: {results['name']}",
+        "",
+        f"Orders: {len(results['orders'])}; concepts in listed order: {', '.join(results['concepts'])}.",
+        "",
+    ]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "V columns: final normalised IA per concept (IA divided by the references' own mean IA), averaged over orders.",
-           "forget: average forgetting, mean_i (max_{t<G} R[t][i] − R[G][i]); order spread: max − min of the final average nIA over orders.", ""]
+    md += [
+        "",
+        "V columns: final normalised IA per concept (IA divided by the references' own mean IA), averaged over orders.",
+        "forget: average forgetting, mean_i (max_{t<G} R[t][i] − R[G][i]); order spread: max − min of the final average nIA over orders.",
+        "",
+    ]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     grids = sorted(folder.glob("*/order0/grids/*.png"))
     if grids:
@@ -90,12 +112,18 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
     md_path.write_text("\n".join(md) + "\n")
 
     def img(p: Path) -> str:
-        return f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" alt="{html.escape(p.stem)}">'
+        return (
+            f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" alt="{html.escape(p.stem)}">'
+        )
 
-    h = [f"<!doctype html><meta charset='utf-8'><title>fl2t bench: {html.escape(results['name'])}</title>",
-         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-         "th{background:#eee}td:first-child{text-align:left}img{image-rendering:pixelated;margin:4px}</style>",
-         f"<h1>Continual benchmark: {html.escape(results['name'])}</h1><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"]
+    h = [
+        f"<!doctype html><meta charset='utf-8'><title>fl2t bench: {html.escape(results['name'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "th{background:#eee}td:first-child{text-align:left}img{image-rendering:pixelated;margin:4px}</style>",
+        f"<h1>Continual benchmark: {html.escape(results['name'])}</h1><table><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in header)
+        + "</tr>",
+    ]
     h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
     h += ["</table><p>V columns: final normalised IA per concept, averaged over orders.</p>", *[img(p) for p in pngs]]
     if grids:

@@ -28,7 +28,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # whole string (fullmatch): it names a folder
 TOKEN_RE = re.compile(r"[^\s]{1,64}")
 # What each concept.yaml key looks like, for error messages.
-SPEC_EXAMPLES = {"name": "name: my-dog", "tokens": "tokens: ['<my-dog>']", "class_word": "class_word: dog", "kind": "kind: object (or style)"}
+SPEC_EXAMPLES = {
+    "name": "name: my-dog",
+    "tokens": "tokens: ['<my-dog>']",
+    "class_word": "class_word: dog",
+    "kind": "kind: object (or style)",
+}
 # Images larger than this on their longer side are downscaled while loading.
 MAX_SIDE = 2048
 
@@ -150,9 +155,13 @@ def load_image(path: Path, max_side: int = MAX_SIDE) -> Image.Image:
             f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); downscale it to at most {max_side} pixels a side"
         ) from None
     except MemoryError:
-        raise Fl2tError(f"{path}: not enough memory to decode this image; downscale it to at most {max_side} pixels a side") from None
+        raise Fl2tError(
+            f"{path}: not enough memory to decode this image; downscale it to at most {max_side} pixels a side"
+        ) from None
     except UnidentifiedImageError:
-        raise Fl2tError(f"{path}: not a readable image (not a jpg, png or webp file); replace or remove the file") from None
+        raise Fl2tError(
+            f"{path}: not a readable image (not a jpg, png or webp file); replace or remove the file"
+        ) from None
     except Exception as e:  # a damaged file can make a decoder raise anything: truncation, bad chunks, ...
         raise Fl2tError(
             f"{path}: not a readable image, damaged or incomplete ({e or type(e).__name__}); replace or remove the file"
@@ -296,7 +305,9 @@ def load_concept(
         if err["type"] == "extra_forbidden":
             msg = "unknown key in concept.yaml; the keys are name, tokens, class_word, kind"
         elif err["type"] != "value_error":  # a wrong type or value: show it and a right one
-            msg = f"{msg} (got {err.get('input')!r}); write e.g. {SPEC_EXAMPLES.get(str(err['loc'][0]), 'name: my-dog')}"
+            msg = (
+                f"{msg} (got {err.get('input')!r}); write e.g. {SPEC_EXAMPLES.get(str(err['loc'][0]), 'name: my-dog')}"
+            )
         raise Fl2tError(f"{folder}: {where}: {msg}") from None
 
     # Hidden files (macOS "._x.jpg" resource forks and the like) are not reference images.

@@ -153,10 +153,7 @@ def write_concept(concept: WorldConcept, out_dir: Path) -> Path:
         render(scene).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
     (folder / "concept.yaml").write_text(
-        f"name: {concept.name}\n"
-        f"tokens: ['{concept.token}']\n"
-        f"class_word: {concept.class_word}\n"
-        f"kind: {concept.kind}\n"
+        f"name: {concept.name}\ntokens: ['{concept.token}']\nclass_word: {concept.class_word}\nkind: {concept.kind}\n"
     )
     return folder
 
