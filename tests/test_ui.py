@@ -298,6 +298,7 @@ def test_browser_learn_generate_forget_and_bad_input(tmp_path, tiny_base, concep
                 return f"Learned {name}" in message
 
             page.wait(learned, "the learn to finish", timeout=600 if shots else 300)
+            assert "Fidelity gate: passed" in page.text("learn-message")
             assert stages == {"Step 1", "Step 2"}, f"progress never showed {sorted({'Step 1', 'Step 2'} - stages)}"
             page.wait(lambda: page.images("learn-samples") >= 3, "step-0, Step-1 and Step-2 samples")
             page.shot("learn")
@@ -310,6 +311,7 @@ def test_browser_learn_generate_forget_and_bad_input(tmp_path, tiny_base, concep
             page.wait(lambda: page.exists(f"card-{name}"), "the new card")
             card = page.text(f"card-{name}")
             assert token in card and class_word in card and page.images(f"card-{name}") >= 3
+            assert f"fidelity {Library(lib).fidelity()[name]:.3f}" in card, card  # measured by the learn's Step 2
             page.click(f"samples-{name}")
             page.wait(lambda: page.images(f"samples-gallery-{name}") >= 1, "the expert's samples")
             page.shot("library")
@@ -421,6 +423,7 @@ def test_card_shows_the_concept_and_its_expert_samples(workspace):
         "object",
     )
     assert card.thumbnails_are == "expert samples" and len(card.thumbnails) == 2  # learned outside the app
+    assert card.fidelity is None  # never consolidated: nothing measured
     assert all(max(im.size) == 96 for im in card.thumbnails)
 
 

@@ -60,7 +60,7 @@ class Card:
     learned: str  # when its expert was written
     rank: int
     steps: int | None
-    scores: str
+    fidelity: float | None  # how closely the consolidated library reproduces the expert (None: not measured)
     thumbnails: list[Image.Image]
     thumbnails_are: str  # "references" or "expert samples"
 
@@ -102,6 +102,7 @@ class LearnJob:
         self.progress = Progress()
         self.samples: Gallery = []
         self.learned: Learned | None = None
+        self.gate: str | None = None  # the regression gate's verdict on the new consolidation, in one line
         self.error: str | None = None
         self.cancel = threading.Event()
         self.finished = threading.Event()
@@ -155,7 +156,7 @@ class LearnJob:
             baseline = spec.stable_prompt.replace(spec.subject, spec.class_word)  # the token starts as the class word
             self._sample("step 0 (base model)", self.ws.sample(self.base_pipe, baseline))
         self.base_pipe = None
-        learn(
+        result = learn(
             [self.concept],
             self.ws.library,
             base=self.ws.base,
@@ -165,6 +166,10 @@ class LearnJob:
             on_learned=self._on_learned,
             cancel=self.cancel.is_set,
         )
+        self.gate = result.gate
+        if result.refused is not None:  # the current consolidation is still the old set's: nothing to sample
+            self.error = f"{spec.name} is learned, but {result.refused}"
+            return
         try:
             with self._track("sampling the consolidated library", 1):
                 image = self.ws.generate_images(spec.stable_prompt, seed=0, n=1)[0]
@@ -213,6 +218,7 @@ class Workspace:
         if not lib.exists:
             return []
         cards = []
+        fidelity = lib.fidelity()
         for name, rec in lib.records().items():
             thumbs = self._thumbnails("references", rec.content_hash)
             what = "references"
@@ -230,7 +236,7 @@ class Workspace:
                     learned=learned.strftime("%Y-%m-%d %H:%M"),
                     rank=rec.rank,
                     steps=steps if isinstance(steps, int) else None,
-                    scores="fidelity and CA: not measured for this library yet",
+                    fidelity=fidelity.get(name),
                     thumbnails=[_thumbnail(im) for im in thumbs[:4]],
                     thumbnails_are=what,
                 )

@@ -59,6 +59,9 @@ def _img(im: Image.Image, title: str = "") -> str:
 def card_html(c: Card) -> str:
     tokens = " ".join(c.tokens)
     steps = f", {c.steps} steps" if c.steps else ""
+    fidelity = (
+        "fidelity: not measured" if c.fidelity is None else f"fidelity {c.fidelity:.3f} in the consolidated library"
+    )
     return (
         f"<div class='fl2t-card'><h3>{html.escape(c.name)}</h3>"
         f"<div class='fl2t-thumbs'>{''.join(_img(im, c.thumbnails_are) for im in c.thumbnails)}</div>"
@@ -66,7 +69,7 @@ def card_html(c: Card) -> str:
         f"<p>token <code>{html.escape(tokens)}</code> · class <b>{html.escape(c.class_word)}</b> · "
         f"{html.escape(c.kind)}<br>prompt with <code>{html.escape(c.subject)}</code><br>"
         f"learned {html.escape(c.learned)} (rank {c.rank}{steps})<br>"
-        f"<span class='fl2t-meta'>{html.escape(c.scores)}</span></p></div>"
+        f"<span class='fl2t-meta'>{html.escape(fidelity)}</span></p></div>"
     )
 
 
@@ -364,7 +367,7 @@ def learn_tab_ui(ws: Workspace, version: gr.State, form: LearnForm) -> None:
         assert learned is not None
         text = (
             f"Learned {learned.name} ({' '.join(learned.tokens)}) into the library. Its card is on the Library "
-            "tab; use its token on the Generate tab."
+            f"tab; use its token on the Generate tab. {(job.gate or '')[:1].upper()}{(job.gate or '')[1:]}"
         )
         yield status_html(job), list(job.samples), message(text, ok=True), v + 1
 
