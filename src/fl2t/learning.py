@@ -39,9 +39,10 @@ Update = Callable[..., None]
 Track = Callable[[str, int], AbstractContextManager[Update]]
 Cancel = Callable[[], bool]
 
-# The regression gate's default: the largest fidelity drop allowed for any concept. Measured on the tiny test libraries
-# (tests/test_library_history.py, `test_gate_threshold_measurement`): consolidating the same set again with another seed
-# moved a concept's fidelity by at most ~0.02, and a lost concept (its expert zeroed) dropped it by ~1.
+# The regression gate's default: the largest fidelity drop allowed for any concept. PROVISIONAL, not yet chosen from
+# measurement: on the tiny test library (two experts, Step 2 of 6 steps, tests/conftest.py STEP2) consolidating the same
+# set again with seed 1 instead of 0 lowered both concepts' fidelity by 0.29 and 0.31, so at this value the gate refuses
+# a normal re-consolidation of that short a run (test_library_history marks it xfail).
 GATE_THRESHOLD = 0.1
 
 
