@@ -133,6 +133,7 @@ class Page:
         options.binary_location = str(CHROMIUM)
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1400"):
             options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
         self.driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         self.url, self.shots = url, shots
         self.open()
@@ -143,6 +144,15 @@ class Page:
 
     def quit(self) -> None:
         self.driver.quit()
+
+    def requests_elsewhere(self) -> list[str]:
+        """The URLs the page asked for from anywhere but the app's own server (fonts, analytics, ...)."""
+        urls = []
+        for entry in self.driver.get_log("performance"):
+            event = json.loads(entry["message"])["message"]
+            if event["method"] == "Network.requestWillBeSent":
+                urls.append(event["params"]["request"]["url"])
+        return [u for u in urls if not u.startswith((self.url, "data:", "blob:"))]
 
     def wait(self, condition: Callable[[], object], what: str, timeout: float = 60) -> object:
         from selenium.common.exceptions import WebDriverException
@@ -350,6 +360,7 @@ def test_browser_learn_generate_forget_and_bad_input(tmp_path, tiny_base, concep
             page.click(f"forget-yes-{name}")
             page.wait(lambda: not page.exists(f"card-{name}") and page.exists("library-empty"), "the card gone", 120)
             assert f"Forgot {name}" in page.text("library-message") and Library(lib).names() == []
+            assert page.requests_elsewhere() == []  # the page fetched nothing from outside the machine
 
             run = Path(os.environ.get("FL2T_UI_BENCH_RUN", "runs/demo")).resolve()
             if shots and (run / "results.json").is_file():  # a run the test does not make: the demo's, by default

@@ -46,7 +46,7 @@ def launch(
             f"warning: serving on {host}, not only on this machine: anyone who can reach port {port} can learn, "
             "forget and export concepts of this library (there is no login)"
         )
-    say(f"fl2t ui: library {ws.library}, base {ws.base_id()}; open http://{host}:{port}")
+    say(f"fl2t ui: open http://{host}:{port} (library {ws.library}, base {ws.base_id()})")
     # Local fonts only: the page must not fetch anything from the internet.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=1)

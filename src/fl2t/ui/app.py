@@ -107,7 +107,7 @@ def heatmap(blocks: list[str], columns: list[str], rows: list[list[float]], prom
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns), 0.9 + 0.42 * len(blocks)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 1.1 * len(columns)), 1.2 + 0.42 * len(blocks)))
     im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(blocks)), blocks, fontsize=8)
