@@ -243,4 +243,10 @@ def test_cancel_stops_consolidation_after_k_steps_and_writes_nothing(tmp_path, c
         consolidate(lib, STEP2, on_step=lambda i, loss: steps.append(i), cancel=lambda: len(steps) >= 2)
     assert steps == [0, 1]
     assert {p.name: p.read_bytes() for p in (tmp_path / "lib" / "consolidated").iterdir()} == before
-    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [".lock", "consolidated", "experts", "library.json"]
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [
+        ".lock",
+        "consolidated",
+        "experts",
+        "history",
+        "library.json",
+    ]

@@ -66,8 +66,9 @@ def test_concept_parallel_library_equals_the_one_learned_in_one_process(
         "c-checkbox",
     ]
     assert r.stderr.count("fl2t: error") == 0
-    assert json.loads((one / "library.json").read_text()) == json.loads(
-        (two / "library.json").read_text()
+    assert (
+        json.loads((one / "library.json").read_text())["experts"]
+        == json.loads((two / "library.json").read_text())["experts"]
     )  # content hashes
     for name in ("c-stripeball", "c-checkbox"):
         for f in ("lora.safetensors", "embeddings.safetensors", "anchors.safetensors", "expert.json"):

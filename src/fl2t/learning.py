@@ -39,11 +39,11 @@ Update = Callable[..., None]
 Track = Callable[[str, int], AbstractContextManager[Update]]
 Cancel = Callable[[], bool]
 
-# The regression gate's default: the largest fidelity drop allowed for any concept. PROVISIONAL, not yet chosen from
-# measurement: on the tiny test library (two experts, Step 2 of 6 steps, tests/conftest.py STEP2) consolidating the same
-# set again with seed 1 instead of 0 lowered both concepts' fidelity by 0.29 and 0.31, so at this value the gate refuses
-# a normal re-consolidation of that short a run (test_library_history marks it xfail).
-GATE_THRESHOLD = 0.1
+# The regression gate's default: the largest fidelity drop allowed for any concept. Measured on the tiny test library
+# (two experts, Step 2 of 6 steps, tests/conftest.py STEP2): consolidating the same set again with seed 1 instead of 0
+# lowered the concepts' fidelity by 0.29 and 0.31 (noise of a short Step 2); a lost concept (its expert zeroed in the
+# candidate) fell to -1.18. 0.5 lies between the two; it is to be re-measured at the default Step-2 budget.
+GATE_THRESHOLD = 0.5
 
 
 class FidelityDropped(Fl2tError):
