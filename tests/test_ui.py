@@ -486,3 +486,25 @@ def test_ui_binds_to_localhost_unless_asked_and_warns_otherwise(host, warns, tmp
     assert (served["server_name"], served["server_port"], served["share"]) == (host, 7999, False)
     assert any(s.startswith("warning: serving on 0.0.0.0") for s in said) == warns
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_a_consolidation_the_gate_refused_can_be_made_current(tmp_path, consolidated_library, monkeypatch):
+    from fl2t.ui.actions import Workspace
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.copytree(consolidated_library, tmp_path / "library")
+    lib = Library(tmp_path / "library")
+    current = lib.manifest().version
+
+    # a consolidation the regression gate kept as a candidate (the same model, its own fidelity record)
+    def same_model(folder: Path) -> None:
+        shutil.copytree(lib.consolidated_dir(), folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("files.json"))
+
+    lib.save_consolidated(same_model, fidelity={n: 0.5 for n in lib.names()}, candidate=True)
+    candidate = lib.manifest().latest
+    assert candidate != current and lib.manifest().version == current
+
+    ws = Workspace(lib.path)
+    ws.make_current(candidate)
+    assert Library(lib.path).manifest().version == candidate and not Library(lib.path).check()
+    assert [c.fidelity for c in ws.cards()] == [0.5] * len(lib.names())

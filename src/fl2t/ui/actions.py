@@ -103,6 +103,7 @@ class LearnJob:
         self.samples: Gallery = []
         self.learned: Learned | None = None
         self.gate: str | None = None  # the regression gate's verdict on the new consolidation, in one line
+        self.candidate: int | None = None  # the version the gate refused (kept, not current)
         self.error: str | None = None
         self.cancel = threading.Event()
         self.finished = threading.Event()
@@ -168,6 +169,7 @@ class LearnJob:
         )
         self.gate = result.gate
         if result.refused is not None:  # the current consolidation is still the old set's: nothing to sample
+            self.candidate = result.refused.version
             self.error = f"{spec.name} is learned, but {result.refused}"
             return
         try:
@@ -356,6 +358,10 @@ class Workspace:
             return False
         self.job.cancel.set()
         return True
+
+    def make_current(self, version: int) -> None:
+        """Make a version the regression gate refused current after all (as `fl2t library rollback LIB N`)."""
+        self.lib().rollback(version)
 
     def forget(self, name: str) -> str | None:
         """Remove a concept and re-consolidate the rest (as `fl2t forget`)."""

@@ -318,6 +318,8 @@ def learn_tab_ui(ws: Workspace, version: gr.State, form: LearnForm) -> None:
     with gr.Row():
         start = gr.Button("Learn", variant="primary", elem_id="learn-button")
         cancel = gr.Button("Cancel", variant="stop", elem_id="learn-cancel")
+    # After the fidelity gate refused the new consolidation: the person may take it anyway.
+    accept = gr.Button("Use the new consolidation anyway", visible=False, elem_id="learn-accept")
     status = gr.HTML(elem_id="learn-status")
     learn_message = gr.HTML(elem_id="learn-message")
     samples = gr.Gallery(
@@ -339,7 +341,7 @@ def learn_tab_ui(ws: Workspace, version: gr.State, form: LearnForm) -> None:
         steps: float | None,
         consolidate_steps: float | None,
         v: int,
-    ) -> Iterator[tuple[str, Any, str, int]]:
+    ) -> Iterator[tuple[str, Any, str, int, Any]]:
         try:
             job = ws.start_learn(
                 files,
@@ -352,16 +354,22 @@ def learn_tab_ui(ws: Workspace, version: gr.State, form: LearnForm) -> None:
                 consolidate_steps=int(consolidate_steps) if consolidate_steps else None,
             )
         except Exception as e:
-            yield "", [], error_message(e), v
+            yield "", [], error_message(e), v, gr.skip()
             return
-        yield status_html(job), [], message("Learning...", ok=True), v
+        yield status_html(job), [], message("Learning...", ok=True), v, gr.Button(visible=False)
         shown = 0
         for _ in job.updates():  # the gallery is sent again only when a sample was added
             samples = list(job.samples)
-            yield status_html(job), samples if len(samples) != shown else gr.skip(), gr.skip(), v
+            yield status_html(job), samples if len(samples) != shown else gr.skip(), gr.skip(), v, gr.skip()
             shown = len(samples)
         if job.error is not None:  # the version moves anyway: a cancel may have come after Step 1's card
-            yield status_html(job), list(job.samples), message(job.error), v + 1
+            yield (
+                status_html(job),
+                list(job.samples),
+                message(job.error),
+                v + 1,
+                gr.Button(visible=job.candidate is not None),
+            )
             return
         learned = job.learned
         assert learned is not None
@@ -369,9 +377,27 @@ def learn_tab_ui(ws: Workspace, version: gr.State, form: LearnForm) -> None:
             f"Learned {learned.name} ({' '.join(learned.tokens)}) into the library. Its card is on the Library "
             f"tab; use its token on the Generate tab. {(job.gate or '')[:1].upper()}{(job.gate or '')[1:]}"
         )
-        yield status_html(job), list(job.samples), message(text, ok=True), v + 1
+        yield status_html(job), list(job.samples), message(text, ok=True), v + 1, gr.skip()
 
-    start.click(run, [*form.inputs, version], [status, samples, learn_message, version], concurrency_id=WORK)
+    def take_candidate(v: int) -> tuple[str, int, Any]:
+        job = ws.job
+        if job is None or job.candidate is None:
+            return message("No refused consolidation to take."), v, gr.Button(visible=False)
+        try:
+            ws.make_current(job.candidate)
+        except Exception as e:
+            return error_message(e), v, gr.skip()
+        text = f"Version {job.candidate} is current: the library generates with the new consolidation."
+        job.candidate = None
+        return message(text, ok=True), v + 1, gr.Button(visible=False)
+
+    start.click(
+        run,
+        [*form.inputs, version],
+        [status, samples, learn_message, version, accept],
+        concurrency_id=WORK,
+    )
+    accept.click(take_candidate, version, [learn_message, version, accept], concurrency_id=WORK)
     cancel.click(
         lambda: message(
             "Cancelling: the library will be as it was." if ws.cancel_learning() else "Nothing is being learned.",
@@ -416,7 +442,9 @@ def generate_tab_ui(ws: Workspace, version: gr.State) -> None:
             elem_id="gen-gallery",
             scale=3,
         )
-        heat = gr.Image(label="Which concepts the prompt selects", type="pil", elem_id="gen-heatmap", scale=2)
+        heat = gr.Image(
+            label="Which concepts the prompt selects", show_label=False, type="pil", elem_id="gen-heatmap", scale=2
+        )
     compare = gr.Gallery(
         label="Consolidated vs expert alone (same seed)",
         columns=2,
