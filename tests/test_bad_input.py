@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import _snapshot, run
 
 from fl2t.data import load_concept
 from fl2t.models import tiny_random_pipeline
+from test_cli import _snapshot, run
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -157,10 +157,19 @@ def _yaml(text):
     [
         (_empty_folder, "found no images (jpg, png, webp); a concept needs at least 3 reference images"),
         (_one_image, "found 1 image (jpg, png, webp); a concept needs at least 3"),
-        (_caption_without_token_or_class, "names neither the concept token '<c-new>' nor its class word 'ball'; write e.g."),
+        (
+            _caption_without_token_or_class,
+            "names neither the concept token '<c-new>' nor its class word 'ball'; write e.g.",
+        ),
         (_caption_not_utf8, "00.txt: not UTF-8 text; save it as UTF-8"),
-        (_yaml("name: c-new\ncolour: red\n"), "colour: unknown key in concept.yaml; the keys are name, tokens, class_word, kind"),
-        (_yaml("name: c-new\ntokens: 5\n"), "tokens: Input should be a valid list (got 5); write e.g. tokens: ['<my-dog>']"),
+        (
+            _yaml("name: c-new\ncolour: red\n"),
+            "colour: unknown key in concept.yaml; the keys are name, tokens, class_word, kind",
+        ),
+        (
+            _yaml("name: c-new\ntokens: 5\n"),
+            "tokens: Input should be a valid list (got 5); write e.g. tokens: ['<my-dog>']",
+        ),
         (_yaml("name: c-new\nkind: animal\n"), "kind: Input should be 'object' or 'style' (got 'animal')"),
         (_yaml("name: c-new\nclass_word: [ball, toy]\n"), "class_word: Input should be a valid string"),
         (_yaml("name: a/b\n"), "concept name 'a/b' is not allowed: use 1-64 letters"),
@@ -172,9 +181,21 @@ def _yaml(text):
         (_yaml("- c-new\n- ball\n"), "concept.yaml: expected a mapping with keys name, tokens, class_word, kind"),
     ],
     ids=[
-        "empty-folder", "one-image", "caption-without-token", "caption-not-utf8", "yaml-unknown-key", "yaml-tokens-int",
-        "yaml-kind-animal", "yaml-class-word-list", "name-slash", "name-dotdot", "name-bell", "name-newline",
-        "token-with-space", "yaml-syntax", "yaml-not-mapping",
+        "empty-folder",
+        "one-image",
+        "caption-without-token",
+        "caption-not-utf8",
+        "yaml-unknown-key",
+        "yaml-tokens-int",
+        "yaml-kind-animal",
+        "yaml-class-word-list",
+        "name-slash",
+        "name-dotdot",
+        "name-bell",
+        "name-newline",
+        "token-with-space",
+        "yaml-syntax",
+        "yaml-not-mapping",
     ],
 )
 def test_a_bad_concept_folder_is_refused_before_training(breaks, message, learn, library_copy, capsys):
@@ -191,7 +212,12 @@ def test_a_concept_name_with_dots_and_slash_from_the_flag_is_refused(learn, libr
 
 def test_a_token_that_is_a_tokenizer_word_is_refused(learn, library_copy, capsys):
     _, args = learn
-    refused([*args, "--token", "dog"], "token 'dog' is already a word of the tokenizer; choose a new token", library_copy, capsys)
+    refused(
+        [*args, "--token", "dog"],
+        "token 'dog' is already a word of the tokenizer; choose a new token",
+        library_copy,
+        capsys,
+    )
 
 
 def test_a_token_of_a_concept_in_the_library_is_refused(tmp_path, library_copy, tiny_base, capsys):
@@ -228,8 +254,15 @@ def test_a_bad_settings_file_is_refused(yaml_text, message, tmp_path, learn, lib
 def test_a_base_that_does_not_exist_is_refused(tmp_path, learn, library_copy, capsys):
     folder, args = learn
     args = ["learn", folder, "-l", library_copy]
-    refused([*args, "--base", tmp_path / "no-such-model"], "no-such-model: no such folder, and not a hub id", library_copy, capsys)
-    refused([*args, "--base", tmp_path], "not a diffusers pipeline folder (no model_index.json in it)", library_copy, capsys)
+    refused(
+        [*args, "--base", tmp_path / "no-such-model"],
+        "no-such-model: no such folder, and not a hub id",
+        library_copy,
+        capsys,
+    )
+    refused(
+        [*args, "--base", tmp_path], "not a diffusers pipeline folder (no model_index.json in it)", library_copy, capsys
+    )
 
 
 def test_a_base_with_only_pickled_weights_is_refused(tmp_path, learn, library_copy, capsys):
@@ -238,7 +271,12 @@ def test_a_base_with_only_pickled_weights_is_refused(tmp_path, learn, library_co
     assert list(pickled.glob("unet/*.bin"))
     folder, _ = learn
     args = ["learn", folder, "-l", library_copy, "--base", pickled]
-    refused(args, "unet/diffusion_pytorch_model.bin holds pickled weights, and fl2t loads only safetensors", library_copy, capsys)
+    refused(
+        args,
+        "unet/diffusion_pytorch_model.bin holds pickled weights, and fl2t loads only safetensors",
+        library_copy,
+        capsys,
+    )
     unet_bin = next(pickled.glob("unet/*.bin"))
     refused(["learn", folder, "-l", library_copy, "--base", unet_bin], "is a pickled checkpoint", library_copy, capsys)
 
@@ -272,8 +310,20 @@ def test_a_new_library_is_not_created_when_learning_is_refused(tmp_path, learn, 
 
 
 def _generate(lib: Path, tmp_path: Path, concept: str = "c-stripeball") -> list:
-    return ["generate", "a photo of <c-stripeball> ball", "-l", lib, "--concept", concept, "-o", tmp_path / "out.png",
-            "--steps", "1", "--size", "32"]
+    return [
+        "generate",
+        "a photo of <c-stripeball> ball",
+        "-l",
+        lib,
+        "--concept",
+        concept,
+        "-o",
+        tmp_path / "out.png",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+    ]
 
 
 def _export(lib: Path, tmp_path: Path) -> list:
@@ -288,14 +338,24 @@ def _set_manifest_hash(lib: Path, value: str) -> None:
 
 def test_a_manifest_with_a_wrong_hash_is_refused(tmp_path, library_copy, capsys):
     _set_manifest_hash(library_copy, "0" * 64)
-    refused(_generate(library_copy, tmp_path), "expert 'c-stripeball' does not match the manifest's hash", library_copy, capsys)
+    refused(
+        _generate(library_copy, tmp_path),
+        "expert 'c-stripeball' does not match the manifest's hash",
+        library_copy,
+        capsys,
+    )
     assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("command", [_generate, _export], ids=["generate", "export"])
 def test_a_half_written_expert_is_refused(command, tmp_path, library_copy, capsys):
     (library_copy / "experts" / "c-stripeball" / "lora.safetensors").unlink()
-    refused(command(library_copy, tmp_path), "lora.safetensors: missing; the expert is incomplete; relearn it", library_copy, capsys)
+    refused(
+        command(library_copy, tmp_path),
+        "lora.safetensors: missing; the expert is incomplete; relearn it",
+        library_copy,
+        capsys,
+    )
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "export").exists()
 
 
@@ -311,7 +371,9 @@ def test_pickled_weights_in_a_library_are_refused(suffix, tmp_path, library_copy
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("command", [_generate, _export, lambda lib, _: ["library", "show", lib]], ids=["generate", "export", "show"])
+@pytest.mark.parametrize(
+    "command", [_generate, _export, lambda lib, _: ["library", "show", lib]], ids=["generate", "export", "show"]
+)
 def test_a_corrupt_manifest_is_refused(command, tmp_path, library_copy, capsys):
     (library_copy / "library.json").write_text('{"format": 1, "experts": {')
     refused(command(library_copy, tmp_path), "library.json: not valid JSON", library_copy, capsys)
@@ -398,6 +460,20 @@ def test_hidden_files_in_a_concept_folder_are_not_images(tmp_path):
 def test_a_concept_of_odd_images_learns_from_the_command_line(tmp_path, tiny_base, capsys):
     d = _odd_images(tmp_path / "c-odd")
     (tmp_path / "settings.yaml").write_text("learn:\n  steps: 1\n  num_anchors: 0\n")
-    code, out, err = run(["-q", "learn", d, "-l", tmp_path / "lib", "--base", tiny_base, "--config", tmp_path / "settings.yaml", "--no-consolidate"], capsys)
+    code, out, err = run(
+        [
+            "-q",
+            "learn",
+            d,
+            "-l",
+            tmp_path / "lib",
+            "--base",
+            tiny_base,
+            "--config",
+            tmp_path / "settings.yaml",
+            "--no-consolidate",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "learned c-odd" in out and (tmp_path / "lib" / "experts" / "c-odd" / "lora.safetensors").is_file()

@@ -36,7 +36,9 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def fl2t(args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)], capture_output=True, text=True,
+        [sys.executable, "-m", "fl2t.cli", "-q", *map(str, args)],
+        capture_output=True,
+        text=True,
         env={**os.environ, **(env or {})},
     )
 
@@ -151,8 +153,10 @@ def test_gate_refuses_a_consolidation_that_lost_a_concept_and_accept_overrides(t
 
     def losing(lib, model, base=None):  # the candidate mixes a zeroed expert for `lost`
         experts = lib.experts()
-        zeroed = [type(e)(**{**e.__dict__, "lora": {k: v * 0 for k, v in e.lora.items()}}) if e.name == lost.name else e
-                  for e in experts]
+        zeroed = [
+            type(e)(**{**e.__dict__, "lora": {k: v * 0 for k, v in e.lora.items()}}) if e.name == lost.name else e
+            for e in experts
+        ]
         return fidelity(build_pipeline(lib, experts, base), experts, model.to("cpu"), student=zeroed)
 
     monkeypatch.setattr("fl2t.learning.measure_fidelity", losing)
@@ -181,7 +185,9 @@ def test_cli_history_rollback_gc_and_gate_exit_code(two, tiny_base, monkeypatch)
     assert r.returncode == 0 and Library(two.path).current().number == 2, r.stderr
     r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--gate-threshold", "-2"])
     assert r.returncode == 0  # no version before it had fidelity: nothing to compare
-    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--seed", "4", "--gate-threshold", "-2"])
+    r = fl2t(
+        ["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--seed", "4", "--gate-threshold", "-2"]
+    )
     assert r.returncode == 3 and "kept as candidate version 5" in r.stderr, r.stderr
     assert Library(two.path).current().number == 4
     r = fl2t(["library", "gc", two.path, "--keep", "1"])

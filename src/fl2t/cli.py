@@ -57,31 +57,71 @@ def _main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only 
 # -- learn ------------------------------------------------------------------------------------------------
 @app.command()
 def learn(
-    concept_dirs: Annotated[list[Path], typer.Argument(metavar="FOLDER", help="Concept folder(s): images, optional captions and concept.yaml.")],
-    library: Annotated[Path, typer.Option("--library", "-l", metavar="FOLDER", help="Library folder (created if missing).")],
-    base: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Base model: hub id or local diffusers folder. Default: the library's.")] = None,
-    config: Annotated[Optional[Path], typer.Option(metavar="FILE", help="YAML settings file (section 'learn:').")] = None,
+    concept_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="FOLDER", help="Concept folder(s): images, optional captions and concept.yaml."),
+    ],
+    library: Annotated[
+        Path, typer.Option("--library", "-l", metavar="FOLDER", help="Library folder (created if missing).")
+    ],
+    base: Annotated[
+        Optional[str],
+        typer.Option(metavar="MODEL", help="Base model: hub id or local diffusers folder. Default: the library's."),
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option(metavar="FILE", help="YAML settings file (section 'learn:').")
+    ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps.", metavar="N")] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="LoRA learning rate.")] = None,
-    embedding_lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="Token embedding learning rate.")] = None,
+    embedding_lr: Annotated[
+        Optional[float], typer.Option(metavar="RATE", help="Token embedding learning rate.")
+    ] = None,
     rank: Annotated[Optional[int], typer.Option(metavar="R", help="LoRA rank.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step.", metavar="N")] = None,
-    resolution: Annotated[Optional[int], typer.Option(metavar="PIXELS", help="Training image size (default: the base model's).")] = None,
+    resolution: Annotated[
+        Optional[int], typer.Option(metavar="PIXELS", help="Training image size (default: the base model's).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.", metavar="N")] = None,
-    layerwise: Annotated[Optional[bool], typer.Option("--layerwise/--no-layerwise", help="One token embedding per cross-attention layer.")] = None,
+    layerwise: Annotated[
+        Optional[bool],
+        typer.Option("--layerwise/--no-layerwise", help="One token embedding per cross-attention layer."),
+    ] = None,
     mixed_precision: Annotated[Optional[str], typer.Option(metavar="no|fp16|bf16", help="Mixed precision.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
     name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Concept name (one folder only).")] = None,
-    token: Annotated[Optional[list[str]], typer.Option(metavar="TOKEN", help="Concept token(s), repeatable (one folder only).")] = None,
-    class_word: Annotated[Optional[str], typer.Option(metavar="WORD", help="Class word, e.g. 'dog' (one folder only).")] = None,
+    token: Annotated[
+        Optional[list[str]], typer.Option(metavar="TOKEN", help="Concept token(s), repeatable (one folder only).")
+    ] = None,
+    class_word: Annotated[
+        Optional[str], typer.Option(metavar="WORD", help="Class word, e.g. 'dog' (one folder only).")
+    ] = None,
     kind: Annotated[Optional[str], typer.Option(metavar="object|style", help="Concept kind (one folder only).")] = None,
     replace: Annotated[bool, typer.Option(help="Relearn a concept whose name is already in the library.")] = False,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the training state every N steps (0: never).", metavar="N")] = None,
-    resume: Annotated[bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")] = False,
-    data_parallel: Annotated[bool, typer.Option(help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each.")] = False,
-    consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards.")] = True,
-    accept: Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")] = False,
-    gate_threshold: Annotated[Optional[float], typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1).")] = None,
+    checkpoint_every: Annotated[
+        Optional[int], typer.Option(help="Save the training state every N steps (0: never).", metavar="N")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted run: skip learned concepts, continue from checkpoints.")
+    ] = False,
+    data_parallel: Annotated[
+        bool,
+        typer.Option(
+            help="Under torchrun/accelerate launch: all processes train each concept together (DDP) instead of one concept each."
+        ),
+    ] = False,
+    consolidate_after: Annotated[
+        bool,
+        typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards."),
+    ] = True,
+    accept: Annotated[
+        bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
+    ] = False,
+    gate_threshold: Annotated[
+        Optional[float],
+        typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Learn concept expert(s) (Step 1) into a library, then consolidate the new set (Step 2).
@@ -99,7 +139,11 @@ def learn(
 
     def report(x: Learned) -> None:
         if as_json:
-            print(json.dumps({"concept": x.name, "tokens": x.tokens, "library": str(library), "content_hash": x.content_hash}))
+            print(
+                json.dumps(
+                    {"concept": x.name, "tokens": x.tokens, "library": str(library), "content_hash": x.content_hash}
+                )
+            )
         else:
             print(f"learned {x.name} ({' '.join(x.tokens)}) into {library} [{x.content_hash[:12]}]")
 
@@ -107,16 +151,38 @@ def learn(
         settings = load_settings(
             config,
             learn=dict(
-                steps=steps, lr=lr, embedding_lr=embedding_lr, rank=rank, batch_size=batch_size, resolution=resolution,
-                seed=seed, layerwise=layerwise, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                steps=steps,
+                lr=lr,
+                embedding_lr=embedding_lr,
+                rank=rank,
+                batch_size=batch_size,
+                resolution=resolution,
+                seed=seed,
+                layerwise=layerwise,
+                mixed_precision=mixed_precision,
+                gradient_checkpointing=gradient_checkpointing,
                 checkpoint_every=checkpoint_every,
             ),
         )
         result = learn_into(
-            concept_dirs, library, base=base, learn_settings=settings.learn, consolidate_settings=settings.consolidate,
-            name=name, tokens=token, class_word=class_word, kind=kind, replace=replace, resume=resume,
-            data_parallel=data_parallel, consolidate_after=consolidate_after, track=console.track, say=console.say,
-            on_learned=report, accept=accept, **gate_option(gate_threshold),
+            concept_dirs,
+            library,
+            base=base,
+            learn_settings=settings.learn,
+            consolidate_settings=settings.consolidate,
+            name=name,
+            tokens=token,
+            class_word=class_word,
+            kind=kind,
+            replace=replace,
+            resume=resume,
+            data_parallel=data_parallel,
+            consolidate_after=consolidate_after,
+            track=console.track,
+            say=console.say,
+            on_learned=report,
+            accept=accept,
+            **gate_option(gate_threshold),
         )
     except Fl2tError:
         if not proc.is_main_process:
@@ -124,7 +190,11 @@ def learn(
         raise
     if result.set_hash:
         h = result.set_hash
-        print(json.dumps({"library": str(result.library), "set_hash": h}) if as_json else f"consolidated {result.library} [{h[:12]}]")
+        print(
+            json.dumps({"library": str(result.library), "set_hash": h})
+            if as_json
+            else f"consolidated {result.library} [{h[:12]}]"
+        )
     if result.gate and not as_json:
         print(result.gate)
     if result.refused:
@@ -141,8 +211,14 @@ def gate_option(threshold: Optional[float]) -> dict[str, float]:
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt, naming the concept by its token(s).")],
     library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
-    concept: Annotated[Optional[list[str]], typer.Option(help="Use these concepts' experts alone instead of the consolidated model.", metavar="TEXT")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.", metavar="PATH")] = Path("out.png"),
+    concept: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Use these concepts' experts alone instead of the consolidated model.", metavar="TEXT"),
+    ] = None,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Output PNG; with several images, -0, -1, ... are added.", metavar="PATH"),
+    ] = Path("out.png"),
     base: Annotated[Optional[str], typer.Option(help="Override the library's base model.", metavar="TEXT")] = None,
     seed: Annotated[int, typer.Option(metavar="N")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.", metavar="N")] = 30,
@@ -178,7 +254,11 @@ def generate(
             callback_on_step_end=lambda p, i, t, kw: (update((i + 1) * num_images), kw)[1],
         ).images
     output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
+    paths = (
+        [output]
+        if len(images) == 1
+        else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(images))]
+    )
     for im, p in zip(images, paths):
         im.save(p)
     print(json.dumps({"images": [str(p) for p in paths], "seed": seed}) if as_json else "\n".join(map(str, paths)))
@@ -206,7 +286,13 @@ def export(
     from fl2t.learning import open_library
 
     out = export_expert(open_library(library).expert(concept), output, format=format)  # type: ignore[arg-type]
-    print(json.dumps({"export": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}) if as_json else out)
+    print(
+        json.dumps(
+            {"export": str(out), "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}
+        )
+        if as_json
+        else out
+    )
 
 
 # -- library ----------------------------------------------------------------------------------------------
@@ -222,15 +308,35 @@ def library_show(
     records = lib.records()
     fidelity = lib.fidelity()
     if as_json:
-        print(json.dumps({"base": lib.base, "experts": {n: r.model_dump() for n, r in records.items()},
-                          "version": lib.manifest().version, "fidelity": fidelity}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "base": lib.base,
+                    "experts": {n: r.model_dump() for n, r in records.items()},
+                    "version": lib.manifest().version,
+                    "fidelity": fidelity,
+                },
+                indent=2,
+            )
+        )
         return
-    table = Table(title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'}, version {lib.manifest().version or '-'})")
+    table = Table(
+        title=f"{lib.path}  (base {lib.base['id'] if lib.base else '-'}, version {lib.manifest().version or '-'})"
+    )
     for col in ("concept", "tokens", "class", "kind", "rank", "layer-wise", "steps", "fidelity", "hash"):
         table.add_column(col)
     for n, r in records.items():
-        table.add_row(n, " ".join(r.tokens), r.class_word, r.kind, str(r.rank), "yes" if r.layerwise else "no",
-                      str(r.settings.get("steps", "")), f"{fidelity[n]:.3f}" if n in fidelity else "-", r.content_hash[:12])
+        table.add_row(
+            n,
+            " ".join(r.tokens),
+            r.class_word,
+            r.kind,
+            str(r.rank),
+            "yes" if r.layerwise else "no",
+            str(r.settings.get("steps", "")),
+            f"{fidelity[n]:.3f}" if n in fidelity else "-",
+            r.content_hash[:12],
+        )
     Console().print(table)
 
 
@@ -262,7 +368,9 @@ def library_history(
 @library_app.command("rollback")
 def library_rollback(
     library: Annotated[Path, typer.Argument()],
-    version: Annotated[int, typer.Argument(metavar="N", help="The version to make current (see `fl2t library history`).")],
+    version: Annotated[
+        int, typer.Argument(metavar="N", help="The version to make current (see `fl2t library history`).")
+    ],
 ) -> None:
     """Make an earlier version of a library current again, byte for byte."""
     from fl2t.learning import open_library
@@ -274,7 +382,9 @@ def library_rollback(
 @library_app.command("gc")
 def library_gc(
     library: Annotated[Path, typer.Argument()],
-    keep: Annotated[int, typer.Option(metavar="K", help="How many of the newest versions to keep (the current one always).")],
+    keep: Annotated[
+        int, typer.Option(metavar="K", help="How many of the newest versions to keep (the current one always).")
+    ],
 ) -> None:
     """Drop a library's old versions and the files only they used."""
     from fl2t.learning import open_library
@@ -298,7 +408,10 @@ def library_check(
     else:
         for p in problems:
             print(f"problem: {p}")
-        print(f"{lib.path}: " + (f"{len(problems)} problem(s) found" if problems else f"ok, {len(lib.names())} concept(s) verified"))
+        print(
+            f"{lib.path}: "
+            + (f"{len(problems)} problem(s) found" if problems else f"ok, {len(lib.names())} concept(s) verified")
+        )
     if problems:
         raise typer.Exit(2)
 
@@ -308,17 +421,35 @@ def library_check(
 def consolidate(
     library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
     base: Annotated[Optional[str], typer.Option(help="Override the library's base model.", metavar="TEXT")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")
+    ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps.", metavar="N")] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="X")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Mixed with the set's hash.", metavar="N")] = None,
-    gates: Annotated[Optional[bool], typer.Option("--gates/--no-gates", help="Per-rank feature-selection gates.")] = None,
-    shared: Annotated[Optional[bool], typer.Option("--shared/--no-shared", help="Shared LoRA learned in Step 2.")] = None,
-    contrastive: Annotated[Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")] = None,
-    proxy_attention: Annotated[Optional[bool], typer.Option("--proxy-attention/--no-proxy-attention", help="Self-attention among proxies.")] = None,
-    routing: Annotated[Optional[bool], typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0).")] = None,
-    accept: Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")] = False,
-    gate_threshold: Annotated[Optional[float], typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1).")] = None,
+    gates: Annotated[
+        Optional[bool], typer.Option("--gates/--no-gates", help="Per-rank feature-selection gates.")
+    ] = None,
+    shared: Annotated[
+        Optional[bool], typer.Option("--shared/--no-shared", help="Shared LoRA learned in Step 2.")
+    ] = None,
+    contrastive: Annotated[
+        Optional[bool], typer.Option("--contrastive/--no-contrastive", help="InfoNCE prompt-proxy term.")
+    ] = None,
+    proxy_attention: Annotated[
+        Optional[bool], typer.Option("--proxy-attention/--no-proxy-attention", help="Self-attention among proxies.")
+    ] = None,
+    routing: Annotated[
+        Optional[bool],
+        typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0)."),
+    ] = None,
+    accept: Annotated[
+        bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
+    ] = False,
+    gate_threshold: Annotated[
+        Optional[float],
+        typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Consolidate a library's experts (Step 2) into LIB/consolidated/, as a new version with each concept's
@@ -326,11 +457,23 @@ def consolidate(
     from fl2t.config import load_settings
     from fl2t.learning import FidelityDropped, consolidate_library, gate_line, open_library
 
-    settings = load_settings(config, consolidate=dict(steps=steps, lr=lr, seed=seed, gates=gates, shared=shared,
-                                                      contrastive=contrastive, proxy_attention=proxy_attention,
-                                                      lambda_route=None if routing in (None, True) else 0.0)).consolidate
+    settings = load_settings(
+        config,
+        consolidate=dict(
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            gates=gates,
+            shared=shared,
+            contrastive=contrastive,
+            proxy_attention=proxy_attention,
+            lambda_route=None if routing in (None, True) else 0.0,
+        ),
+    ).consolidate
     try:
-        h = consolidate_library(library, settings, base=base, track=console.track, accept=accept, **gate_option(gate_threshold))
+        h = consolidate_library(
+            library, settings, base=base, track=console.track, accept=accept, **gate_option(gate_threshold)
+        )
     except FidelityDropped as refused:
         print(f"fl2t: refused: {refused}", file=sys.stderr)
         raise typer.Exit(3) from None
@@ -370,8 +513,12 @@ def inspect(
 def forget(
     name: Annotated[str, typer.Argument(help="Concept to remove.")],
     library: Annotated[Path, typer.Option("--library", "-l", metavar="PATH")],
-    consolidate_after: Annotated[bool, typer.Option("--consolidate/--no-consolidate", help="Re-consolidate the remaining set.")] = True,
-    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")] = None,
+    consolidate_after: Annotated[
+        bool, typer.Option("--consolidate/--no-consolidate", help="Re-consolidate the remaining set.")
+    ] = True,
+    config: Annotated[
+        Optional[Path], typer.Option(help="YAML settings file (section 'consolidate:').", metavar="PATH")
+    ] = None,
 ) -> None:
     """Remove a concept from a library and re-consolidate the rest."""
     from fl2t.config import load_settings
@@ -411,7 +558,9 @@ def ui(
 # -- demo -------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).", metavar="PATH")] = Path("runs"),
+    out: Annotated[
+        Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).", metavar="PATH")
+    ] = Path("runs"),
     steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.", metavar="N")] = 100,
     consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.", metavar="N")] = 30,
 ) -> None:

@@ -1,9 +1,9 @@
 """A concept expert: one concept learned alone (Step 1), and its on-disk form.
 
-    <folder>/expert.json              tokens, class word, kind, base, LoRA layout, settings, file hashes
-    <folder>/lora.safetensors         "<module>.lora_A.weight" (r, in), "<module>.lora_B.weight" (out, r)
-    <folder>/embeddings.safetensors   token_embeddings (n, d) or (L, n, d); stable_embedding (d,)
-    <folder>/anchors.safetensors      latents (N, C, h, w) the expert generated, for Step 2
+<folder>/expert.json              tokens, class word, kind, base, LoRA layout, settings, file hashes
+<folder>/lora.safetensors         "<module>.lora_A.weight" (r, in), "<module>.lora_B.weight" (out, r)
+<folder>/embeddings.safetensors   token_embeddings (n, d) or (L, n, d); stable_embedding (d,)
+<folder>/anchors.safetensors      latents (N, C, h, w) the expert generated, for Step 2
 """
 
 from __future__ import annotations
@@ -116,7 +116,11 @@ class Expert:
         return blobs
 
     def _record(self, files: dict[str, str]) -> dict[str, Any]:
-        identity = {"spec": self.spec.model_dump(), "lora": files["lora.safetensors"], "embeddings": files["embeddings.safetensors"]}
+        identity = {
+            "spec": self.spec.model_dump(),
+            "lora": files["lora.safetensors"],
+            "embeddings": files["embeddings.safetensors"],
+        }
         content_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return {
             "format": FORMAT,
@@ -162,9 +166,14 @@ class Expert:
             except SafetensorError as e:
                 raise Fl2tError(f"{path}: not a valid safetensors file ({e})") from None
         emb = tensors["embeddings.safetensors"]
-        for fname, keys in (("embeddings.safetensors", ("token_embeddings", "stable_embedding")), ("anchors.safetensors", ("latents",))):
+        for fname, keys in (
+            ("embeddings.safetensors", ("token_embeddings", "stable_embedding")),
+            ("anchors.safetensors", ("latents",)),
+        ):
             if any(k not in tensors[fname] for k in keys):
-                raise Fl2tError(f"{folder / fname}: lacks tensors {keys}; the expert is damaged; relearn it with --replace")
+                raise Fl2tError(
+                    f"{folder / fname}: lacks tensors {keys}; the expert is damaged; relearn it with --replace"
+                )
         return cls(
             spec=record.spec,
             lora=tensors["lora.safetensors"],

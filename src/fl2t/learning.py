@@ -221,7 +221,12 @@ def learn(
         if consolidate_after and proc.is_main_process and concepts:
             try:
                 result.set_hash = consolidate_library(
-                    lib.path, cons_settings, base=base, track=track, cancel=cancel, accept=accept,
+                    lib.path,
+                    cons_settings,
+                    base=base,
+                    track=track,
+                    cancel=cancel,
+                    accept=accept,
                     gate_threshold=gate_threshold,
                 )
                 result.gate = gate_line(lib)

@@ -124,7 +124,9 @@ class Library:
             raise Fl2tError(f"library {self.path}: is a file, not a folder; choose another --library path")
         visible = self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir())
         if visible and not (self.path / MANIFEST).is_file():
-            raise Fl2tError(f"library {self.path}: folder is not empty and has no {MANIFEST}; it is not an fl2t library")
+            raise Fl2tError(
+                f"library {self.path}: folder is not empty and has no {MANIFEST}; it is not an fl2t library"
+            )
 
     # -- reading -----------------------------------------------------------------------------------------
     @property
@@ -170,8 +172,12 @@ class Library:
             if (folder / "expert.json").is_file() and read_json(folder / "expert.json").get("content_hash") == want:
                 return folder
         if not (self.path / "experts" / name / "expert.json").is_file():
-            raise Fl2tError(f"library {self.path}: expert {name!r} is missing or half-written; relearn it with --replace")
-        raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup")
+            raise Fl2tError(
+                f"library {self.path}: expert {name!r} is missing or half-written; relearn it with --replace"
+            )
+        raise Fl2tError(
+            f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup"
+        )
 
     def records(self) -> dict[str, ExpertRecord]:
         return {name: read_expert_record(self.expert_dir(name)) for name in self.names()}
@@ -180,7 +186,9 @@ class Library:
         folder = self.expert_dir(name)
         expert = Expert.load(folder)
         if expert.content_hash != self.manifest().experts[name]:
-            raise Fl2tError(f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup")
+            raise Fl2tError(
+                f"library {self.path}: expert {name!r} does not match the manifest's hash; it was changed: relearn it with --replace or restore the library from a backup"
+            )
         return expert
 
     def experts(self) -> list[Expert]:
@@ -242,7 +250,9 @@ class Library:
                 if sha in verified:
                     continue
                 if not (objects / sha).is_file() or _sha(objects / sha) != sha:
-                    problems.append(f"library {self.path}: version {v.number}: {where} is missing or damaged in the history")
+                    problems.append(
+                        f"library {self.path}: version {v.number}: {where} is missing or damaged in the history"
+                    )
                 else:
                     verified.add(sha)
         if self.manifest().version:
@@ -379,7 +389,9 @@ class Library:
                     f"run `fl2t consolidate --library {self.path}`"
                 )
         if manifest.format < LIBRARY_FORMAT:
-            say(f"library {self.path}: migrated from format {manifest.format} to {LIBRARY_FORMAT} (versions and history)")
+            say(
+                f"library {self.path}: migrated from format {manifest.format} to {LIBRARY_FORMAT} (versions and history)"
+            )
         if not entries and consolidated is None:
             return  # a new library: its first change is version 1
         record = self._record(None, "migrated from format 1", entries, manifest.base, consolidated, None, {})
@@ -479,8 +491,12 @@ class Library:
             base = current.base if current and current.base else BaseRef(**saved["base"])
             verb = "replace" if current and expert.name in current.experts else "learn"
             record = self._record(
-                current, f"{verb} {expert.name}", entries, base,
-                current.consolidated if current else None, current.consolidated_set if current else None,
+                current,
+                f"{verb} {expert.name}",
+                entries,
+                base,
+                current.consolidated if current else None,
+                current.consolidated_set if current else None,
                 current.fidelity if current else {},
             )
             self._commit(record, {f"experts/{expert.name}": staged})
@@ -495,7 +511,12 @@ class Library:
             entries = {n: e for n, e in current.experts.items() if n != name}
             fidelity = {n: f for n, f in current.fidelity.items() if n != name}
             record = self._record(
-                current, f"forget {name}", entries, current.base, current.consolidated, current.consolidated_set,
+                current,
+                f"forget {name}",
+                entries,
+                current.base,
+                current.consolidated,
+                current.consolidated_set,
                 fidelity,
             )
             self._commit(record, {f"experts/{name}": None})
@@ -511,7 +532,7 @@ class Library:
                 if not working.is_file() or _sha(working) != entry.files["expert.json"]:
                     self._materialize(entry.files, tmp / name)
                     place[f"experts/{name}"] = tmp / name
-            for name in (current.experts if current else {}):
+            for name in current.experts if current else {}:
                 if name not in target.experts:
                     place[f"experts/{name}"] = None
             if not self._consolidated_matches(self.path / CONSOLIDATED, target):
@@ -565,7 +586,9 @@ class Library:
         (after a writer was killed while replacing it: the parked one of the current version). Read it with
         `ConsolidatedModel.from_pretrained`; its config names the set it was made for."""
         current = self.current() if self.manifest().version else None
-        none = Fl2tError(f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`")
+        none = Fl2tError(
+            f"library {self.path}: has no consolidated model; run `fl2t consolidate --library {self.path}`"
+        )
         if current is not None and current.consolidated is None:
             raise none
         folders = [self.path / CONSOLIDATED, *sorted(self.path.glob(".old-consolidated-*"))]
@@ -614,8 +637,14 @@ class Library:
             stored = self._store(staged)
             kill_point("stored")
             record = self._record(
-                current, "consolidate", dict(current.experts) if current else {}, current.base if current else None,
-                stored, set_hash, dict(fidelity or {}), candidate,
+                current,
+                "consolidate",
+                dict(current.experts) if current else {},
+                current.base if current else None,
+                stored,
+                set_hash,
+                dict(fidelity or {}),
+                candidate,
             )
             self._commit(record, {CONSOLIDATED: staged})
         return files

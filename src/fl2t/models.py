@@ -61,12 +61,16 @@ def base_name(base: str | Path) -> str:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def load_base(base: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_base(
+    base: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline from a local diffusers folder, a hub id, or "fl2t:world" (the built-in
     tiny world's), safetensors weights only."""
     if base_name(base) == WORLD_BASE:
         if not (_world_base_dir() / "model_index.json").is_file():
-            raise Fl2tError(f"--base {base}: the tiny world's weights are not installed; build them with `fl2t world build`")
+            raise Fl2tError(
+                f"--base {base}: the tiny world's weights are not installed; build them with `fl2t world build`"
+            )
         base = _world_base_dir()
     path = Path(base).expanduser()
     if path.is_file():
@@ -126,6 +130,7 @@ def _refuse_pickled_only(folder: Path, base: str) -> None:
 
 def base_config_hash(pipe: StableDiffusionPipeline) -> str:
     """A hash of the architecture (configs of UNet, text encoder, VAE and the vocabulary size), not of the weights."""
+
     def clean(cfg: dict) -> dict:
         return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
 
@@ -147,7 +152,12 @@ def build_pipeline(
 ) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline from its parts, with fl2t's CLIP tokenizer; SD 1.5's DDPM schedule by default."""
     scheduler = scheduler or DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -198,7 +208,9 @@ def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         sample_size=32,
     )
     text_encoder = CLIPTextModel(
-        clip_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+        clip_text_config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+        )
     )
     return build_pipeline(unet, vae, text_encoder)
 
