@@ -60,7 +60,10 @@ def need_browser() -> None:
     except ImportError:
         missing.append("the selenium package (pip install -e '.[ui,test]')")
     if missing:
-        reason = f"no headless browser for the UI test: {', '.join(missing)} missing (apt-get install chromium chromium-driver)"
+        reason = (
+            f"no headless browser for the UI test: {', '.join(missing)} missing "
+            "(apt-get install chromium chromium-driver)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
