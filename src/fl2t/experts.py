@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +24,14 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from fl2t.config import LearnSettings
 from fl2t.data import Concept, ConceptSpec, caption_templates
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
-from fl2t.files import kill_point
+from fl2t.files import atomic_write_bytes, kill_point
 from fl2t.models import base_config_hash, load_base, resolution_of
 from fl2t.pipeline import ExpertPipeline
 from fl2t.text import (
@@ -505,9 +503,7 @@ def _save_checkpoint(
         "lr_scheduler": json.dumps(lr_scheduler.state_dict()),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
 def _load_checkpoint(

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
 from fl2t.errors import Fl2tError
+from fl2t.files import atomic_write_text
 from fl2t.metrics import (
     ClipEvaluator,
     DinoEvaluator,
@@ -408,9 +409,7 @@ class Benchmark:
             scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
             if last and self.cfg.multi and not m.samples_per_concept:
                 scores["_multi"] = self.multi(m)
-            tmp = result.with_suffix(".tmp")
-            tmp.write_text(json.dumps(scores, indent=2))
-            tmp.replace(result)
+            atomic_write_text(result, json.dumps(scores, indent=2))
             advance(1)
 
     def evaluate(

@@ -25,6 +25,7 @@ from fl2t.data import Concept
 from fl2t.errors import Fl2tError
 from fl2t.expert import Expert
 from fl2t.experts import learn_expert
+from fl2t.files import atomic_write_text
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.models import load_base
@@ -92,9 +93,7 @@ class Method:
 
     def _done(self, name: str) -> None:
         path = self.ctx.workdir / "tasks.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([*self.tasks, name]))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps([*self.tasks, name]))
 
     @property
     def library(self) -> Library:

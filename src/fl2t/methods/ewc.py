@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from fl2t.expert import Expert
 from fl2t.experts import ExpertModel, Regulariser
+from fl2t.files import atomic_write_bytes
 from fl2t.methods.base import MethodSettings, Tokenize
 from fl2t.methods.sequential import Sequential
 
@@ -73,6 +75,4 @@ class EWC(Sequential):
         total = dict(self._reg.fisher)
         for n, f in self._reg.task_fisher().items():
             total[n] = total[n] + f if n in total else f
-        tmp = self._fisher_file.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in total.items()}, tmp)
-        tmp.replace(self._fisher_file)
+        atomic_write_bytes(self._fisher_file, st_save({n: t.contiguous() for n, t in total.items()}))
