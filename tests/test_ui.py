@@ -84,6 +84,7 @@ def serve(library: Path, base: Path | None, config: Path, tmp: Path) -> Iterator
         "GRADIO_ANALYTICS_ENABLED": "False",
         "GRADIO_TEMP_DIR": str(tmp / "gradio"),
         "XDG_CACHE_HOME": str(tmp / "cache"),
+        "TMPDIR": str(tmp),  # exports and uploads stay in the test's folder
         "HF_HUB_OFFLINE": "1",
         # The server, the browser and the test share the cores: torch's spinning worker threads slow each
         # other down many times over on a busy machine, one thread each does not.
@@ -325,6 +326,8 @@ def test_browser_learn_generate_forget_and_bad_input(tmp_path, tiny_base, concep
             card = page.text(f"card-{name}")
             assert token in card and class_word in card and page.images(f"card-{name}") >= 3
             assert f"fidelity {Library(lib).fidelity()[name]:.3f}" in card, card  # measured by the learn's Step 2
+            page.click(f"export-kohya-{name}")  # a zip for AUTOMATIC1111 and ComfyUI, offered for download
+            page.wait(lambda: f"{name}-kohya" in page.text(f"export-file-{name}"), "the export's download")
             page.click(f"samples-{name}")
             page.wait(lambda: page.images(f"samples-gallery-{name}") >= 1, "the expert's samples")
             page.shot("library")
@@ -450,6 +453,10 @@ def test_export_zip_holds_the_kohya_files(workspace):
     assert "c-stripeball-kohya/embeddings/c-stripeball.safetensors" in names
     with pytest.raises(Fl2tError, match="diffusers, kohya"):
         workspace.export_zip("c-stripeball", "ckpt")
+    again = workspace.export_zip("c-stripeball", "diffusers")
+    assert "c-stripeball-diffusers/pytorch_lora_weights.safetensors" in zipfile.ZipFile(again).namelist()
+    assert not archive.exists()  # one export's folder at a time in the temp dir
+    shutil.rmtree(again.parent)
 
 
 def test_benchmark_tab_reads_a_run_folder(workspace, tmp_path):

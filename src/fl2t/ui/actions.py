@@ -207,6 +207,7 @@ class Workspace:
         # learn's own samples too (its thread outlives the request when the browser goes away).
         self.models = threading.RLock()
         self.job: LearnJob | None = None
+        self._export: Path | None = None  # the folder of the last export's zip
 
     # -- the library's cards --------------------------------------------------------------------------------
     def lib(self) -> Library:
@@ -371,7 +372,9 @@ class Workspace:
         """A zip of the concept's expert exported as `format` (diffusers or kohya), for download."""
         if format not in FORMATS:
             raise Fl2tError(f"export format {format!r} is not known; use one of: {', '.join(FORMATS)}")
-        work = Path(tempfile.mkdtemp(prefix="fl2t-export-"))  # the web server hands out files from the temp dir
+        if self._export is not None:  # the page has its copy of the previous zip by now
+            shutil.rmtree(self._export, ignore_errors=True)
+        work = self._export = Path(tempfile.mkdtemp(prefix="fl2t-export-"))  # the server hands out temp-dir files
         out = export_expert(self.lib().expert(name), work / f"{name}-{format}", format=format)  # type: ignore[arg-type]
         archive = shutil.make_archive(str(work / f"{name}-{format}"), "zip", root_dir=work, base_dir=out.name)
         shutil.rmtree(out)
