@@ -163,7 +163,7 @@ def test_user_errors_exit_2_with_one_line_and_leave_the_library_alone(
     [
         (["lern"], "Did you mean 'learn'?"),
         (["learn", "x", "--library", "y", "--quiet"], "No such option: --quiet"),
-        (["generate", "p", "--library", "y", "--steps", "many"], "'many' is not a valid integer"),
+        (["generate", "p", "--library", "y", "--steps", "many"], "Invalid value for '--steps'"),
     ],
 )
 def test_a_usage_error_prints_the_usage_and_exits_2(args, message, capsys):

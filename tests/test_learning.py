@@ -19,12 +19,16 @@ QUICK = FAST.model_copy(update={"steps": 3, "num_anchors": 1, "anchor_steps": 2}
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    """Every visible file of a library with its sha256 (lock file and temporaries aside)."""
-    return {
+    """The current version's files (experts and consolidated model) with their sha256, and its version number; the
+    history keeps the cancelled call's versions, which is what history is for."""
+    files = {
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
+        for sub in ("experts", "consolidated")
+        for p in sorted((path / sub).rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     }
+    current = Library(path).current()
+    return {**files, "version": str(current.number if current else None)}
 
 
 def cancel_after(n: int):

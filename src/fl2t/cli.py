@@ -42,6 +42,11 @@ app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
 
 
+def _stdout() -> Console:
+    """Tables on stdout: the terminal's width, or wide enough not to cut a cell when stdout is a file or a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def quiet_libraries() -> None:
     """Silence library warnings; our own progress bars and messages say what is happening."""
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -337,7 +342,7 @@ def library_show(
             f"{fidelity[n]:.3f}" if n in fidelity else "-",
             r.content_hash[:12],
         )
-    Console().print(table)
+    _stdout().print(table)
 
 
 @library_app.command("history")
@@ -362,7 +367,7 @@ def library_history(
         mark = " (current)" if v.number == current else " (candidate)" if v.candidate else ""
         scores = " ".join(f"{n} {f:.3f}" for n, f in sorted(v.fidelity.items())) or "-"
         table.add_row(f"{v.number}{mark}", v.time, v.change, str(len(v.experts)), v.set_hash[:12], scores)
-    Console().print(table)
+    _stdout().print(table)
 
 
 @library_app.command("rollback")
@@ -506,7 +511,7 @@ def inspect(
         table.add_column(n, justify="right")
     for block, rows in blocks.items():
         table.add_row(block, *(f"{sum(r[n] for r in rows) / len(rows):.2f}" for n in [*pipe.concept_names, "none"]))
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()

@@ -23,7 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line in a log, never cut at 80 columns
 PLAIN_EVERY_S = 5.0  # seconds between two plain progress lines of one task
 _quiet = False
 
@@ -55,8 +55,8 @@ class PlainProgress:
     """The subset of rich's `Progress` that fl2t uses, writing one plain line per task every `every` seconds
     (and when a task completes), for logs that are not a terminal."""
 
-    def __init__(self, every: float = PLAIN_EVERY_S, disable: bool = False):
-        self.every, self.disable = every, disable
+    def __init__(self, every: float | None = None, disable: bool = False):
+        self.every, self.disable = PLAIN_EVERY_S if every is None else every, disable
         self.tasks: dict[int, dict[str, Any]] = {}
 
     def __enter__(self) -> PlainProgress:

@@ -190,8 +190,10 @@ def learn(
             say(f"{n}: already in the library, skipped")
         concepts = [c for c in concepts if c.name not in done]
     pipe: StableDiffusionPipeline | None = check_can_learn(lib, concepts, base_id, replace)
-    # What a cancel must restore: the experts this call replaces (re-added byte-identically) or adds (removed).
-    before = {n: lib.expert(n) for n in lib.names() if replace and n in {c.name for c in concepts}} if cancel else {}
+    # What a cancel must restore: the library's current version (made current again, byte-identical), or, for a
+    # library with no version yet, the experts this call adds (removed).
+    current = lib.current() if lib.exists else None
+    before = current.number if current else None
 
     def learn_one(c: Concept) -> Expert:
         nonlocal pipe
@@ -234,18 +236,13 @@ def learn(
                 result.refused, result.gate = refused, f"fidelity gate: refused; {refused}"
     except Cancelled:
         if proc.is_main_process:
-            _restore(lib, [x.name for x in result.learned], before)
+            if before is not None:
+                lib.rollback(before)
+            else:
+                for x in result.learned:
+                    lib.remove(x.name)
         raise
     return result
-
-
-def _restore(lib: Library, added: list[str], before: dict[str, Expert]) -> None:
-    """Undo a cancelled `learn`: replaced experts come back as they were, new ones go."""
-    for n in added:
-        if n in before:
-            lib.add(before[n], replace=True)
-        else:
-            lib.remove(n)
 
 
 def consolidate_library(
