@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from fl2t.bench.continual import Benchmark, load_config, task_orders
+from fl2t.bench.continual import Benchmark, fidelity_vs_ca, load_config, task_orders
 from fl2t.bench.report import write_report
 from fl2t.errors import Fl2tError
 from fl2t.methods import METHODS
@@ -26,6 +26,7 @@ CONFIG = {
     "sample": {"steps": 3},
     "learn": {"steps": 4, "num_anchors": 2, "anchor_steps": 2, "checkpoint_every": 0, "embedding_lr": 3e-2},
     "consolidate": {"steps": 3},
+    "fidelity": True,
 }
 
 
@@ -289,3 +290,38 @@ def test_fl2t_batched_sampler_gives_the_images_of_fused_generation(bench_run):
         gen = torch.Generator().manual_seed(seed)
         fused = sampler.pipe(p, num_inference_steps=4, guidance_scale=5.0, generator=gen).images[0]
         assert np.abs(np.asarray(fused, dtype=float) - np.asarray(image, dtype=float)).max() <= 2
+
+
+def test_fidelity_is_scored_for_every_method_and_agrees_with_the_library_record(bench_run):
+    bench, results, _ = bench_run
+    for method, r in results["methods"].items():
+        R = r["runs"][0]["R"]["fidelity"]
+        assert [[v is not None for v in row] for row in R] == [[True, False, False], [True, True, False], [True] * 3]
+        if method == "oracle":  # each concept sampled with its own expert: the target itself
+            assert all(abs(v - 1) < 1e-4 for row in R for v in row if v is not None), R
+    # fl2t's sampler, scored by the benchmark, and the library's own record of its last consolidation agree
+    lib = bench.method("fl2t", 0).library
+    assert len(lib.versions()) == 2 * 3  # a learn and an accepted consolidation per task
+    final = results["methods"]["fl2t"]["runs"][0]["final"]
+    for name, f in lib.fidelity().items():
+        assert final[name]["fidelity"] == pytest.approx(f, abs=1e-3)
+    agreement = results["fidelity_vs_ca"]
+    assert agreement["entries"] == (len(ALL) - 1) * 6
+    assert "Fidelity against CA" in (bench.out / "report.md").read_text()
+
+
+def test_fidelity_vs_ca_ranks_and_separates_lost_concepts():
+    """Spearman and AUC on made-up results: fidelity that orders CA exactly gives 1 and 1."""
+
+    def run(fid, ca):
+        return {"order": ["a", "b"], "R": {"fidelity": fid, "ca": ca}, "final": {"a": {"ca": 1.0}, "b": {"ca": 1.0}}}
+
+    oracle = run([[1.0, None], [1.0, 1.0]], [[1.0, None], [1.0, 1.0]])
+    good = run([[0.9, None], [0.2, 0.8]], [[0.9, None], [0.1, 0.7]])
+    bad = run([[0.5, None], [0.95, 0.3]], [[0.4, None], [1.0, 0.2]])
+    results = {"methods": {"oracle": {"runs": [oracle]}, "m1": {"runs": [good]}, "m2": {"runs": [bad]}}}
+    a = fidelity_vs_ca(results, resamples=200)
+    assert a["entries"] == 6 and a["lost"] == 4  # CA 0.1, 0.7, 0.4, 0.2 are 20+ points below the oracle's 1.0
+    assert a["spearman"] == pytest.approx(1.0) and a["auc"] == pytest.approx(1.0)
+    assert a["spearman_95"][1] <= 1.0 + 1e-9 and a["auc_95"][0] <= 1.0
+    assert fidelity_vs_ca({"methods": {"m1": {"runs": [good]}}}) == {}  # no oracle: nothing to compare with

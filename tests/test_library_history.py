@@ -216,3 +216,46 @@ def test_a_library_of_format_1_opens_and_is_migrated_on_its_next_write(tmp_path,
 def test_the_built_in_base_is_recorded_by_name():
     assert base_name("/somewhere/else/site-packages/fl2t/world/weights/base") == WORLD_BASE
     assert base_name("/data/my-sd") == "/data/my-sd" and base_name("runwayml/sd") == "runwayml/sd"
+
+
+def test_a_library_on_the_built_in_world_is_portable(tmp_path):
+    """Made in one folder, copied to another, used from another working directory with fl2t installed elsewhere:
+    the built-in base is found by name, and the image is the same byte for byte."""
+    import fl2t as package
+    from fl2t.world import get_concept
+    from fl2t.world.concepts import write_concept
+
+    made, used = tmp_path / "made", tmp_path / "used"
+    made.mkdir()
+    used.mkdir()
+    concept = write_concept(get_concept("stripestar"), made)
+    (made / "fast.yaml").write_text("learn: {steps: 3, num_anchors: 2, anchor_steps: 2, checkpoint_every: 0}\n")
+    for args in (["learn", concept, "--config", "fast.yaml", "--no-consolidate"], ["consolidate", "--steps", "2"]):
+        cmd = [sys.executable, "-m", "fl2t.cli", "-q", *args, "-l", "lib"]
+        r = subprocess.run(cmd, cwd=made, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    records = [made / "lib" / "library.json", *sorted((made / "lib" / "experts").glob("*/expert.json"))]
+    assert all(json.loads(p.read_text())["base"]["id"] == WORLD_BASE for p in records)
+    generate = ["generate", "a <c-stripestar> star", "--steps", "3", "--seed", "7"]
+    r = fl2t([*generate, "-l", made / "lib", "-o", made / "a.png"])
+    assert r.returncode == 0, r.stderr
+
+    shutil.copytree(made / "lib", used / "lib")
+    shutil.rmtree(made / "lib")
+    site = tmp_path / "elsewhere" / "site-packages"  # fl2t installed at another place
+    shutil.copytree(Path(package.__file__).parent, site / "fl2t", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import sys, fl2t, fl2t.cli; "
+        f"assert fl2t.__file__.startswith({str(site)!r}), fl2t.__file__; "
+        "sys.argv = ['fl2t', '-q', *sys.argv[1:]]; fl2t.cli.main()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run(
+        [sys.executable, "-c", script, *generate, "-l", "lib", "-o", "b.png"],
+        cwd=used,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (used / "b.png").read_bytes() == (made / "a.png").read_bytes()

@@ -254,16 +254,22 @@ def consolidate_library(
     cancel: Cancel | None = None,
     accept: bool = False,
     gate_threshold: float = GATE_THRESHOLD,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> str:
     """Step 2 for the library's current set, saved into LIB/consolidated/ as a new version with each concept's
     fidelity; returns the set hash. Raises `FidelityDropped` (the version kept as a candidate) when some concept's
-    fidelity fell by more than `gate_threshold` from the current version's, unless `accept`."""
+    fidelity fell by more than `gate_threshold` from the current version's, unless `accept`. `on_step(i, loss)`:
+    called after each Step-2 step, besides `track`."""
     settings = settings or ConsolidateSettings()
     lib = open_library(library)
     with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
-        model = consolidate(
-            lib, settings, base=base, on_step=lambda i, loss: update(i + 1, f"loss {loss:.4f}"), cancel=cancel
-        )
+
+        def step(i: int, loss: float) -> None:
+            update(i + 1, f"loss {loss:.4f}")
+            if on_step:
+                on_step(i, loss)
+
+        model = consolidate(lib, settings, base=base, on_step=step, cancel=cancel)
     scores = measure_fidelity(lib, model, base)
     before = lib.fidelity()
     drops = {n: before[n] - f for n, f in scores.items() if n in before and before[n] - f > gate_threshold}

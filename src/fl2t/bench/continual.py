@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +42,13 @@ from fl2t.metrics import (
 )
 
 if TYPE_CHECKING:
+    from fl2t.consolidate.fidelity import Target
     from fl2t.methods import Method
     from fl2t.sampling import Sampler
 
 BUILTIN = Path(__file__).resolve().parent.parent / "benchmarks"
-METRICS = ("nia", "ia", "ca", "ta", "dino")
+METRICS = ("nia", "ia", "ca", "ta", "dino", "fidelity")
+DROP = 0.2  # a concept "lost" for the fidelity check: its CA 20 points below its expert's alone (the oracle's)
 
 
 class SampleSettings(BaseModel):
@@ -98,6 +101,13 @@ class BenchConfig(BaseModel):
     )
     dino: str | None = Field(
         None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column"
+    )
+    fidelity: bool = Field(
+        False,
+        description=(
+            "also score each concept's fidelity (DESIGN §4) under every method after every task, against its expert "
+            "learned alone (learned for the purpose when no method shares it)"
+        ),
     )
     learn: LearnSettings = Field(default_factory=LearnSettings)
     consolidate: ConsolidateSettings = Field(default_factory=ConsolidateSettings)
@@ -206,6 +216,7 @@ class Benchmark:
         self._step: Callable[[int, float], None] = lambda i, loss: None
         # A concept's images under a method that samples each concept alone: (workdir, concept) -> images, CLIP
         self._per_concept: dict[tuple[str, str], tuple[list[Image.Image], torch.Tensor]] = {}
+        self._targets: dict[str, Target] = {}  # a concept's fidelity target, from its expert learned alone
 
     # -- inputs -----------------------------------------------------------------------------------------
     def _base(self) -> str:
@@ -409,6 +420,9 @@ class Benchmark:
             scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
             if last and self.cfg.multi and not m.samples_per_concept:
                 scores["_multi"] = self.multi(m)
+            if self.cfg.fidelity:
+                for name, f in self.fidelity(m, order[: t + 1]).items():
+                    scores[name]["fidelity"] = f
             atomic_write_text(result, json.dumps(scores, indent=2))
             advance(1)
 
@@ -455,6 +469,20 @@ class Benchmark:
             self._per_concept[key] = (images, emb)
         return images, emb
 
+    def fidelity(self, method: Method, names: list[str]) -> dict[str, float]:
+        """Each concept's fidelity (DESIGN §4) under the method's current model: how closely what it generates with
+        reproduces the concept's expert learned alone, on that expert's anchors."""
+        from fl2t.consolidate.fidelity import sampler_fidelity, targets
+
+        by_name = {c.name: c for c in self.concepts}
+        for name in names:
+            if name not in self._targets:
+                expert = method.store_expert(by_name[name])
+                self._targets[name] = targets(method.base_pipeline([expert]), [expert])[name]
+        if method.samples_per_concept:
+            return {n: sampler_fidelity(method.sampler(n), {n: self._targets[n]})[n] for n in names}
+        return sampler_fidelity(method.sampler(), {n: self._targets[n] for n in names})
+
     def multi(self, method: Method) -> dict[str, float]:
         """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged."""
         sampler = method.sampler()
@@ -493,6 +521,8 @@ class Benchmark:
                 "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
                 "order_spread": float(max(averages) - min(averages)),
             }
+        if self.cfg.fidelity:
+            out["fidelity_vs_ca"] = fidelity_vs_ca(out)
         return out
 
     def _run_result(self, method: str, k: int, order: list[str]) -> dict[str, Any]:
@@ -516,6 +546,53 @@ class Benchmark:
             "forgetting": {m: average_forgetting(R[m]) for m in ("nia", "ia", "ca") if R[m][-1][0] is not None},
             "multi": final.get("_multi"),
         }
+
+
+def fidelity_vs_ca(results: dict[str, Any], drop: float = DROP, resamples: int = 2000) -> dict[str, Any]:
+    """How well fidelity tracks CA, over every (method, order, task, learned concept) entry of the methods other than
+    the oracle: Spearman's rank correlation of fidelity with CA, and the AUC of predicting a CA drop of `drop` or
+    more below the concept's CA under the oracle (its expert alone) by low fidelity; each with a 95% bootstrap
+    interval over the entries. Empty without the oracle's run."""
+    from scipy.stats import mannwhitneyu, spearmanr
+
+    methods = results["methods"]
+    if "oracle" not in methods:
+        return {}
+    fid, ca, lost = [], [], []
+    for method, r in methods.items():
+        if method == "oracle":
+            continue
+        for k, run in enumerate(r["runs"]):
+            alone = methods["oracle"]["runs"][k]["final"]
+            for t, row in enumerate(run["R"]["fidelity"]):
+                for i, f in enumerate(row[: t + 1]):
+                    c = run["R"]["ca"][t][i]
+                    if f is not None and c is not None:
+                        fid.append(f)
+                        ca.append(c)
+                        lost.append(alone[run["order"][i]]["ca"] - c >= drop - 1e-9)
+    fid, ca, lost = np.array(fid), np.array(ca), np.array(lost, dtype=bool)
+    out: dict[str, Any] = {"entries": len(fid), "lost": int(lost.sum()), "drop": drop}
+    if len(fid) < 3:
+        return {**out, "spearman": None, "spearman_95": None, "auc": None, "auc_95": None}
+
+    def stats(idx: np.ndarray) -> tuple[float, float]:
+        rho = spearmanr(fid[idx], ca[idx]).statistic
+        a, b = fid[idx][lost[idx]], fid[idx][~lost[idx]]
+        auc = mannwhitneyu(b, a).statistic / (len(a) * len(b)) if len(a) and len(b) else float("nan")
+        return float(rho), float(auc)
+
+    rng = np.random.default_rng(0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant resample has no rank correlation: nan, left out below
+        point = stats(np.arange(len(fid)))
+        boot = np.array([stats(rng.integers(0, len(fid), len(fid))) for _ in range(resamples)])
+    for j, key in enumerate(("spearman", "auc")):
+        ok = boot[:, j][np.isfinite(boot[:, j])]
+        finite = np.isfinite(point[j]) and len(ok)
+        out[key] = float(point[j]) if finite else None
+        out[f"{key}_95"] = [float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))] if finite else None
+    return out
 
 
 def _weights_fingerprint(model: str) -> str | list:

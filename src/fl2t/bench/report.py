@@ -21,10 +21,11 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per method, the final normalised IA per concept (V1..VG, averaged over orders), the
     averages, forgetting (normalised IA and CA), multi-concept score and the spread over orders."""
     names = results["concepts"]
+    columns = _columns(results)
     header = [
         "method",
         *[f"V{i + 1} {n}" for i, n in enumerate(names)],
-        *[c for _, c in COLUMNS],
+        *[c for _, c in columns],
         "forget nIA",
         "forget CA",
         "multi nIA",
@@ -36,7 +37,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             [
                 method,
                 *[_f(r["per_concept"][n]["nia"], 2) for n in names],
-                *[_f(r["average"][k]) for k, _ in COLUMNS],
+                *[_f(r["average"][k]) for k, _ in columns],
                 _f(r["forgetting"]["nia"]),
                 _f(r["forgetting"]["ca"]),
                 _f(r["multi"]),
@@ -44,6 +45,28 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def _columns(results: dict) -> tuple[tuple[str, str], ...]:
+    """The average columns: fidelity too when the run measured it (`fidelity: true`)."""
+    measured = any(r["average"].get("fidelity") is not None for r in results["methods"].values())
+    return COLUMNS + ((("fidelity", "fidelity"),) if measured else ())
+
+
+def fidelity_lines(results: dict) -> list[str]:
+    """The agreement of fidelity with CA in words (empty when not measured)."""
+    a = results.get("fidelity_vs_ca")
+    if not a:
+        return []
+    if a["spearman"] is None or a["auc"] is None:
+        return [f"Fidelity against CA: {a['entries']} entries, {a['lost']} with a CA drop: too few to compare.", ""]
+    return [
+        f"Fidelity against CA over {a['entries']} (method, order, task, concept) entries of the methods other than the "
+        f"oracle: Spearman {a['spearman']:.3f} (95% bootstrap interval {a['spearman_95'][0]:.3f} to "
+        f"{a['spearman_95'][1]:.3f}); AUC of low fidelity predicting a CA drop of {a['drop']:.2f} or more below the "
+        f"oracle's ({a['lost']} such entries): {a['auc']:.3f} ({a['auc_95'][0]:.3f} to {a['auc_95'][1]:.3f}).",
+        "",
+    ]
 
 
 def plots(results: dict, out: Path) -> list[Path]:
@@ -102,6 +125,7 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
         "V columns: final normalised IA per concept (IA divided by the references' own mean IA), averaged over orders.",
         "forget: average forgetting, mean_i (max_{t<G} R[t][i] − R[G][i]); order spread: max − min of the final average nIA over orders.",
         "",
+        *fidelity_lines(results),
     ]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     grids = sorted(folder.glob("*/order0/grids/*.png"))

@@ -1,16 +1,20 @@
-"""Fidelity: how closely a consolidated model reproduces each expert, with no evaluator and no user images (DESIGN §4).
+"""Fidelity: how closely a model reproduces each expert, with no evaluator and no user images (DESIGN §4).
 
 For concept g, on its expert's own anchors and anchor prompts, at fixed noise seeds and timesteps:
 
-    fidelity_g = 1 − Σ_i ‖ε_cons,i − ε_expert,i‖ / Σ_i ‖ε_expert,i − ε_base,i‖
+    fidelity_g = 1 − Σ_i ‖ε_model,i − ε_expert,i‖ / Σ_i ‖ε_expert,i − ε_base,i‖
 
 both sums over the same (anchor, seed, timestep) samples i before dividing: 1 is the expert exactly, 0 is no better
-than the base model (negative: worse than the base). ε_cons is the consolidated model's noise prediction as Step 2
-trains it (its relevance, gates and shared LoRA on the UNet), ε_expert the base UNet with expert g alone at full
-weight, ε_base the base UNet.
+than the base model (negative: worse than the base). ε_expert is the base UNet with expert g alone at full weight,
+ε_base the base UNet, ε_model the model scored: a consolidated library (its relevance, gates and shared LoRA, as
+Step 2 trains it) or any method's sampler (the benchmark scores every method's final model this way).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
@@ -20,10 +24,61 @@ from fl2t.consolidate.model import ConsolidatedModel
 from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.pipeline import ExpertPipeline
+from fl2t.sampling import Sampler
 
 TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the scheduler's training timesteps
 SEED = 0  # the noise of concept g's samples: the same for every version, so scores compare across versions
 CHUNK = 16  # UNet rows per call
+
+# A model scored: (prompts (B,), noisy latents (B, C, h, w), timesteps (B,)) -> its noise prediction (B, C, h, w).
+Predict = Callable[[list[str], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Target:
+    """What concept g's model is compared with: the noisy anchors, and the expert's and the base's predictions."""
+
+    prompts: list[str]
+    noisy: torch.Tensor
+    t: torch.Tensor
+    eps_expert: torch.Tensor
+    eps_base: torch.Tensor
+
+    def score(self, predict: Predict) -> float:
+        eps = predict(self.prompts, self.noisy, self.t).to(self.eps_expert)
+        err = (eps - self.eps_expert).flatten(1).norm(dim=1).sum().item()
+        gain = (self.eps_expert - self.eps_base).flatten(1).norm(dim=1).sum().item()
+        return 1.0 - err / gain if gain > 0 else float(err == 0)
+
+
+@torch.no_grad()
+def targets(pipe: ExpertPipeline, experts: list[Expert]) -> dict[str, Target]:
+    """Each expert's target (name -> Target). `pipe`: the base model with the experts' tokens."""
+    unet = pipe.unet
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    steps = [int(f * scheduler.config.num_train_timesteps) for f in TIMESTEPS]
+    teacher = AggregatedLoRA(unet, stack_experts(experts, unet))
+    base = _unet_predict(pipe)
+    out = {}
+    for g, expert in enumerate(experts):
+        n = len(expert.anchor_prompts)
+        gen = torch.Generator().manual_seed(SEED)
+        x0 = expert.anchors.repeat(len(steps), 1, 1, 1)  # (S*N, C, h, w): every anchor at every timestep
+        t = torch.tensor(steps).repeat_interleave(n)
+        noisy = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+        prompts = expert.anchor_prompts * len(steps)
+        one_hot = torch.zeros(CHUNK, len(teacher.stack.modules), len(experts), device=unet.device)
+        one_hot[:, :, g] = 1.0
+        eps_base = base(prompts, noisy, t)
+        arm = functools.partial(_arm_one_hot, teacher, one_hot)
+        eps_expert = _unet_predict(pipe, arm, teacher.off)(prompts, noisy, t)
+        out[expert.name] = Target(prompts, noisy, t, eps_expert, eps_base)
+    teacher.remove()
+    return out
+
+
+def _arm_one_hot(agg: AggregatedLoRA, one_hot: torch.Tensor, prompts: list[str]) -> None:
+    agg.set(one_hot[: len(prompts)])
 
 
 @torch.no_grad()
@@ -34,63 +89,60 @@ def fidelity(
     *,
     student: list[Expert] | None = None,
 ) -> dict[str, float]:
-    """Fidelity per concept (name -> score) of `model` (None: the bare base model) to `experts`, the set's teachers.
+    """Fidelity per concept (name -> score) of the consolidated `model` (None: the bare base model) to `experts`, the
+    set's teachers.
 
     `pipe` holds the experts' tokens. `student`: the experts the consolidated model mixes, when not the teachers
     themselves (same names, in any order; used to check the score sees a lost concept)."""
     experts = canonical(experts)
+    goals = targets(pipe, experts)
+    if model is None:
+        return {name: goal.score(lambda p, x, t, g=goal: g.eps_base) for name, goal in goals.items()}
     mixed = experts if student is None else [next(s for s in student if s.name == e.name) for e in experts]
     unet = pipe.unet
-    device = unet.device
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    steps = [int(f * scheduler.config.num_train_timesteps) for f in TIMESTEPS]
-    scores = {}
-    for g, expert in enumerate(experts):
-        n = len(expert.anchor_prompts)
-        gen = torch.Generator().manual_seed(SEED)
-        x0 = expert.anchors.repeat(len(steps), 1, 1, 1)  # (S*N, C, h, w): every anchor at every timestep
-        t = torch.tensor(steps).repeat_interleave(n)
-        noisy = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), t).to(device)
-        prompts = expert.anchor_prompts * len(steps)
-        states, text, pad = prompt_states(pipe, prompts)
-        named = concepts_named(pipe, experts, prompts)
-        t = t.to(device)
+    agg = AggregatedLoRA(unet, stack_experts(mixed, unet), model.shared_factors())
+    model = model.to(unet.device)
 
-        rows = (noisy, t, states)
-        eps_base = _predict(unet, rows, None)
-        teacher = AggregatedLoRA(unet, stack_experts(experts, unet))
-        one_hot = torch.zeros(len(prompts), len(teacher.stack.modules), len(experts), device=device)
-        one_hot[:, :, g] = 1.0
-        eps_expert = _predict(unet, rows, teacher, one_hot)
-        teacher.remove()
-        if model is None:
-            eps_cons = eps_base
-        else:
-            agg = AggregatedLoRA(unet, stack_experts(mixed, unet), model.shared_factors())
-            alpha, gamma, _ = model.to(device)(text, pad, named)
-            eps_cons = _predict(unet, rows, agg, alpha, gamma)
-            agg.remove()
-        err = (eps_cons - eps_expert).flatten(1).norm(dim=1).sum().item()
-        gain = (eps_expert - eps_base).flatten(1).norm(dim=1).sum().item()
-        scores[expert.name] = 1.0 - err / gain if gain > 0 else float(err == 0)
+    def arm(prompts: list[str]) -> None:
+        _, text, pad = prompt_states(pipe, prompts)
+        alpha, gamma, _ = model(text, pad, concepts_named(pipe, experts, prompts))
+        agg.set(alpha, gamma, shared=True)
+
+    scores = {name: goal.score(_unet_predict(pipe, arm, agg.off)) for name, goal in goals.items()}
+    agg.remove()
     return scores
 
 
-def _predict(
-    unet: torch.nn.Module,
-    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    agg: AggregatedLoRA | None,
-    alpha: torch.Tensor | None = None,
-    gamma: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ε (B, C, h, w) for rows (noisy latents, timesteps, conditioning), with `agg` set to alpha (B, L, G) and gamma
-    (B, L, G, r) (and its shared LoRA) or, without `agg`, the base UNet."""
-    noisy, t, states = rows
-    out = []
-    for i in range(0, len(noisy), CHUNK):
-        if agg is not None:
-            agg.set(alpha[i : i + CHUNK], None if gamma is None else gamma[i : i + CHUNK], shared=True)
-        out.append(unet(noisy[i : i + CHUNK], t[i : i + CHUNK], states[i : i + CHUNK]).sample.float())
-    if agg is not None:
-        agg.off()
-    return torch.cat(out)
+@torch.no_grad()
+def sampler_fidelity(sampler: Sampler, goals: dict[str, Target]) -> dict[str, float]:
+    """Fidelity per concept of what a method generates with: its sampler's UNet, armed for each batch of prompts the
+    way it is when it generates (conditional prediction only). `goals`: `targets` of the concepts to score."""
+    predict = _unet_predict(sampler.pipe, sampler.arm, sampler.disarm)
+    return {name: goal.score(predict) for name, goal in goals.items()}
+
+
+def _unet_predict(
+    pipe: ExpertPipeline,
+    arm: Callable[[list[str]], None] | None = None,
+    disarm: Callable[[], None] | None = None,
+) -> Predict:
+    """ε of the pipeline's UNet on its own prompt encoding, `arm(prompts)` called for each chunk of at most CHUNK rows
+    and `disarm()` after it (the per-sample hooks of a consolidated library or a method's sampler)."""
+    unet = pipe.unet
+
+    def predict(prompts: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), CHUNK):
+            chunk = prompts[i : i + CHUNK]
+            states = pipe.encode_prompt(chunk, unet.device, 1, False)[0]
+            if arm:
+                arm(chunk)
+            try:
+                x = noisy[i : i + CHUNK].to(unet.device, unet.dtype)
+                out.append(unet(x, t[i : i + CHUNK].to(unet.device), states).sample.float().cpu())
+            finally:
+                if disarm:
+                    disarm()
+        return torch.cat(out)
+
+    return predict
