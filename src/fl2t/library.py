@@ -118,8 +118,10 @@ def _now() -> str:
 class Library:
     """A folder of concept experts. `Library(path)` opens an existing library or a place for a new one."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
+    def __init__(self, path: str | Path, *, wait: bool = False):
+        """`wait`: a write waits for another process's write to finish instead of failing (a store several workers
+        add to)."""
+        self.path, self.wait = Path(path).expanduser(), wait
         if self.path.exists() and not self.path.is_dir():
             raise Fl2tError(f"library {self.path}: is a file, not a folder; choose another --library path")
         visible = self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir())
@@ -271,7 +273,7 @@ class Library:
         lock = self.path / ".lock"
         fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise Fl2tError(f"library {self.path}: another fl2t process is writing it; wait for it to finish") from None

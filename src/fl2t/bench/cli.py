@@ -1,7 +1,8 @@
-"""`fl2t bench continual` and `fl2t bench speed`: thin; each calls its module."""
+"""`fl2t bench continual`, `fl2t bench jobs` and `fl2t bench speed`: thin; each calls its module."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -38,7 +39,6 @@ def speed(
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the tables."),
 ) -> None:
     """Generation, Step 2, Step 1 and library memory against the number of concepts G; writes results.json."""
-    import json
 
     from rich.console import Console
 
@@ -94,9 +94,19 @@ def continual(
         metavar="PATH",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
+    shard: str = typer.Option(
+        None,
+        help="Do one shard K/N of the work (a job array: one command per shard, the same --out); "
+        "then run with --report.",
+        metavar="K/N",
+    ),
+    report: bool = typer.Option(False, "--report", help="Only write the report of the finished work (after shards)."),
 ) -> None:
-    """The continual protocol: after each task, score every concept learned so far; table, report.md/html."""
+    """The continual protocol: after each task, score every concept learned so far; table, report.md/html.
+
+    Under torchrun or accelerate launch the work is spread over the ranks (rank 0 writes the report)."""
     from fl2t.bench.continual import run_continual
+    from fl2t.bench.jobs import parse_shard
     from fl2t.console import progress, say
 
     run_continual(
@@ -109,4 +119,32 @@ def continual(
         orders=orders,
         data=str(data) if data else None,
         base=base,
+        shard=parse_shard(shard) if shard else None,
+        report_only=report,
     )
+
+
+@app.command()
+def jobs(
+    run: Path = typer.Argument(help="A benchmark's run folder: OUT/<name>.", metavar="FOLDER"),
+    as_json: bool = typer.Option(False, "--json", help="Print the claims as JSON."),
+) -> None:
+    """Who holds which part of a spread benchmark, and how far it is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fl2t.bench.jobs import Claims
+    from fl2t.errors import Fl2tError
+
+    if not (run / "run.json").is_file():
+        raise Fl2tError(f"{run}: not a benchmark run folder (no run.json)")
+    rows = Claims(run / "jobs", "viewer").table()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{run}: {len(rows)} claimed unit(s)")
+    for col in ("unit", "owner", "state", "progress", "host", "pid", "updated"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in ("unit", "owner", "state", "progress", "host", "pid", "updated")))
+    Console(width=160).print(table)

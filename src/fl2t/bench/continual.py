@@ -8,10 +8,13 @@ over orders. Every finished task and evaluation is cached under `runs/<name>/`, 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +29,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from fl2t.bench.jobs import Claims, Unit
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
 from fl2t.errors import Fl2tError
-from fl2t.files import atomic_write_text
+from fl2t.files import atomic_write_bytes, atomic_write_text
+from fl2t.library import Library
 from fl2t.metrics import (
     ClipEvaluator,
     DinoEvaluator,
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from fl2t.methods import Method
     from fl2t.sampling import Sampler
 
+POLL_S = 1.0  # how often a worker with nothing to claim looks again
 BUILTIN = Path(__file__).resolve().parent.parent / "benchmarks"
 METRICS = ("nia", "ia", "ca", "ta", "dino", "fidelity")
 DROP = 0.2  # a concept "lost" for the fidelity check: its CA 20 points below its expert's alone (the oracle's)
@@ -254,7 +260,7 @@ class Benchmark:
                 "choose another --out, or remove that folder to start again"
             )
         else:
-            path.write_text(json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(cfg, indent=2) + "\n")
 
     def _concepts(self) -> list[Concept]:
         cfg = self.cfg
@@ -265,7 +271,11 @@ class Benchmark:
 
             folder = self.out / "concepts"
             folder.mkdir(exist_ok=True)
-            paths = [write_concept(get_concept(e.path), folder) for e in entries]
+            with _exclusive(self.out / ".concepts.lock"):  # workers of one run write them once, not at once
+                paths = [folder / e.path for e in entries]
+                for e, p in zip(entries, paths):
+                    if not (p / "concept.yaml").is_file():
+                        write_concept(get_concept(e.path), folder)
         else:
             if cfg.data is None:
                 raise Fl2tError(f"benchmark {cfg.name}: give the data folder with --data (the concepts' local copy)")
@@ -329,7 +339,7 @@ class Benchmark:
 
             class_emb = load_file(cache)["clip"]
         else:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             from fl2t.models import load_base
             from fl2t.sampling import Sampler
@@ -342,7 +352,7 @@ class Benchmark:
             images = Sampler(pipe)(texts, seeds_class, cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
             class_emb = self.clip.image_embeds(images)
             cache.parent.mkdir(exist_ok=True)
-            save_file({"clip": class_emb.contiguous()}, cache)
+            atomic_write_bytes(cache, save({"clip": class_emb.contiguous()}))
         ref_dino = reference_alignment(refs_dino) if refs_dino is not None else None
         ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, reference_alignment(refs), ref_dino, class_emb)
         self._eval[name] = ev
@@ -352,15 +362,89 @@ class Benchmark:
     def method_dir(self, method: str, k: int) -> Path:
         return self.out / method / f"order{k}"
 
-    def run(self) -> dict[str, Any]:
+    def run(self, shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
+        """Do the work not done yet, spread over the workers (bench/jobs.py), and return the results; None for a
+        worker that leaves the report to another: any `shard` (a final `report()` run merges), and ranks other than 0
+        under torchrun (rank 0 waits for the others and writes it)."""
+        index, owner = self._worker(shard)
+        claims = Claims(self.out / "jobs", owner)
         total = len(self.methods) * len(self.orders) * len(self.names)
         with self._bar("tasks", total) as advance:
-            for method in self.methods:
-                for k, order in enumerate(self.orders):
-                    self.run_order(method, k, order, advance)
+            self._work(claims, advance, wait=shard is None and index == 0)
+        if shard is not None or index != 0:
+            return None
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        """The results of finished work, written to results.json; refused while some work is not finished."""
+        missing = [u.key for u in self.units() if not self.finished(u)]
+        if missing:
+            raise Fl2tError(
+                f"{self.out}: not finished: {', '.join(missing)}; run the shards that hold them (`fl2t bench jobs`)"
+            )
         results = self.results()
-        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
         return results
+
+    # -- work spread over processes -----------------------------------------------------------------------
+    def _worker(self, shard: tuple[int, int] | None) -> tuple[int, str]:
+        if shard is not None:
+            return shard[0], f"shard {shard[0]}/{shard[1]}"
+        from fl2t.parallel import process_state
+
+        state = process_state()  # the ranks of torchrun / accelerate launch; one process: rank 0 of 1
+        return state.process_index, f"rank {state.process_index}/{state.num_processes}"
+
+    def needs_store(self, method: str) -> bool:
+        """The method's work uses the experts learned alone (its own, or the fidelity targets)."""
+        from fl2t.methods import METHODS
+        from fl2t.methods.base import AloneMethod
+
+        return self.cfg.fidelity or issubclass(METHODS[method], AloneMethod)
+
+    def units(self) -> list[Unit]:
+        """The run's work: the experts learned alone first (shared), then each (method, order), those that need no
+        shared expert first, so a worker can start on them while others learn the experts."""
+        store = any(self.needs_store(m) for m in self.methods)
+        runs = [Unit.run(m, k) for m in self.methods for k in range(len(self.orders))]
+        return [Unit.expert(n) for n in self.names if store] + sorted(runs, key=lambda u: self.needs_store(u.method))
+
+    def finished(self, unit: Unit) -> bool:
+        if unit.concept is not None:
+            store = Library(self.out / "experts")
+            return store.exists and unit.concept in store.names()
+        folder = self.method_dir(unit.method, unit.order)
+        return all((folder / f"task{t}.json").is_file() for t in range(len(self.names)))
+
+    def _work(self, claims: Claims, advance: Callable[[int], None], wait: bool) -> None:
+        """Claim and do units until none is left to claim; with `wait`, until every unit is finished (doing any a
+        worker that died left)."""
+        pending, by_name = self.units(), {c.name: c for c in self.concepts}
+        while pending:
+            experts_ready = all(self.finished(u) for u in pending if u.concept is not None)
+            for unit in pending:
+                if self.finished(unit):
+                    advance(0 if unit.concept else len(self.names))
+                    break
+                if unit.concept is None and self.needs_store(unit.method) and not experts_ready:
+                    continue
+                if claims.claim(unit):
+                    if unit.concept is not None:
+                        self._status(f"learn {unit.concept} alone (shared)")
+                        claims.progress(unit, "learning")
+                        self.method(self.methods[0], 0).store_expert(by_name[unit.concept])
+                    else:
+                        self.run_order(unit.method, unit.order, self.orders[unit.order], advance, claims, unit)
+                    claims.done(unit)
+                    break
+            else:  # nothing to claim now: what is left is held by others, or waits for experts others learn
+                held = [u for u in pending if claims.holder(u) not in (None, claims.owner)]
+                if len(held) == len(pending) and not wait:
+                    return
+                self._status(f"waiting for {len(pending)} unit(s) others hold: {', '.join(u.key for u in held[:3])}")
+                time.sleep(POLL_S)
+                continue
+            pending.remove(unit)
 
     @contextmanager
     def _bar(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -398,7 +482,16 @@ class Benchmark:
         )
         return METHODS[name](ctx)
 
-    def run_order(self, method: str, k: int, order: list[str], advance: Callable[[int], None]) -> None:
+    def run_order(
+        self,
+        method: str,
+        k: int,
+        order: list[str],
+        advance: Callable[[int], None],
+        claims: Claims | None = None,
+        unit: Unit | None = None,
+    ) -> None:
+        """One method over one order, task by task (finished tasks skipped); progress into the unit's claim."""
         folder = self.method_dir(method, k)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "order.json").write_text(json.dumps(order))
@@ -412,6 +505,8 @@ class Benchmark:
                 advance(1)
                 continue
             self._status(f"{method} order {k}: learn {name} ({t + 1}/{len(order)})")
+            if claims is not None and unit is not None:
+                claims.progress(unit, f"task {t + 1}/{len(order)}: {name}")
             if name not in m.tasks:
                 m.learn(by_name[name])
             m.consolidate()
@@ -595,6 +690,18 @@ def fidelity_vs_ca(results: dict[str, Any], drop: float = DROP, resamples: int =
     return out
 
 
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (released by the kernel if the process dies)."""
+    fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _weights_fingerprint(model: str) -> str | list:
     """A local folder: the name, size and modification time of each weights file (cheap at SD size); a hub id:
     itself."""
@@ -618,12 +725,13 @@ def run_continual(
     say: Callable[[str], None],
     *,
     as_json: bool = False,
+    shard: tuple[int, int] | None = None,
+    report_only: bool = False,
     **overrides: Any,
-) -> dict[str, Any]:
-    """Load the config, run every method over every order (resuming finished work), write results.json,
-    report.md and report.html, and print the table."""
-    import time
-
+) -> dict[str, Any] | None:
+    """Load the config, run every method over every order (resuming finished work, spread over torchrun's ranks or
+    done as one `shard` of K/N), write results.json, report.md and report.html, and print the table. `report_only`:
+    no work, the report of what the shards finished. Returns None for a worker that leaves the report to another."""
     from rich.console import Console
     from rich.table import Table
 
@@ -632,7 +740,12 @@ def run_continual(
     t0 = time.perf_counter()
     cfg = load_config(config, **overrides)
     bench = Benchmark(cfg, out, methods, progress=progress, say=say)
-    results = bench.run()
+    results = bench.report() if report_only else bench.run(shard)
+    if results is None:
+        left = [u.key for u in bench.units() if not bench.finished(u)]
+        who = f"shard {shard[0]}/{shard[1]}" if shard else "this rank"
+        say(f"{who}: done; {len(left)} unit(s) left to other workers; the report: `fl2t bench continual --report`")
+        return None
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     (bench.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md, html_path = write_report(results, bench.out)

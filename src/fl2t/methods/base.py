@@ -115,7 +115,7 @@ class Method:
     # -- shared helpers ----------------------------------------------------------------------------------
     def store_expert(self, concept: Concept) -> Expert:
         """The concept's expert learned alone, from the shared store; learned and added when missing."""
-        store = Library(self.ctx.store)
+        store = Library(self.ctx.store, wait=True)  # workers of a spread benchmark add to it at once
         if store.exists and concept.name in store.names():
             return store.expert(concept.name)
         expert = learn_expert(concept, self.fresh_base(), self.ctx.learn, on_step=self.ctx.on_step)
