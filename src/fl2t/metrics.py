@@ -39,18 +39,19 @@ class ClipEvaluator:
         self.processor = processor
 
     @classmethod
-    def load(cls, name: str | Path) -> ClipEvaluator:
+    def load(cls, name: str | Path, device: torch.device | str = "cpu") -> ClipEvaluator:
         from transformers import CLIPModel, CLIPProcessor
 
-        return cls(_load(CLIPModel, name, "CLIP evaluator"), CLIPProcessor.from_pretrained(str(name)))
+        model = _load(CLIPModel, name, "CLIP evaluator").to(device)
+        return cls(model, CLIPProcessor.from_pretrained(str(name)))
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) unit-norm image embeddings."""
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-        e = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
+        e = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
         e = e.pooler_output if hasattr(e, "pooler_output") else e
-        return F.normalize(e.float(), dim=-1)
+        return F.normalize(e.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
@@ -58,9 +59,10 @@ class ClipEvaluator:
         tok = self.processor(
             text=list(texts), return_tensors="pt", padding="max_length", max_length=77, truncation=True
         )
-        e = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+        ids, mask = tok.input_ids.to(self.model.device), tok.attention_mask.to(self.model.device)
+        e = self.model.get_text_features(input_ids=ids, attention_mask=mask)
         e = e.pooler_output if hasattr(e, "pooler_output") else e
-        return F.normalize(e.float(), dim=-1)
+        return F.normalize(e.float(), dim=-1).cpu()
 
 
 class DinoEvaluator:
@@ -71,16 +73,17 @@ class DinoEvaluator:
         self.processor = processor
 
     @classmethod
-    def load(cls, name: str | Path) -> DinoEvaluator:
+    def load(cls, name: str | Path, device: torch.device | str = "cpu") -> DinoEvaluator:
         from transformers import AutoImageProcessor, AutoModel
 
-        return cls(_load(AutoModel, name, "DINO evaluator"), AutoImageProcessor.from_pretrained(str(name)))
+        model = _load(AutoModel, name, "DINO evaluator").to(device)
+        return cls(model, AutoImageProcessor.from_pretrained(str(name)))
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-        cls_token = self.model(pixel_values=pixels.to(self.model.dtype)).last_hidden_state[:, 0]  # (N, D)
-        return F.normalize(cls_token.float(), dim=-1)
+        cls_token = self.model(pixel_values=pixels.to(self.model.device, self.model.dtype)).last_hidden_state[:, 0]
+        return F.normalize(cls_token.float(), dim=-1).cpu()  # (N, D)
 
 
 def image_alignment(generated: torch.Tensor, references: torch.Tensor) -> float:

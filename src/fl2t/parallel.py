@@ -30,6 +30,11 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def accelerator_device() -> torch.device:
+    """The device this process computes on: its GPU under torchrun / accelerate launch, the GPU, or the CPU."""
+    return process_state().device
+
+
 def my_concepts(concepts: Sequence[Concept], rank: int, world: int) -> list[Concept]:
     """Concept-parallel share of process `rank` of `world`: every world-th concept, starting at `rank`."""
     return list(concepts[rank::world])

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 class Sampler:
     """Generates images for prompts, one seed per image, `batch` images per pipeline call (the prompts of a call
     may differ). `arm(prompts)` and `disarm()` bracket each call: methods whose update depends on the prompt
-    arm per-sample hooks there (the same update fusing gives, computed per image)."""
+    arm per-sample hooks there (the same update fusing gives, computed per image). `autocast`: a lower precision
+    (torch.bfloat16, torch.float16) the denoising runs in on a GPU, as mixed-precision training does; None: the
+    pipeline's own dtype."""
 
     def __init__(
         self,
@@ -29,8 +31,9 @@ class Sampler:
         disarm: Callable[[], None] | None = None,
         batch: int = 16,
         call: Callable[..., Any] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
-        self.pipe, self.arm, self.disarm, self.batch = pipe, arm, disarm, batch
+        self.pipe, self.arm, self.disarm, self.batch, self.autocast = pipe, arm, disarm, batch, autocast
         self.call = call or pipe  # what generates: the pipeline, or its plain diffusers __call__
 
     def __call__(
@@ -47,15 +50,17 @@ class Sampler:
             chunk = list(prompts[i : i + self.batch])
             if self.arm:
                 self.arm(chunk)
+            precision = torch.autocast(self.pipe.device.type, self.autocast, enabled=self.autocast is not None)
             try:
-                images += self.call(
-                    chunk,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=size,
-                    width=size,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + self.batch]],
-                ).images
+                with precision:
+                    images += self.call(
+                        chunk,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        height=size,
+                        width=size,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + self.batch]],
+                    ).images
             finally:
                 if self.disarm:
                     self.disarm()

@@ -304,20 +304,39 @@ class Benchmark:
         return concepts
 
     @property
+    def device(self) -> torch.device:
+        """Where this process samples and evaluates: its accelerator."""
+        from fl2t.parallel import accelerator_device
+
+        return accelerator_device()
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The configured mixed precision (learn.mixed_precision) for sampling on a GPU; None on the CPU."""
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.learn.mixed_precision)
+        return dtype if self.device.type == "cuda" else None
+
+    def sampler(self, method: Method, concept: str | None = None) -> Sampler:
+        """The method's sampler, in the configured precision."""
+        sampler = method.sampler(concept)
+        sampler.autocast = self.autocast
+        return sampler
+
+    @property
     def clip(self) -> ClipEvaluator:
         if self._clip is None:
             if self.cfg.clip == "world":
                 from fl2t.world import evaluator_path
 
-                self._clip = ClipEvaluator.load(evaluator_path())
+                self._clip = ClipEvaluator.load(evaluator_path(), self.device)
             else:
-                self._clip = ClipEvaluator.load(self.cfg.clip)
+                self._clip = ClipEvaluator.load(self.cfg.clip, self.device)
         return self._clip
 
     @property
     def dino(self) -> DinoEvaluator | None:
         if self._dino is None and self.cfg.dino:
-            self._dino = DinoEvaluator.load(self.cfg.dino)
+            self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
         return self._dino
 
     def evaluated(self, name: str) -> Evaluated:
@@ -344,12 +363,13 @@ class Benchmark:
             from fl2t.models import load_base
             from fl2t.sampling import Sampler
 
-            pipe = load_base(self.base)
+            pipe = load_base(self.base, device=self.device)
             pipe.set_progress_bar_config(disable=True)
             # The class word's images: the concept's own prompts with its tokens replaced.
             texts = [class_texts[i % len(class_texts)] for i in range(cfg.class_images)]
             seeds_class = [cfg.seed + 50_000 + i for i in range(len(texts))]
-            images = Sampler(pipe)(texts, seeds_class, cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
+            sampler = Sampler(pipe, autocast=self.autocast)
+            images = sampler(texts, seeds_class, cfg.sample.steps, cfg.sample.guidance, cfg.sample.size)
             class_emb = self.clip.image_embeds(images)
             cache.parent.mkdir(exist_ok=True)
             atomic_write_bytes(cache, save({"clip": class_emb.contiguous()}))
@@ -525,7 +545,7 @@ class Benchmark:
         self, method: Method, names: list[str], learned: list[str], save_grid: Path | None = None
     ) -> dict[str, dict[str, float]]:
         """Scores of the concepts `names` under the method's current model, which has learned `learned`."""
-        sampler = None if method.samples_per_concept else method.sampler()
+        sampler = None if method.samples_per_concept else self.sampler(method)
         references = {n: self.evaluated(n).refs for n in learned}
         out = {}
         for name in names:
@@ -557,7 +577,7 @@ class Benchmark:
         if method.samples_per_concept and key in self._per_concept:
             return self._per_concept[key]
         ev, s = self.evaluated(name), self.cfg.sample
-        sampler = method.sampler(name) if method.samples_per_concept else sampler
+        sampler = self.sampler(method, name) if method.samples_per_concept else sampler
         images = sampler(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
         emb = self.clip.image_embeds(images)
         if method.samples_per_concept:
@@ -575,12 +595,12 @@ class Benchmark:
                 expert = method.store_expert(by_name[name])
                 self._targets[name] = targets(method.base_pipeline([expert]), [expert])[name]
         if method.samples_per_concept:
-            return {n: sampler_fidelity(method.sampler(n), {n: self._targets[n]})[n] for n in names}
-        return sampler_fidelity(method.sampler(), {n: self._targets[n] for n in names})
+            return {n: sampler_fidelity(self.sampler(method, n), {n: self._targets[n]})[n] for n in names}
+        return sampler_fidelity(self.sampler(method), {n: self._targets[n] for n in names})
 
     def multi(self, method: Method) -> dict[str, float]:
         """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged."""
-        sampler = method.sampler()
+        sampler = self.sampler(method)
         scores = {}
         for a, b in self.cfg.multi:
             if a not in self.names or b not in self.names:

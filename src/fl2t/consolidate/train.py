@@ -24,6 +24,7 @@ from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
+from fl2t.parallel import accelerator_device
 from fl2t.pipeline import ExpertPipeline
 
 
@@ -65,11 +66,11 @@ class Batch:
 
 
 def build_pipeline(lib: Library, experts: list[Expert], base: str | None) -> ExpertPipeline:
-    """The library's base with the experts' tokens, frozen, on the GPU if there is one."""
+    """The library's base with the experts' tokens, frozen, on this process's accelerator (its GPU if any)."""
     pipe, _ = ExpertPipeline.for_library(lib, base)
     for e in experts:
         pipe.add_expert_tokens(e)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(accelerator_device())
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.requires_grad_(False)
     return pipe

@@ -29,6 +29,7 @@ from fl2t.files import atomic_write_text
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.models import load_base
+from fl2t.parallel import accelerator_device
 from fl2t.pipeline import ExpertPipeline
 from fl2t.sampling import Sampler
 
@@ -52,6 +53,7 @@ class MethodContext:
     consolidate: ConsolidateSettings = field(default_factory=ConsolidateSettings)
     settings: MethodSettings | None = None  # the method's own settings (its `settings_model`); None: the defaults
     on_step: Callable[[int, float], None] | None = None  # Step-1/Step-2 progress
+    device: str | None = None  # where the method samples; None: this process's accelerator (`accelerator_device`)
 
 
 Tokenize = Callable[[list[str]], torch.Tensor]  # prompts -> token ids (B, 77), what a Regulariser is given
@@ -127,17 +129,21 @@ class Method:
         lib = self.library
         return [lib.expert(n) for n in self.tasks]
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.ctx.device) if self.ctx.device else accelerator_device()
+
     def fresh_base(self) -> StableDiffusionPipeline:
         """A private copy of the base pipeline (loaded from disk once per process)."""
         return copy.deepcopy(_loaded_base(self.ctx.base))
 
     def base_pipeline(self, experts: Sequence[Expert] = ()) -> ExpertPipeline:
-        """The base model with these experts' tokens (no LoRA yet)."""
+        """The base model with these experts' tokens (no LoRA yet), on the method's device."""
         pipe = ExpertPipeline(**self.fresh_base().components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         for e in experts:
             pipe.add_expert_tokens(e)
-        return pipe
+        return pipe.to(self.device)
 
 
 class AloneMethod(Method):

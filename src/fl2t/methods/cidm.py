@@ -42,9 +42,11 @@ class _Orthogonal(Regulariser):
 
     def start(self, model: ExpertModel, tokenize: Tokenize) -> None:
         self.layers = lora_layers(model.unet)
+        # on the LoRA's device and dtype once, not at every step
+        self.old = {m: [b.to(self.layers[m][1]) for b in bs] for m, bs in self.old.items() if m in self.layers}
 
     def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
-        terms = [(b @ old.to(b).T).abs().mean() for m, (_, b) in self.layers.items() for old in self.old.get(m, [])]
+        terms = [(b @ old.T).abs().mean() for m, (_, b) in self.layers.items() for old in self.old.get(m, [])]
         return self.lam * torch.stack(terms).mean() if terms else torch.zeros(())
 
 

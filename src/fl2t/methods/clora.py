@@ -33,9 +33,11 @@ class _CLoRA(Regulariser):
 
     def start(self, model: ExpertModel, tokenize: Tokenize) -> None:
         self.layers = lora_layers(model.unet)
+        # on the LoRA's device and dtype once, not at every step
+        self.past = {m: w.to(self.layers[m][0]) for m, w in self.past.items() if m in self.layers}
 
     def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
-        terms = [((self.past[m].to(a) * (b @ a)) ** 2).sum() for m, (a, b) in self.layers.items() if m in self.past]
+        terms = [((self.past[m] * (b @ a)) ** 2).sum() for m, (a, b) in self.layers.items() if m in self.past]
         return self.lam * torch.stack(terms).sum() if terms else torch.zeros(())
 
 

@@ -36,13 +36,15 @@ class _EWC(Regulariser):
         return {n: p for n, p in model.unet.named_parameters() if p.requires_grad}
 
     def start(self, model: ExpertModel, tokenize: Tokenize) -> None:
-        self.anchor = {n: p.detach().clone() for n, p in self._params(model).items()}  # θ*: the previous LoRA
+        params = self._params(model)
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}  # θ*: the previous LoRA
+        self.on_device = {n: f.to(params[n]) for n, f in self.fisher.items() if n in params}  # once, not every step
 
     def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
         if not self.fisher:
             return torch.zeros(())
-        params = {n: p for n, p in self._params(model).items() if n in self.fisher}
-        terms = [(self.fisher[n].to(p) * (p - self.anchor[n]) ** 2).sum() for n, p in params.items()]
+        params = {n: p for n, p in self._params(model).items() if n in self.on_device}
+        terms = [(self.on_device[n] * (p - self.anchor[n]) ** 2).sum() for n, p in params.items()]
         return self.lam * torch.stack(terms).sum()
 
     def after_backward(self, model: ExpertModel) -> None:

@@ -33,7 +33,7 @@ class FL2T(AloneMethod):
     def sampler(self, concept: str | None = None) -> Sampler:
         """The consolidated library. For a batch of different prompts each image gets its prompt's alpha and gamma
         through the per-sample hooks (what FL2TPipeline fuses, one prompt at a time, when a user generates)."""
-        pipe = FL2TPipeline.from_pretrained(self.ctx.base, library=self.library)
+        pipe = FL2TPipeline.from_pretrained(self.ctx.base, library=self.library, device=self.device)
 
         def arm(prompts: list[str]) -> None:
             weights = [pipe.weights_for(p) for p in prompts]

@@ -33,27 +33,24 @@ class _LwF(Regulariser):
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
-        self.noisy = self.scheduler.add_noise(latents, noise, t)
-        self.t, self.ids = t, tokenize(prompts)
-        device = next(model.parameters()).device
+        device = next(model.parameters()).device  # the distillation set lives there, moved once
+        self.noisy = self.scheduler.add_noise(latents, noise, t).to(device)
+        self.t, self.ids = t.to(device), tokenize(prompts).to(device)
         was_training = model.training
         model.eval()
         # The teacher: the model before this task (the LoRA holds the previous task's weights at start).
         self.targets = torch.cat(
             [
-                model(self.noisy[i : i + 16].to(device), t[i : i + 16].to(device), self.ids[i : i + 16].to(device))
-                .float()
-                .cpu()
+                model(self.noisy[i : i + 16], self.t[i : i + 16], self.ids[i : i + 16]).float()
                 for i in range(0, len(latents), 16)
             ]
         )
         model.train(was_training)
 
     def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(self.noisy), (self.batch,), generator=gen)
-        device = next(model.parameters()).device
-        pred = model(self.noisy[idx].to(device), self.t[idx].to(device), self.ids[idx].to(device)).float()
-        return self.lam * F.mse_loss(pred, self.targets[idx].to(device))
+        idx = torch.randint(len(self.noisy), (self.batch,), generator=gen).to(self.noisy.device)
+        pred = model(self.noisy[idx], self.t[idx], self.ids[idx]).float()
+        return self.lam * F.mse_loss(pred, self.targets[idx])
 
 
 class LwF(Sequential):
