@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -37,6 +38,8 @@ def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disa
             "2",
             "--train-steps",
             "2",
+            "--overhead-steps",
+            "5",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -80,6 +83,36 @@ def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disa
     if not torch.cuda.is_available():
         assert [r["note"] for r in sd15] == ["no CUDA: not measured"] * 2
 
+    overhead = results["training"]["overhead"]
+    fl2t_times, plain_times = overhead["fl2t_step_s"]["times"], overhead["plain_step_s"]["times"]
+    assert len(fl2t_times) == 4 and len(plain_times) == 5 and min(fl2t_times + plain_times) > 0
+    assert overhead["ratio"] == pytest.approx(statistics.median(fl2t_times[2:]) / statistics.median(plain_times[2:]))
+
     names = [t["target"] for t in results["targets"]]
+    assert any(n.startswith("a Step-1 step <= 1.05x a plain diffusers + peft loop") for n in names)
     assert sum(n.startswith("generation with the consolidated library") for n in names) == 2
     assert all(t["holds"] in (True, False, None) for t in results["targets"])
+
+
+def test_the_plain_loop_trains_the_lora_and_the_new_token_only(tmp_path):
+    from fl2t.bench.step1_overhead import PlainLoop
+    from fl2t.config import LearnSettings
+    from fl2t.data import load_concept
+    from fl2t.models import load_base
+    from fl2t.world import CONCEPTS, base_path
+    from fl2t.world.concepts import write_concept
+
+    concept = load_concept(write_concept(CONCEPTS[0], tmp_path))
+    loop = PlainLoop(load_base(base_path()), concept, LearnSettings(steps=3), seed=0)
+    unet = loop.pipe.unet
+    frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+    ups = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_B" in n}
+    rows = loop.rows.detach().clone()
+    losses = [loop.step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and ups and not torch.equal(rows, loop.rows)
+    assert all(not torch.equal(p, dict(unet.named_parameters())[n]) for n, p in ups.items())  # LoRA B leaves zero
+    assert all(torch.equal(p, dict(unet.named_parameters())[n]) for n, p in frozen.items())  # the base is frozen
+    ids = loop.pipe.tokenizer([concept.spec.stable_prompt], return_tensors="pt").input_ids
+    states = loop.pipe.text_encoder.get_input_embeddings()(ids)
+    position = (ids[0] == loop.ids[0]).nonzero()[0, 0]
+    assert torch.allclose(states[0, position], loop.rows[0])  # the token's row is the trained one

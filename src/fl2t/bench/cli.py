@@ -32,6 +32,9 @@ def speed(
         10, help="Step-1 steps at SD-1.5 size, CUDA only (the first is warm-up).", metavar="N"
     ),
     sd15_batch_size: int = typer.Option(1, help="Images per Step-1 step at SD-1.5 size.", metavar="N"),
+    overhead_steps: int = typer.Option(
+        30, help="Step-1 steps of fl2t's loop and of a plain diffusers + peft loop, interleaved.", metavar="N"
+    ),
     diffusers_max: int = typer.Option(100, help="Largest G tried with diffusers' set_adapters.", metavar="N"),
     peak_tflops: float = typer.Option(
         None, help="The accelerator's peak bf16 TFLOP/s for MFU (default: looked up by name).", metavar="X"
@@ -58,6 +61,7 @@ def speed(
         sd15_steps=sd15_steps,
         sd15_batch_size=sd15_batch_size,
         diffusers_max=diffusers_max,
+        overhead_steps=overhead_steps,
         peak_tflops=peak_tflops,
     )
     results = run_speed(settings, out, say=say)

@@ -54,6 +54,7 @@ from fl2t.library import Library
 
 Say = Callable[[str], None]
 RATIO_TARGET = 1.05  # generation with the consolidated library at most this times the base model's time
+OVERHEAD_TARGET = 1.05  # a learn_expert step at most this times a plain diffusers + peft loop step
 LINEAR_TOLERANCE = 0.15  # "linear in G": every measured point within this share of the straight-line fit
 # "far below G dense updates": Step 2's peak memory grows per concept by at most this share of one dense ΔW
 MEMORY_TARGET = 0.25
@@ -75,6 +76,7 @@ class SpeedSettings:
     train_batch_size: int = 1
     sd15_steps: int = 10  # Step-1 steps at SD-1.5 size (CUDA only); the first is warm-up
     sd15_batch_size: int = 1
+    overhead_steps: int = 30  # Step-1 steps of learn_expert and of the plain diffusers + peft loop, interleaved
     rank: int = 4  # rank of the synthetic experts
     diffusers_max: int = 100  # largest G tried with diffusers' set_adapters
     peak_tflops: float | None = None  # the accelerator's peak, for MFU; default: looked up by device name
@@ -88,6 +90,8 @@ class SpeedSettings:
         counts = (self.repeats, self.steps, self.train_batch_size, self.sd15_batch_size, self.rank)
         if min(counts) < 1 or self.warmup < 0:
             raise Fl2tError("--repeats, --steps and the batch sizes must be >= 1, --warmup >= 0")
+        if self.overhead_steps < 4:
+            raise Fl2tError("--overhead-steps must be >= 4 (the first two of each loop are warm-up)")
         for name in ("consolidate_steps", "train_steps", "sd15_steps"):
             if getattr(self, name) < 2:
                 raise Fl2tError(f"--{name.replace('_', '-')} must be >= 2 (the first step is warm-up)")
@@ -251,6 +255,18 @@ def bench_step1(settings: SpeedSettings, base: str, workdir: Path, say: Say) -> 
     return rows
 
 
+def bench_overhead(settings: SpeedSettings, base: str, workdir: Path) -> dict:
+    """`learn_expert`'s step time against a plain diffusers + peft loop's (bench/step1_overhead.py)."""
+    from fl2t.bench.step1_overhead import bench_step1_overhead
+    from fl2t.data import load_concept
+    from fl2t.world import CONCEPTS
+    from fl2t.world.concepts import write_concept
+
+    concept = load_concept(write_concept(CONCEPTS[0], workdir / "concepts"))
+    learn = LearnSettings(steps=settings.overhead_steps, batch_size=settings.train_batch_size, seed=settings.seed)
+    return bench_step1_overhead(base, concept, learn)
+
+
 def _sd15_row(settings: SpeedSettings, concept: Any, common: dict, label: str, checkpointing: bool, say: Say) -> dict:
     """Step 1 at SD-1.5 size on a randomly initialised SD-1.5 (CUDA only), with attention processor and MFU."""
     from fl2t.models import sd15_random_pipeline
@@ -288,6 +304,16 @@ def targets(results: dict) -> list[dict]:
     out = [_generation_target(row) for row in results["generation"]["rows"]]
     out += _consolidation_targets(results["consolidation"], results["layers"]["dense_bytes_per_expert"])
     out.append(_inference_target(results["generation"]["rows"]))
+    overhead = results["training"].get("overhead")
+    if overhead:
+        out.append(
+            {
+                "target": f"a Step-1 step <= {OVERHEAD_TARGET}x a plain diffusers + peft loop's",
+                "holds": overhead["ratio"] <= OVERHEAD_TARGET,
+                "measured": f"{overhead['ratio']:.3f}x ({overhead['fl2t_step_s']['median'] * 1e3:.1f} ms against "
+                f"{overhead['plain_step_s']['median'] * 1e3:.1f} ms, median of {overhead['steps']} interleaved steps)",
+            }
+        )
     return out
 
 
@@ -415,6 +441,8 @@ def run_speed(settings: SpeedSettings, out: Path, say: Say = lambda s: None) -> 
 
         say("Step 1 (training throughput)")
         results["training"] = {"rows": bench_step1(settings, base, workdir, say)}
+        say(f"Step 1 against a plain diffusers + peft loop, interleaved: {settings.overhead_steps} steps each")
+        results["training"]["overhead"] = bench_overhead(settings, base, workdir)
 
     results["targets"] = targets(results)
     results["wall_s"] = time.perf_counter() - start
