@@ -230,10 +230,18 @@ def test_a_library_on_the_built_in_world_is_portable(tmp_path):
     used.mkdir()
     concept = write_concept(get_concept("stripestar"), made)
     (made / "fast.yaml").write_text("learn: {steps: 3, num_anchors: 2, anchor_steps: 2, checkpoint_every: 0}\n")
-    for args in (["learn", concept, "--config", "fast.yaml", "--no-consolidate"], ["consolidate", "--steps", "2"]):
+    for args in (
+        ["learn", concept, "--config", "fast.yaml", "--no-consolidate"],
+        ["consolidate", "--steps", "2", "--evaluator", "world"],
+    ):
         cmd = [sys.executable, "-m", "fl2t.cli", "-q", *args, "-l", "lib"]
         r = subprocess.run(cmd, cwd=made, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+    version = Library(made / "lib").current()  # the consolidation, scored on the world's stripestar references
+    assert version.evaluator == "world" and set(version.evaluation) == {"stripestar"}
+    assert -1 <= version.evaluation["stripestar"]["ia"] <= 1 and 0 <= version.evaluation["stripestar"]["ca"] <= 1
+    history = fl2t(["library", "history", made / "lib"]).stdout
+    assert "IA / CA" in history and "stripestar" in history
     records = [made / "lib" / "library.json", *sorted((made / "lib" / "experts").glob("*/expert.json"))]
     assert all(json.loads(p.read_text())["base"]["id"] == WORLD_BASE for p in records)
     generate = ["generate", "a <c-stripestar> star", "--steps", "3", "--seed", "7"]
@@ -259,3 +267,17 @@ def test_a_library_on_the_built_in_world_is_portable(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert (used / "b.png").read_bytes() == (made / "a.png").read_bytes()
+
+
+def test_the_gate_thresholds_help_says_its_default():
+    r = fl2t(["consolidate", "--help"])
+    assert f"(default {GATE_THRESHOLD})" in " ".join(r.stdout.split())
+
+
+def test_evaluation_needs_references_off_the_world(two, tiny_base):
+    from fl2t.learning import evaluate_library
+
+    with pytest.raises(Fl2tError, match="give --references"):
+        evaluate_library(two.path, "world", base=str(tiny_base))
+    with pytest.raises(Fl2tError, match="no such folder"):
+        evaluate_library(two.path, "world", two.path / "nowhere", base=str(tiny_base))

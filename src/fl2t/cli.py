@@ -123,10 +123,9 @@ def learn(
     accept: Annotated[
         bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
     ] = False,
-    gate_threshold: Annotated[
-        Optional[float],
-        typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1)."),
-    ] = None,
+    gate_threshold: GateThreshold = None,
+    evaluator: Evaluator = None,
+    references: References = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Learn concept expert(s) (Step 1) into a library, then consolidate the new set (Step 2).
@@ -187,6 +186,8 @@ def learn(
             say=console.say,
             on_learned=report,
             accept=accept,
+            evaluator=evaluator,
+            references=references,
             **gate_option(gate_threshold),
         )
     except Fl2tError:
@@ -204,6 +205,29 @@ def learn(
         print(result.gate)
     if result.refused:
         raise typer.Exit(3)
+
+
+# Options learn and consolidate share. The gate's default is fl2t.learning.GATE_THRESHOLD (a test checks the text).
+GateThreshold = Annotated[
+    Optional[float],
+    typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.5)."),
+]
+Evaluator = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="CLIP",
+        help="Also record each concept's IA and CA on its reference images in the new version: a CLIP by hub id or "
+        "folder, or 'world' (the tiny world's).",
+    ),
+]
+References = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="FOLDER",
+        help="With --evaluator: a folder with each concept's reference images in a folder named by the concept "
+        "(default on the built-in world: the world's concepts).",
+    ),
+]
 
 
 def gate_option(threshold: Optional[float]) -> dict[str, float]:
@@ -361,12 +385,14 @@ def library_history(
         print(json.dumps({"library": str(lib.path), "current": current, "versions": rows}, indent=2))
         return
     table = Table(title=f"{lib.path}  (current: version {current or '-'})")
-    for col in ("version", "time", "change", "concepts", "set", "fidelity"):
+    for col in ("version", "time", "change", "concepts", "set", "fidelity", "IA / CA"):
         table.add_column(col)
     for v in versions:
         mark = " (current)" if v.number == current else " (candidate)" if v.candidate else ""
         scores = " ".join(f"{n} {f:.3f}" for n, f in sorted(v.fidelity.items())) or "-"
-        table.add_row(f"{v.number}{mark}", v.time, v.change, str(len(v.experts)), v.set_hash[:12], scores)
+        measured = " ".join(f"{n} {m['ia']:.3f}/{m['ca']:.2f}" for n, m in sorted(v.evaluation.items())) or "-"
+        row = (f"{v.number}{mark}", v.time, v.change, str(len(v.experts)), v.set_hash[:12], scores, measured)
+        table.add_row(*row)
     _stdout().print(table)
 
 
@@ -451,10 +477,9 @@ def consolidate(
     accept: Annotated[
         bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
     ] = False,
-    gate_threshold: Annotated[
-        Optional[float],
-        typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.1)."),
-    ] = None,
+    gate_threshold: GateThreshold = None,
+    evaluator: Evaluator = None,
+    references: References = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Consolidate a library's experts (Step 2) into LIB/consolidated/, as a new version with each concept's
@@ -477,7 +502,14 @@ def consolidate(
     ).consolidate
     try:
         h = consolidate_library(
-            library, settings, base=base, track=console.track, accept=accept, **gate_option(gate_threshold)
+            library,
+            settings,
+            base=base,
+            track=console.track,
+            accept=accept,
+            evaluator=evaluator,
+            references=references,
+            **gate_option(gate_threshold),
         )
     except FidelityDropped as refused:
         print(f"fl2t: refused: {refused}", file=sys.stderr)

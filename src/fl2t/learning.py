@@ -19,20 +19,24 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.consolidate import consolidate
 from fl2t.consolidate.fidelity import fidelity
 from fl2t.consolidate.model import ConsolidatedModel
+from fl2t.consolidate.pipeline import FL2TPipeline
 from fl2t.consolidate.train import build_pipeline
-from fl2t.data import Concept, load_concept
+from fl2t.data import OBJECT_TEMPLATES, STYLE_TEMPLATES, Concept, load_concept
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
 from fl2t.experts import learn_expert
 from fl2t.library import Library
-from fl2t.models import base_config_hash, default_base, load_base
-from fl2t.parallel import learn_concepts, process_state
+from fl2t.metrics import ClipEvaluator, class_prompt, concept_accuracy, image_alignment
+from fl2t.models import WORLD_BASE, base_config_hash, base_name, default_base, load_base
+from fl2t.parallel import accelerator_device, learn_concepts, process_state
+from fl2t.sampling import Sampler
 from fl2t.text import check_new_tokens
 
 Update = Callable[..., None]
@@ -158,6 +162,8 @@ def learn(
     consolidate_after: bool = True,
     accept: bool = False,
     gate_threshold: float = GATE_THRESHOLD,
+    evaluator: str | None = None,
+    references: Path | None = None,
     track: Track = _no_track,
     say: Callable[[str], None] = lambda msg: None,
     on_learned: Callable[[Learned], None] | None = None,
@@ -230,6 +236,8 @@ def learn(
                     cancel=cancel,
                     accept=accept,
                     gate_threshold=gate_threshold,
+                    evaluator=evaluator,
+                    references=references,
                 )
                 result.gate = gate_line(lib)
             except FidelityDropped as refused:
@@ -255,11 +263,14 @@ def consolidate_library(
     accept: bool = False,
     gate_threshold: float = GATE_THRESHOLD,
     on_step: Callable[[int, float], None] | None = None,
+    evaluator: str | None = None,
+    references: Path | None = None,
 ) -> str:
     """Step 2 for the library's current set, saved into LIB/consolidated/ as a new version with each concept's
     fidelity; returns the set hash. Raises `FidelityDropped` (the version kept as a candidate) when some concept's
     fidelity fell by more than `gate_threshold` from the current version's, unless `accept`. `on_step(i, loss)`:
-    called after each Step-2 step, besides `track`."""
+    called after each Step-2 step, besides `track`. `evaluator` (a CLIP, or "world"): the new version also records each
+    concept's IA and CA on its references (`evaluate_library`)."""
     settings = settings or ConsolidateSettings()
     lib = open_library(library)
     with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
@@ -277,7 +288,87 @@ def consolidate_library(
     lib.save_consolidated(model.save_pretrained, set_hash=model.config.set_hash, fidelity=scores, candidate=refuse)
     if refuse:
         raise FidelityDropped(lib.path, lib.manifest().latest or 0, drops)
+    if evaluator is not None:
+        with track("evaluate", len(lib.names())) as update:
+            scores = evaluate_library(lib.path, evaluator, references, base=base, on_concept=update)
+        lib.record_evaluation(lib.current().number, scores, evaluator)  # type: ignore[union-attr]
     return model.config.set_hash
+
+
+EVAL_PROMPTS = 4  # evaluation prompts per concept: the first of its kind's caption templates, one image each
+EVAL_STEPS = 25
+
+
+def evaluate_library(
+    library: str | Path,
+    evaluator: str,
+    references: Path | None = None,
+    *,
+    base: str | None = None,
+    steps: int = EVAL_STEPS,
+    guidance: float = 5.0,
+    on_concept: Update | None = None,
+) -> dict[str, dict[str, float]]:
+    """IA and CA (DESIGN §4) of each concept under the library's current consolidated model, on the concept's
+    reference images: `references/<name>/` (a concept folder), or, for a library on the built-in world with no
+    `references`, the world's concept of that name. Concepts without references are left out. `evaluator`: a CLIP
+    by hub id or folder, or "world" (the tiny world's)."""
+    lib = open_library(library)
+    base_id = choose_base(lib, base)
+    refs = _references(lib, base_id, references)
+    device = accelerator_device()
+    if evaluator == "world":
+        from fl2t.world import evaluator_path
+
+        evaluator = str(evaluator_path())
+    clip = ClipEvaluator.load(evaluator, device)
+    pipe = FL2TPipeline.from_pretrained(base_id, library=lib, device=device)
+    base_pipe = load_base(base_id, device=device)
+    for p in (pipe, base_pipe):
+        p.set_progress_bar_config(disable=True)
+    ref_emb = {n: clip.image_embeds(images) for n, images in refs.items()}
+    scores = {}
+    for i, name in enumerate(refs):
+        spec = lib.expert(name).spec
+        templates = (STYLE_TEMPLATES if spec.kind == "style" else OBJECT_TEMPLATES)[:EVAL_PROMPTS]
+        prompts = [t.format(spec.subject) for t in templates]
+        seeds = list(range(len(prompts)))
+        images = [
+            pipe(
+                p, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)
+            ).images[0]
+            for p, s in zip(prompts, seeds)
+        ]
+        class_texts = [class_prompt(p, spec.tokens, spec.class_word) for p in prompts]
+        class_images = Sampler(base_pipe)(class_texts, [50_000 + s for s in seeds], steps, guidance)
+        emb = clip.image_embeds(images)
+        ca = concept_accuracy(emb, name, ref_emb, clip.image_embeds(class_images))
+        scores[name] = {"ia": image_alignment(emb, ref_emb[name]), "ca": ca}
+        if on_concept:
+            on_concept(i + 1, name)
+    return scores
+
+
+def _references(lib: Library, base_id: str, references: Path | None) -> dict[str, list]:
+    """Each concept's reference images (name -> PIL images), where there are some."""
+    names = lib.names()
+    if references is not None:
+        root = Path(references).expanduser()
+        if not root.is_dir():
+            raise Fl2tError(f"--references {root}: no such folder (a folder of concept folders named by concept)")
+        refs = {n: load_concept(root / n, min_images=1).images for n in names if (root / n).is_dir()}
+    elif base_name(base_id) == WORLD_BASE:
+        from fl2t.world import CONCEPTS
+        from fl2t.world.concepts import reference_scenes
+        from fl2t.world.generator import render
+
+        world = {c.name: c for c in CONCEPTS}
+        refs = {n: [render(s) for s in reference_scenes(world[n])] for n in names if n in world}
+    else:
+        raise Fl2tError("give --references: a folder with each concept's reference images in a folder named by it")
+    if not refs:
+        raise Fl2tError(f"library {lib.path}: no reference images for any of its concepts ({', '.join(names)})")
+    return refs
 
 
 def measure_fidelity(lib: Library, model: ConsolidatedModel | None, base: str | None = None) -> dict[str, float]:

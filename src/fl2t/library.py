@@ -95,6 +95,8 @@ class VersionRecord(BaseModel):
     consolidated_set: str | None = None  # the set the consolidated model was made for (may lag behind `set_hash`)
     fidelity: dict[str, float] = {}  # concept -> fidelity of the consolidated model to its expert (DESIGN §4)
     candidate: bool = False  # refused by the regression gate: recorded, not made current
+    evaluation: dict[str, dict[str, float]] = {}  # concept -> {"ia", "ca"} on its references, when evaluated
+    evaluator: str | None = None  # the CLIP that scored `evaluation`
 
 
 def _sha(path: Path) -> str:
@@ -219,6 +221,12 @@ class Library:
             int(p.stem) for p in self._history().glob("*.json") if p.stem.isdigit() and int(p.stem) <= latest
         )
         return [read_validated(VersionRecord, self._version_path(n)) for n in numbers]
+
+    def record_evaluation(self, number: int, scores: dict[str, dict[str, float]], evaluator: str) -> None:
+        """Add IA/CA per concept, measured on the concepts' references with `evaluator`, to version `number`'s record."""
+        with self._writing():
+            record = self.version(number).model_copy(update={"evaluation": scores, "evaluator": evaluator})
+            atomic_write_json(self._version_path(number), record.model_dump())
 
     def current(self) -> VersionRecord | None:
         """The current version (None: a new library, or one written by fl2t before versions)."""

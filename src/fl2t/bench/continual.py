@@ -189,6 +189,7 @@ class Evaluated:
     ref_ia: float  # the references' mean IA among themselves
     ref_dino: float | None
     class_images: torch.Tensor  # (K, D) CLIP embeddings of base-model images of the class word
+    class_texts_emb: torch.Tensor  # (N, D) CLIP embeddings of the prompts with the class word (for TA)
 
 
 class Benchmark:
@@ -374,7 +375,9 @@ class Benchmark:
             cache.parent.mkdir(exist_ok=True)
             atomic_write_bytes(cache, save({"clip": class_emb.contiguous()}))
         ref_dino = reference_alignment(refs_dino) if refs_dino is not None else None
-        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, reference_alignment(refs), ref_dino, class_emb)
+        texts_emb = self.clip.text_embeds(class_texts)
+        ref_ia = reference_alignment(refs)
+        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, ref_ia, ref_dino, class_emb, texts_emb)
         self._eval[name] = ev
         return ev
 
@@ -556,7 +559,7 @@ class Benchmark:
                 "ia": ia,
                 "nia": ia / ev.ref_ia,
                 "ca": concept_accuracy(emb, name, references, ev.class_images),
-                "ta": text_alignment(emb, self.clip.text_embeds(ev.class_texts)),
+                "ta": text_alignment(emb, ev.class_texts_emb),
             }
             if self.dino is not None:
                 scores["dino"] = image_alignment(self.dino.image_embeds(images), ev.refs_dino)
