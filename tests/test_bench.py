@@ -325,3 +325,24 @@ def test_fidelity_vs_ca_ranks_and_separates_lost_concepts():
     assert a["spearman"] == pytest.approx(1.0) and a["auc"] == pytest.approx(1.0)
     assert a["spearman_95"][1] <= 1.0 + 1e-9 and a["auc_95"][0] <= 1.0
     assert fidelity_vs_ca({"methods": {"m1": {"runs": [good]}}}) == {}  # no oracle: nothing to compare with
+
+
+def test_lookup_applies_the_named_experts_at_full_weight_and_equals_the_oracle_on_one_concept(bench_run):
+    import numpy as np
+
+    from fl2t.methods.lookup import named
+
+    bench, _, _ = bench_run
+    lookup, oracle = bench.method("lookup", 0), bench.method("oracle", 0)
+    experts = lookup.experts()
+    pipe = lookup.base_pipeline(experts)
+    a, b, c = (e.spec.subject for e in experts)
+    assert named(pipe, experts, f"a photo of {a}").tolist() == [1.0, 0.0, 0.0]
+    assert named(pipe, experts, f"{a} in the style of {c}").tolist() == [1.0, 0.0, 1.0]
+    assert named(pipe, experts, "a photo of a star").tolist() == [0.0, 0.0, 0.0]
+    for e in experts:
+        prompts, seeds = [f"a photo of {e.spec.subject}"] * 2, [0, 1]
+        mine = lookup.sampler()(prompts, seeds, steps=3)
+        alone = oracle.sampler(e.name)(prompts, seeds, steps=3)
+        diff = max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(mine, alone))
+        assert diff <= 2, (e.name, diff)  # the same update; hooks and peft's layers differ only in rounding

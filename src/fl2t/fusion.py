@@ -67,6 +67,7 @@ class AggregatedLoRA:
         self.use_shared = False
         self._orig: dict[str, torch.Tensor] = {}
         device = next(unet.parameters()).device
+        self.device = device
         self.A = {m: a.to(device) for m, a in stack.A.items()}
         self.B = {m: b.to(device) for m, b in stack.B.items()}
         self._handles = [lin.register_forward_hook(self._hook(i, m)) for i, (m, lin) in enumerate(self.linears.items())]
@@ -77,7 +78,7 @@ class AggregatedLoRA:
         return w.flatten(-2)  # (..., L, G*r)
 
     def set(self, alpha: torch.Tensor, gamma: torch.Tensor | None = None, shared: bool = False) -> None:
-        self.mix = self._mix(alpha, gamma)
+        self.mix = self._mix(alpha, gamma).to(self.device)  # weights made on the CPU work on a GPU UNet
         self.use_shared = shared
 
     def off(self) -> None:
@@ -107,7 +108,7 @@ class AggregatedLoRA:
         if self._orig:
             raise RuntimeError("already fused; unfuse first")
         self.off()
-        mix = self._mix(alpha, gamma)  # (L, G*r)
+        mix = self._mix(alpha, gamma).to(self.device)  # (L, G*r)
         for i, (name, lin) in enumerate(self.linears.items()):
             self._orig[name] = lin.weight.detach().clone()
             delta = self.B[name].T @ (mix[i].unsqueeze(1) * self.A[name])  # (out, G*r) @ (G*r, in)

@@ -243,7 +243,8 @@ def bench_step1(settings: SpeedSettings, base: str, workdir: Path, say: Say) -> 
     say(f"  Step 1, tiny world: {settings.train_steps} steps")
     common = dict(num_anchors=0, checkpoint_every=0, seed=settings.seed)
     learn = LearnSettings(steps=settings.train_steps, batch_size=settings.train_batch_size, **common)
-    rows = [bench_training(load_base(base), concept, learn, "tiny world")]
+    label = "tiny world" if settings.base is None else f"base {Path(base).name}"
+    rows = [bench_training(load_base(base), concept, learn, label)]
     label = "SD-1.5 (512x512, bf16, SDPA)"
     for checkpointing in (False, True):
         if not torch.cuda.is_available():
@@ -255,16 +256,35 @@ def bench_step1(settings: SpeedSettings, base: str, workdir: Path, say: Say) -> 
     return rows
 
 
-def bench_overhead(settings: SpeedSettings, base: str, workdir: Path) -> dict:
-    """`learn_expert`'s step time against a plain diffusers + peft loop's (bench/step1_overhead.py)."""
+def bench_overhead(settings: SpeedSettings, base: str, workdir: Path, say: Say) -> list[dict]:
+    """`learn_expert`'s step time against a plain diffusers + peft loop's (bench/step1_overhead.py): on the tiny
+    world here; where CUDA is, also at SD-1.5 size (random init, 512x512, bf16) at batch 1 and 4, and batch 4 with
+    gradient checkpointing."""
     from fl2t.bench.step1_overhead import bench_step1_overhead
     from fl2t.data import load_concept
+    from fl2t.models import sd15_random_pipeline
     from fl2t.world import CONCEPTS
     from fl2t.world.concepts import write_concept
 
     concept = load_concept(write_concept(CONCEPTS[0], workdir / "concepts"))
     learn = LearnSettings(steps=settings.overhead_steps, batch_size=settings.train_batch_size, seed=settings.seed)
-    return bench_step1_overhead(base, concept, learn)
+    label = "tiny world" if settings.base is None else f"base {Path(base).name}"
+    rows = [{"world": label, **bench_step1_overhead(base, concept, learn)}]
+    if not torch.cuda.is_available():
+        return rows
+    sd15 = workdir / "sd15"
+    sd15_random_pipeline(seed=settings.seed).save_pretrained(sd15, safe_serialization=True)
+    for batch, checkpointing in ((1, False), (4, False), (4, True)):
+        say(f"  overhead at SD-1.5 size: batch {batch}, gradient checkpointing {'on' if checkpointing else 'off'}")
+        update = {"resolution": 512, "mixed_precision": "bf16", "batch_size": batch}
+        learn = learn.model_copy(update={**update, "gradient_checkpointing": checkpointing})
+        try:
+            rows.append({"world": "SD-1.5 size", **bench_step1_overhead(str(sd15), concept, learn)})
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({"world": "SD-1.5 size", "batch_size": batch, "note": str(e).splitlines()[0][:200]})
+        release_freed_memory()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _sd15_row(settings: SpeedSettings, concept: Any, common: dict, label: str, checkpointing: bool, say: Say) -> dict:
@@ -304,14 +324,17 @@ def targets(results: dict) -> list[dict]:
     out = [_generation_target(row) for row in results["generation"]["rows"]]
     out += _consolidation_targets(results["consolidation"], results["layers"]["dense_bytes_per_expert"])
     out.append(_inference_target(results["generation"]["rows"]))
-    overhead = results["training"].get("overhead")
-    if overhead:
+    for row in results["training"].get("overhead", []):
+        if "ratio" not in row:
+            continue
+        where = f"{row['world']}, batch {row['batch_size']}, {row['mixed_precision']}"
+        where += ", gradient checkpointing" if row.get("gradient_checkpointing") else ""
         out.append(
             {
-                "target": f"a Step-1 step <= {OVERHEAD_TARGET}x a plain diffusers + peft loop's",
-                "holds": overhead["ratio"] <= OVERHEAD_TARGET,
-                "measured": f"{overhead['ratio']:.3f}x ({overhead['fl2t_step_s']['median'] * 1e3:.1f} ms against "
-                f"{overhead['plain_step_s']['median'] * 1e3:.1f} ms, median of {overhead['steps']} interleaved steps)",
+                "target": f"a Step-1 step <= {OVERHEAD_TARGET}x a plain diffusers + peft loop's ({where})",
+                "holds": row["ratio"] <= OVERHEAD_TARGET,
+                "measured": f"{row['ratio']:.3f}x ({row['fl2t_step_s']['median'] * 1e3:.1f} ms against "
+                f"{row['plain_step_s']['median'] * 1e3:.1f} ms, median of {row['steps']} interleaved steps)",
             }
         )
     return out
@@ -442,7 +465,7 @@ def run_speed(settings: SpeedSettings, out: Path, say: Say = lambda s: None) -> 
         say("Step 1 (training throughput)")
         results["training"] = {"rows": bench_step1(settings, base, workdir, say)}
         say(f"Step 1 against a plain diffusers + peft loop, interleaved: {settings.overhead_steps} steps each")
-        results["training"]["overhead"] = bench_overhead(settings, base, workdir)
+        results["training"]["overhead"] = bench_overhead(settings, base, workdir, say)
 
     results["targets"] = targets(results)
     results["wall_s"] = time.perf_counter() - start
@@ -474,6 +497,7 @@ def tables(results: dict) -> list:
         _consolidation_table(results),
         _memory_table(results),
         _training_table(results),
+        _overhead_table(results),
         _targets_table(results),
     ]
 
@@ -620,6 +644,29 @@ def _training_table(results: dict) -> Any:
             r["note"],
         )
     return tr
+
+
+def _overhead_table(results: dict) -> Any:
+    t = _table(
+        "Step 1 against a plain diffusers + peft loop, interleaved (median ms per step)",
+        ("world", "batch", "precision", "grad ckpt", "fl2t", "plain", "ratio", "note"),
+        justify=None,
+    )
+    for r in results["training"].get("overhead", []):
+        if "ratio" not in r:
+            t.add_row(r["world"], str(r["batch_size"]), "-", "-", "-", "-", "-", r["note"])
+            continue
+        t.add_row(
+            r["world"],
+            str(r["batch_size"]),
+            r["mixed_precision"],
+            "yes" if r["gradient_checkpointing"] else "no",
+            f"{r['fl2t_step_s']['median'] * 1e3:.1f}",
+            f"{r['plain_step_s']['median'] * 1e3:.1f}",
+            f"{r['ratio']:.3f}",
+            "",
+        )
+    return t
 
 
 def _targets_table(results: dict) -> Any:

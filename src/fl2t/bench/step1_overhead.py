@@ -144,6 +144,8 @@ def bench_step1_overhead(base: str, concept: Concept, settings: LearnSettings) -
         "steps": settings.steps,
         "batch_size": settings.batch_size,
         "mixed_precision": settings.mixed_precision,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "resolution": settings.resolution,
         "fl2t_step_s": {"median": fl2t_s, "times": fl2t_times},
         "plain_step_s": {"median": plain_s, "times": plain_times},
         "ratio": fl2t_s / plain_s,
