@@ -212,10 +212,9 @@ def learn_expert(
         loss = _denoising_loss(pred, target.to(device), prior_weight)
         if regulariser is not None:
             loss = loss + regulariser.loss(model, tokenize, gen)
-        if not math.isfinite(loss.item()):
-            raise Fl2tError(
-                f"training diverged at step {step} (loss {loss.item()}); lower --lr or use mixed_precision no"
-            )
+        value = loss.item()  # the step's one host sync
+        if not math.isfinite(value):
+            raise Fl2tError(f"training diverged at step {step} (loss {value}); lower --lr or use mixed_precision no")
         accelerator.backward(loss)
         if regulariser is not None:
             regulariser.after_backward(model)
@@ -223,7 +222,7 @@ def learn_expert(
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
         done = step + 1
         if checkpoint is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
             if done < settings.steps:
