@@ -170,7 +170,7 @@ def test_an_unknown_method_setting_is_refused_with_what_it_takes(tmp_path):
 
 
 def test_shipped_configs_load_and_real_data_configs_ask_for_the_data(tmp_path):
-    for name in ("tiny10", "cifc", "dreambooth"):
+    for name in ("tiny10", "tiny10-fidelity", "tiny10-fidelity400", "cifc", "dreambooth"):
         cfg = load_config(name)
         assert len(cfg.concepts) >= 10
     with pytest.raises(Fl2tError, match="--data"):
