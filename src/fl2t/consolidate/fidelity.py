@@ -13,6 +13,7 @@ Step 2 trains it) or any method's sampler (the benchmark scores every method's f
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from fl2t.consolidate.common import canonical, concepts_named, prompt_states
 from fl2t.consolidate.model import ConsolidatedModel
 from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
+from fl2t.models import base_config_hash
 from fl2t.pipeline import ExpertPipeline
 from fl2t.sampling import Sampler
 
@@ -51,16 +53,28 @@ class Target:
         return 1.0 - err / gain if gain > 0 else float(err == 0)
 
 
+_TARGETS: dict[tuple[str, str], Target] = {}  # (base UNet, expert with its anchors) -> target, for this process
+_TARGETS_KEPT = 256
+
+
 @torch.no_grad()
 def targets(pipe: ExpertPipeline, experts: list[Expert]) -> dict[str, Target]:
-    """Each expert's target (name -> Target). `pipe`: the base model with the experts' tokens."""
+    """Each expert's target (name -> Target). `pipe`: the base model with the experts' tokens. A target depends on
+    the base model and the expert alone, so it is computed once per process (a benchmark consolidates the same
+    experts after every task)."""
     unet = pipe.unet
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     steps = [int(f * scheduler.config.num_train_timesteps) for f in TIMESTEPS]
+    base_key = _base_key(pipe)
+    keys = {e.name: (base_key, _expert_key(e)) for e in experts}
+    out = {e.name: _TARGETS[keys[e.name]] for e in experts if keys[e.name] in _TARGETS}
+    if len(out) == len(experts):
+        return out
     teacher = AggregatedLoRA(unet, stack_experts(experts, unet))
     base = _unet_predict(pipe)
-    out = {}
     for g, expert in enumerate(experts):
+        if expert.name in out:
+            continue
         n = len(expert.anchor_prompts)
         gen = torch.Generator().manual_seed(SEED)
         x0 = expert.anchors.repeat(len(steps), 1, 1, 1)  # (S*N, C, h, w): every anchor at every timestep
@@ -72,9 +86,30 @@ def targets(pipe: ExpertPipeline, experts: list[Expert]) -> dict[str, Target]:
         eps_base = base(prompts, noisy, t)
         arm = functools.partial(_arm_one_hot, teacher, one_hot)
         eps_expert = _unet_predict(pipe, arm, teacher.off)(prompts, noisy, t)
-        out[expert.name] = Target(prompts, noisy, t, eps_expert, eps_base)
+        out[expert.name] = _TARGETS[keys[expert.name]] = Target(prompts, noisy, t, eps_expert, eps_base)
     teacher.remove()
+    while len(_TARGETS) > _TARGETS_KEPT:
+        _TARGETS.pop(next(iter(_TARGETS)))
     return out
+
+
+def _base_key(pipe: ExpertPipeline) -> str:
+    """The base model's architecture, a fingerprint of its weights (the UNet's first and last convolutions, the text
+    encoder's first embedding rows), its device and dtype."""
+    h = hashlib.sha256(base_config_hash(pipe).encode())
+    embeddings = pipe.text_encoder.get_input_embeddings().weight[:64]  # base vocabulary rows
+    for w in (pipe.unet.conv_in.weight, pipe.unet.conv_out.weight, embeddings):
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(f"{pipe.unet.device} {pipe.unet.dtype}".encode())
+    return h.hexdigest()
+
+
+def _expert_key(expert: Expert) -> str:
+    """The expert's weights, anchors and anchor prompts, as one hash."""
+    h = hashlib.sha256(expert.content_hash.encode())
+    h.update(expert.anchors.float().contiguous().numpy().tobytes())
+    h.update("\n".join(expert.anchor_prompts).encode())
+    return h.hexdigest()
 
 
 def _arm_one_hot(agg: AggregatedLoRA, one_hot: torch.Tensor, prompts: list[str]) -> None:
