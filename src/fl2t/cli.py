@@ -120,9 +120,7 @@ def learn(
         bool,
         typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards."),
     ] = True,
-    accept: Annotated[
-        bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
-    ] = False,
+    accept: Accept = False,
     gate_threshold: GateThreshold = None,
     evaluator: Evaluator = None,
     references: References = None,
@@ -208,6 +206,7 @@ def learn(
 
 
 # Options learn and consolidate share. The gate's default is fl2t.learning.GATE_THRESHOLD (a test checks the text).
+Accept = Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")]
 GateThreshold = Annotated[
     Optional[float],
     typer.Option(metavar="DROP", help="Largest fidelity drop the gate allows per concept (default 0.5)."),
@@ -474,9 +473,7 @@ def consolidate(
         Optional[bool],
         typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0)."),
     ] = None,
-    accept: Annotated[
-        bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")
-    ] = False,
+    accept: Accept = False,
     gate_threshold: GateThreshold = None,
     evaluator: Evaluator = None,
     references: References = None,
