@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from fl2t.errors import Fl2tError
 from fl2t.methods.base import Method, MethodContext, MethodSettings
-from fl2t.methods.cidm import CIDM
+from fl2t.methods.cidm import CIDM, CIDMTokens
 from fl2t.methods.clora import CLoRA
 from fl2t.methods.ewc import EWC
 from fl2t.methods.fl2t import FL2T
@@ -21,7 +21,7 @@ from fl2t.methods.oracle import Oracle
 from fl2t.methods.sequential import Sequential
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Oracle, Lookup, Sequential, EWC, LwF, CLoRA, Merge, MagMax, CIDM, FL2T)
+    m.name: m for m in (Oracle, Lookup, Sequential, EWC, LwF, CLoRA, Merge, MagMax, CIDM, CIDMTokens, FL2T)
 }
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodSettings", "method_settings"]
