@@ -346,3 +346,25 @@ def test_lookup_applies_the_named_experts_at_full_weight_and_equals_the_oracle_o
         alone = oracle.sampler(e.name)(prompts, seeds, steps=3)
         diff = max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(mine, alone))
         assert diff <= 2, (e.name, diff)  # the same update; hooks and peft's layers differ only in rounding
+
+
+def test_compute_is_counted_per_task_and_the_shared_experts_charged_to_the_methods_that_use_them(bench_run):
+    bench, results, _ = bench_run
+    steps, n = CONFIG["learn"]["steps"], len(CONFIG["concepts"])
+    records = [json.loads((bench.out / "store_compute" / f"{c}.json").read_text()) for c in CONFIG["concepts"]]
+    assert [r["steps"] for r in records] == [steps] * n  # each expert alone learned once, by the expert units
+    anchors = CONFIG["learn"]["num_anchors"] * CONFIG["learn"]["anchor_steps"] * 2  # guided: 2 rows an image
+    assert all(r["unet_forwards_grad"] >= steps and r["unet_forwards_nograd"] >= anchors for r in records)
+    for method, r in results["methods"].items():
+        c = r["compute"]
+        assert c["step1"]["steps"] >= steps * n and c["step1"]["unet_forwards_grad"] >= steps * n, method
+        assert c["total"]["seconds"] > 0 and c["total"]["peak_mb"] is not None, method
+        task = json.loads((bench.out / method / "order0" / "task0.json").read_text())
+        assert task["_compute"]["concept"] == CONFIG["concepts"][0]
+        if c["uses_store"]:  # the store's work, not the method's lookups in it
+            assert c["step1"]["steps"] == steps * n
+            assert c["step1"]["unet_forwards_nograd"] == sum(r["unet_forwards_nograd"] for r in records)
+    assert results["methods"]["oracle"]["compute"]["step2"]["steps"] == 0
+    assert results["methods"]["fl2t"]["compute"]["step2"]["steps"] >= CONFIG["consolidate"]["steps"]
+    md = (bench.out / "report.md").read_text()
+    assert "## Compute" in md and f"| oracle | {steps * n} | 0 |" in md

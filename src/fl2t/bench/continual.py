@@ -29,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from fl2t.bench.compute import counted_task, method_compute, store_learned
 from fl2t.bench.jobs import Claims, Unit
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
@@ -455,7 +456,7 @@ class Benchmark:
                     if unit.concept is not None:
                         self._status(f"learn {unit.concept} alone (shared)")
                         claims.progress(unit, "learning")
-                        self.method(self.methods[0], 0).store_expert(by_name[unit.concept])
+                        store_learned(self.method(self.methods[0], 0), by_name[unit.concept], self.out)
                     else:
                         self.run_order(unit.method, unit.order, self.orders[unit.order], advance, claims, unit)
                     claims.done(unit)
@@ -530,9 +531,7 @@ class Benchmark:
             self._status(f"{method} order {k}: learn {name} ({t + 1}/{len(order)})")
             if claims is not None and unit is not None:
                 claims.progress(unit, f"task {t + 1}/{len(order)}: {name}")
-            if name not in m.tasks:
-                m.learn(by_name[name])
-            m.consolidate()
+            compute = counted_task(m, by_name[name], self.out)  # learn (unless done) and consolidate, counted
             self._status(f"{method} order {k}: evaluate {t + 1} concepts")
             last = t == len(order) - 1
             scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
@@ -541,6 +540,7 @@ class Benchmark:
             if self.cfg.fidelity:
                 for name, f in self.fidelity(m, order[: t + 1]).items():
                     scores[name]["fidelity"] = f
+            scores["_compute"] = compute
             atomic_write_text(result, json.dumps(scores, indent=2))
             advance(1)
 
@@ -638,6 +638,9 @@ class Benchmark:
                 "forgetting": {m: _mean([r["forgetting"].get(m) for r in runs]) for m in ("nia", "ia", "ca")},
                 "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
                 "order_spread": float(max(averages) - min(averages)),
+                "compute": method_compute(
+                    [self.method_dir(method, k) for k in range(len(self.orders))], len(self.names), self.out
+                ),
             }
         if self.cfg.fidelity:
             out["fidelity_vs_ca"] = fidelity_vs_ca(out)

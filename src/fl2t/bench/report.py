@@ -69,6 +69,49 @@ def fidelity_lines(results: dict) -> list[str]:
     ]
 
 
+COMPUTE_HEADER = ["method", "Step-1 steps", "Step-2 steps", "UNet fwd grad", "UNet fwd no grad", "seconds", "peak MB"]
+
+
+def compute_note(results: dict) -> str:
+    """What the compute table counts, naming the methods charged with the shared experts learned alone."""
+    shared = [m for m, r in results["methods"].items() if (r.get("compute") or {}).get("uses_store")]
+    return (
+        "Compute per method, totals over the tasks of an order averaged over orders (bench/compute.py): optimizer "
+        "steps of Step 1 (learn) and Step 2 (consolidate or its equivalent); UNet sample-forwards (a batch of n counts "
+        "n) of both steps, with a graph for a backward and without (teachers, anchors, Fisher, class images, fidelity "
+        "gate); wall seconds of both; the peak memory of any phase above what was in use when it began. The experts "
+        "learned alone are learned once and shared; their whole cost is in the Step 1 of every method that uses them"
+        f" ({', '.join(shared) or 'none here'}). Evaluation sampling is not counted. –: not counted (an older run)."
+    )
+
+
+def compute_rows(results: dict) -> list[list[str]]:
+    """Per method the compute table's row (COMPUTE_HEADER), from `compute` in the results; – where missing."""
+
+    def n(v: float | None, digits: int = 0) -> str:
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    rows = []
+    for method, r in results["methods"].items():
+        c = r.get("compute")
+        if c is None:
+            rows.append([method, *["–"] * (len(COMPUTE_HEADER) - 1)])
+            continue
+        total = c["total"]
+        rows.append(
+            [
+                method,
+                n(c["step1"]["steps"]),
+                n(c["step2"]["steps"]),
+                n(total["unet_forwards_grad"]),
+                n(total["unet_forwards_nograd"]),
+                n(total["seconds"], 1),
+                n(total["peak_mb"]),
+            ]
+        )
+    return rows
+
+
 def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -127,6 +170,9 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
         "",
         *fidelity_lines(results),
     ]
+    compute = compute_rows(results)
+    md += ["## Compute", "", "| " + " | ".join(COMPUTE_HEADER) + " |", "|" + "---|" * len(COMPUTE_HEADER)]
+    md += ["| " + " | ".join(r) + " |" for r in compute] + ["", compute_note(results), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     grids = sorted(folder.glob("*/order0/grids/*.png"))
     if grids:
@@ -149,7 +195,10 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
         + "</tr>",
     ]
     h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h += ["</table><p>V columns: final normalised IA per concept, averaged over orders.</p>", *[img(p) for p in pngs]]
+    h += ["</table><p>V columns: final normalised IA per concept, averaged over orders.</p>"]
+    h += ["<h2>Compute</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COMPUTE_HEADER) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in compute]
+    h += [f"</table><p>{html.escape(compute_note(results))}</p>", *[img(p) for p in pngs]]
     if grids:
         h.append("<h2>Samples after the last task (order 0)</h2>")
         h += [f"<div><b>{html.escape(g.parts[-4])} · {html.escape(g.stem)}</b><br>{img(g)}</div>" for g in grids]
