@@ -1,4 +1,4 @@
-"""`fl2t bench continual`, `fl2t bench jobs` and `fl2t bench speed`: thin; each calls its module."""
+"""`fl2t bench continual`, `fl2t bench tune`, `fl2t bench jobs` and `fl2t bench speed`: thin; each calls its module."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def continual(
     ),
     methods: str = typer.Option(
         "fl2t,merge,sequential,oracle",
-        help="Comma-separated: oracle, sequential, ewc, lwf, c-lora, merge, magmax, cidm, fl2t.",
+        help="Comma-separated: oracle, sequential, ewc, lwf, c-lora, merge, magmax, cidm, fl2t, or a variant of the config.",
         metavar="TEXT",
     ),
     orders: int = typer.Option(None, help="Number of task orders (default: the config's).", metavar="N"),
@@ -126,6 +126,30 @@ def continual(
         shard=parse_shard(shard) if shard else None,
         report_only=report,
     )
+
+
+@app.command()
+def tune(
+    config: str = typer.Option(
+        "tune", "--config", "-c", help="Tuning config: a YAML file with a grid, or the built-in tune.", metavar="TEXT"
+    ),
+    methods: str = typer.Option(
+        None, help="Comma-separated methods whose grid to run (default: every method of the grid).", metavar="TEXT"
+    ),
+    out: Path = typer.Option(
+        Path("runs"),
+        "--out",
+        help="Runs folder; results and tuned.yaml go to OUT/<name>/ (reruns skip finished work).",
+        metavar="PATH",
+    ),
+) -> None:
+    """Choose each method's main settings on the tuning-only concepts: every grid point as a variant in one
+    benchmark run; per method the best final average nIA (ties: the lower nIA forgetting); writes tuned.yaml."""
+    from fl2t.bench.tune import run_tune
+    from fl2t.console import progress, say
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_tune(config, chosen, out, progress, say)
 
 
 @app.command()

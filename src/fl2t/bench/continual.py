@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from fl2t.bench.compute import counted_task, method_compute, store_learned
 from fl2t.bench.jobs import Claims, Unit
+from fl2t.bench.variants import Row, Variant, check_variants, resolve_row
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
 from fl2t.errors import Fl2tError
@@ -123,6 +124,13 @@ class BenchConfig(BaseModel):
         default_factory=dict,
         description="per-method settings, each method's own model (e.g. ewc: {ewc_lambda: 1e4}); unlisted: defaults",
     )
+    variants: dict[str, Variant] = Field(
+        default_factory=dict,
+        description=(
+            "named rows that run a method with other settings, usable as a method name (bench/variants.py), e.g. "
+            "lwf+compute: {method: lwf, learn: {steps: 1200}}"
+        ),
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -138,9 +146,37 @@ class BenchConfig(BaseModel):
         except Fl2tError as e:
             raise PydanticCustomError("method_settings", "{message}", {"message": str(e)}) from None
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, variants: dict[str, Variant], info: Any) -> dict[str, Variant]:
+        """Each variant resolved against the settings above it; an unknown method or setting names the variant."""
+        d = info.data
+        try:
+            return check_variants(
+                variants,
+                d.get("learn", LearnSettings()),
+                d.get("consolidate", ConsolidateSettings()),
+                d.get("methods", {}),
+            )
+        except Fl2tError as e:
+            raise PydanticCustomError("variants", "{message}", {"message": str(e)}) from None
+
+    def row(self, name: str) -> Row:
+        """What the results row `name` runs: the method of that name with these settings, or the variant."""
+        return resolve_row(name, self.variants, self.learn, self.consolidate, self.methods)
+
 
 def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
     """A YAML file, or the name of a built-in one (tiny10, cifc, dreambooth); overrides replace top-level keys."""
+    p, raw = read_config(path)
+    if "grid" in raw:
+        raise Fl2tError(f"{p}: a tuning config (it has a grid): run it with `fl2t bench tune --config {path}`")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(p, raw)
+
+
+def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The YAML mapping of a benchmark config file, or of a built-in one by name, and its path."""
     p = Path(path)
     if not p.suffix and not p.exists():
         p = BUILTIN / f"{path}.yaml"
@@ -153,7 +189,11 @@ def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
         raise Fl2tError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise Fl2tError(f"{p}: a benchmark config is a mapping of settings")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return p, raw
+
+
+def make_config(p: Path, raw: dict[str, Any]) -> BenchConfig:
+    """The config of file `p` from its mapping; what is wrong in it is an Fl2tError naming the file and key."""
     try:
         return BenchConfig(**raw)
     except ValidationError as e:
@@ -204,11 +244,13 @@ class Benchmark:
     ) -> None:
         from fl2t.methods import METHODS
 
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in METHODS and m not in cfg.variants]
         if unknown:
-            raise Fl2tError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            rows = ", ".join([*METHODS, *cfg.variants])  # the config's variants serve as methods too
+            raise Fl2tError(f"unknown method(s) {', '.join(unknown)}; choose from {rows}")
         # The benchmark's own copy, filled in below (prompts); the caller's stays as given.
         self.cfg, self.methods, self.say = cfg.model_copy(deep=True), methods, say
+        self.rows: dict[str, Row] = {m: self.cfg.row(m) for m in methods}  # what each row runs (bench/variants.py)
         self.out = Path(out) / cfg.name
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +278,8 @@ class Benchmark:
 
     def _check_fingerprint(self) -> None:
         """Cached results are reused only by a run with the same base weights and settings; another run in the
-        same folder would mix two experiments silently. More orders or methods resume; anything else is refused."""
+        same folder would mix two experiments silently. More orders, methods or variants resume (the record keeps
+        every variant run in the folder); anything else, a variant defined otherwise included, is refused."""
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
             if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
@@ -247,22 +290,29 @@ class Benchmark:
             elif cfg[name] is not None:
                 cfg[name] = _weights_fingerprint(self.base if name == "base" else cfg[name])
         cfg = json.loads(json.dumps(cfg, default=str))
+        variants = cfg.pop("variants")
         path = self.out / "run.json"
         if path.is_file():
             old = json.loads(path.read_text())
+            known = old.pop("variants", {})
             differ = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+            differ += [f"variant {v}" for v in sorted(set(known) & set(variants)) if known[v] != variants[v]]
             if differ:
                 raise Fl2tError(
                     f"{self.out} holds results made with other settings ({', '.join(differ)} differ); "
                     "choose another --out, or remove that folder to start again"
                 )
+            if set(variants) - set(known):
+                atomic_write_text(path, json.dumps({**cfg, "variants": {**known, **variants}}, indent=2) + "\n")
         elif any(self.out.glob("*/order*/task*.json")):
             raise Fl2tError(
                 f"{self.out} holds results without a record of their settings (an older run); "
                 "choose another --out, or remove that folder to start again"
             )
         else:
-            atomic_write_text(path, json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(
+                path, json.dumps({**cfg, **({"variants": variants} if variants else {})}, indent=2) + "\n"
+            )
 
     def _concepts(self) -> list[Concept]:
         cfg = self.cfg
@@ -424,7 +474,7 @@ class Benchmark:
         from fl2t.methods import METHODS
         from fl2t.methods.base import AloneMethod
 
-        return self.cfg.fidelity or issubclass(METHODS[method], AloneMethod)
+        return self.cfg.fidelity or issubclass(METHODS[self.rows[method].method], AloneMethod)
 
     def units(self) -> list[Unit]:
         """The run's work: the experts learned alone first (shared), then each (method, order), those that need no
@@ -456,7 +506,7 @@ class Benchmark:
                     if unit.concept is not None:
                         self._status(f"learn {unit.concept} alone (shared)")
                         claims.progress(unit, "learning")
-                        store_learned(self.method(self.methods[0], 0), by_name[unit.concept], self.out)
+                        store_learned(self.store_learner(), by_name[unit.concept], self.out)
                     else:
                         self.run_order(unit.method, unit.order, self.orders[unit.order], advance, claims, unit)
                     claims.done(unit)
@@ -491,20 +541,27 @@ class Benchmark:
         self._status = lambda text: None
         self._step = lambda i, loss: None
 
-    def method(self, name: str, k: int) -> Method:
-        """Method `name` with its state for order k, and its own settings from the config (or its defaults)."""
+    def method(self, name: str, k: int, learn: LearnSettings | None = None) -> Method:
+        """Row `name`'s method with its state for order k and the row's settings: the config's, the method's own
+        from it (or its defaults), or a variant's. `learn` replaces the row's Step-1 settings."""
         from fl2t.methods import METHODS, MethodContext
 
+        row = self.rows[name]
         ctx = MethodContext(
             base=self.base,
-            learn=self.cfg.learn,
+            learn=learn or row.learn,
             workdir=self.method_dir(name, k) / "state",
             store=self.out / "experts",
-            consolidate=self.cfg.consolidate,
-            settings=self.cfg.methods.get(name),  # None: the method's defaults
+            consolidate=row.consolidate,
+            settings=row.settings,  # None: the method's defaults
             on_step=lambda i, loss: self._step(i, loss),
         )
-        return METHODS[name](ctx)
+        return METHODS[row.method](ctx)
+
+    def store_learner(self) -> Method:
+        """What learns the shared store's experts (the expert units, fidelity targets): a method at the config's
+        Step-1 settings, so that a variant's learn override never reaches the store."""
+        return self.method(self.methods[0], 0, learn=self.cfg.learn)
 
     def run_order(
         self,
@@ -595,7 +652,7 @@ class Benchmark:
         by_name = {c.name: c for c in self.concepts}
         for name in names:
             if name not in self._targets:
-                expert = method.store_expert(by_name[name])
+                expert = self.store_learner().store_expert(by_name[name])
                 self._targets[name] = targets(method.base_pipeline([expert]), [expert])[name]
         if method.samples_per_concept:
             return {n: sampler_fidelity(self.sampler(method, n), {n: self._targets[n]})[n] for n in names}
@@ -627,6 +684,9 @@ class Benchmark:
     # -- results ------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.cfg.name, "concepts": self.names, "orders": self.orders, "methods": {}}
+        variants = {m: self.cfg.variants[m].model_dump() for m in self.methods if m in self.cfg.variants}
+        if variants:  # what each variant row ran: its method and overrides
+            out["variants"] = variants
         for method in self.methods:
             runs = [self._run_result(method, k, order) for k, order in enumerate(self.orders)]
             averages = [r["average"]["nia"] for r in runs]
@@ -744,7 +804,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def run_continual(
-    config: str | Path,
+    config: str | Path | BenchConfig,
     methods: list[str],
     out: Path,
     progress: Callable[[], Any] | None,
@@ -755,16 +815,17 @@ def run_continual(
     report_only: bool = False,
     **overrides: Any,
 ) -> dict[str, Any] | None:
-    """Load the config, run every method over every order (resuming finished work, spread over torchrun's ranks or
-    done as one `shard` of K/N), write results.json, report.md and report.html, and print the table. `report_only`:
-    no work, the report of what the shards finished. Returns None for a worker that leaves the report to another."""
+    """Load the config (`overrides` replace its top-level keys; a BenchConfig is taken as it is), run every method
+    over every order (resuming finished work, spread over torchrun's ranks or done as one `shard` of K/N), write
+    results.json, report.md and report.html, and print the table. `report_only`: no work, the report of what the
+    shards finished. Returns None for a worker that leaves the report to another."""
     from rich.console import Console
     from rich.table import Table
 
     from fl2t.bench.report import table_rows, write_report
 
     t0 = time.perf_counter()
-    cfg = load_config(config, **overrides)
+    cfg = config if isinstance(config, BenchConfig) else load_config(config, **overrides)
     bench = Benchmark(cfg, out, methods, progress=progress, say=say)
     results = bench.report() if report_only else bench.run(shard)
     if results is None:

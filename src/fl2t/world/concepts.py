@@ -1,5 +1,7 @@
 """The tiny world's concepts: seven composite objects and three styles the base model never saw,
-written as concept folders in the format users use, and the evaluation prompt templates per kind.
+written as concept folders in the format users use, and the evaluation prompt templates per kind; and four
+tuning-only concepts (`TUNING_CONCEPTS`) for choosing the methods' settings (`fl2t bench tune`), which no evaluated
+benchmark uses.
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ CONCEPTS: tuple[WorldConcept, ...] = (
     WorldConcept("mosaic", "<s-mosaic>", "style", "style", style="mosaic"),
 )
 
+# Concepts for tuning the methods' settings only (benchmarks/tune.yaml); no evaluated benchmark uses them, so a
+# setting is never chosen on the concepts it is then scored on. Like the concepts above, looks the base model never
+# saw: dotcircle's pattern is one pretraining draws, on a look its pictures never show (as the concepts above: the
+# shipped base's 24000 pretraining pictures have no red purple-centred circle, and `pretraining_scenes` excludes it
+# from now on); quarterdiamond and bandstar have patterns pretraining never draws, echo a rendering it never draws
+# (generator.TUNING_PATTERNS, TUNING_STYLES).
+TUNING_CONCEPTS: tuple[WorldConcept, ...] = (
+    WorldConcept("dotcircle", "<c-dotcircle>", "circle", "object", "circle", "centre-dot", "red", "purple"),
+    WorldConcept("quarterdiamond", "<c-quarterdiamond>", "diamond", "object", "diamond", "quartered", "green", "blue"),
+    WorldConcept("bandstar", "<c-bandstar>", "star", "object", "star", "banded", "blue", "red"),
+    WorldConcept("echo", "<s-echo>", "style", "style", style="echo"),
+)
+
 # 20 evaluation prompts per kind. Objects: `{}` is "<token> <class>"; styles: `{}` is "<token>".
 PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "object": (
@@ -132,16 +147,28 @@ def concept_appearances() -> frozenset[tuple[str | None, str | None, str | None,
     return frozenset(c.appearance for c in CONCEPTS if c.kind == "object")
 
 
+def tuning_appearances() -> frozenset[tuple[str | None, str | None, str | None, str | None]]:
+    """The tuning concepts' object looks, which the base model's pretraining pictures must never contain either.
+    (Kept apart from `concept_appearances`, which the VAE's and evaluator's pictures exclude too: adding them there
+    would change what a rebuild of the shipped world draws.)"""
+    return frozenset(c.appearance for c in TUNING_CONCEPTS if c.kind == "object")
+
+
 def get_concept(name: str) -> WorldConcept:
-    for c in CONCEPTS:
+    """A world concept by name, the tuning-only ones included."""
+    for c in CONCEPTS + TUNING_CONCEPTS:
         if c.name == name:
             return c
-    raise Fl2tError(f"no world concept named {name!r}; the world's concepts are: {', '.join(c.name for c in CONCEPTS)}")
+    raise Fl2tError(
+        f"no world concept named {name!r}; the world's concepts are: {', '.join(c.name for c in CONCEPTS)} "
+        f"(and, for tuning only: {', '.join(c.name for c in TUNING_CONCEPTS)})"
+    )
 
 
 def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
-    """The concept's reference pictures: fixed by the world's seed and the concept's place in CONCEPTS."""
-    rng = np.random.default_rng([CONCEPT_SEED, CONCEPTS.index(concept)])
+    """The concept's reference pictures: fixed by the world's seed and the concept's place in CONCEPTS (the tuning
+    concepts' places follow)."""
+    rng = np.random.default_rng([CONCEPT_SEED, (CONCEPTS + TUNING_CONCEPTS).index(concept)])
     return [concept.scene(rng) for _ in range(n)]
 
 

@@ -52,6 +52,11 @@ PATTERN_WORDS = {
 }
 STYLES = ("outline", "pastel", "mosaic")
 STYLE_WORDS = {"outline": "outlined", "pastel": "pastel", "mosaic": "pixelated"}
+# Two patterns and a rendering that only the tuning concepts have (fl2t.world.concepts.TUNING_CONCEPTS):
+# `random_scene` draws from PATTERNS and STYLES alone, so no pretraining picture shows them. They have no caption
+# words (PATTERN_WORDS, STYLE_WORDS name what the world's vocabulary holds): a concept's caption names its token.
+TUNING_PATTERNS = ("quartered", "banded")
+TUNING_STYLES = ("echo",)
 PASTEL_BACKGROUND = (250, 236, 214)
 
 
@@ -64,9 +69,9 @@ class Scene:
     background: str
     position: str
     size: str
-    pattern: str | None = None  # one of PATTERNS, drawn with `colour2`
+    pattern: str | None = None  # one of PATTERNS (or TUNING_PATTERNS), drawn with `colour2`
     colour2: str | None = None
-    style: str | None = None  # one of STYLES: how the whole picture is rendered
+    style: str | None = None  # one of STYLES (or TUNING_STYLES): how the whole picture is rendered
     jitter: int = 0  # seed for small colour and placement jitter, so no two pictures are identical
 
     @property
@@ -122,6 +127,10 @@ def _pattern_mask(pattern: str, cx: float, cy: float, r: float, n: int) -> np.nd
         return (x - cx) ** 2 + (y - cy) ** 2 <= (0.3 * r) ** 2
     if pattern == "crossed":
         return (np.abs(x - cx) <= 0.22 * r) | (np.abs(y - cy) <= 0.22 * r)
+    if pattern == "quartered":  # the top-left and bottom-right quarters
+        return (x - cx) * (y - cy) > 0
+    if pattern == "banded":  # a band across the middle
+        return np.abs(y - cy) <= 0.3 * r
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -165,6 +174,10 @@ def render(scene: Scene) -> Image.Image:
     if scene.style == "outline":
         mask = _outline(mask, width=int(1.6 * SUPERSAMPLE))
     img = np.broadcast_to(bg, (n, n, 3)).copy()
+    if scene.style == "echo":
+        # A faded copy of the object (half-way to the background) 3 pixels down and right, behind it.
+        d = 3 * SUPERSAMPLE
+        img[_shape_mask(scene.shape, cx + d, cy + d, rs, n)] = 0.5 * (bg + c1)
     img[mask] = c1
     if scene.pattern:
         second = _pattern_mask(scene.pattern, cx, cy, rs, n)
