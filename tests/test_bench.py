@@ -4,15 +4,19 @@ resuming, and what makes each baseline what it is."""
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from fl2t.bench.continual import Benchmark, fidelity_vs_ca, load_config, task_orders
-from fl2t.bench.report import write_report
+from fl2t.bench.report import reading, write_report
+from fl2t.bench.stats import comparisons, confusion, final_samples, forgetting, interval, method_stats
 from fl2t.errors import Fl2tError
 from fl2t.methods import METHODS
+from fl2t.metrics import nearest_concepts
 
 ALL = list(METHODS)
 CONFIG = {
@@ -21,6 +25,7 @@ CONFIG = {
     "concepts": ["stripestar", "checkdiamond", "pastel"],
     "orders": 1,
     "prompts_per_concept": 2,
+    "final_images_per_prompt": 2,  # the final row: 4 images per concept, the rows before it 2
     "class_images": 2,
     "multi": [["stripestar", "pastel"]],
     "sample": {"steps": 3},
@@ -50,14 +55,214 @@ def test_every_method_runs_end_to_end_and_scores_every_concept(bench_run):
         assert run["order"] == CONFIG["concepts"]
         for name in CONFIG["concepts"]:
             s = run["final"][name]
-            assert 0.0 <= s["ca"] <= 1.0 and 0.0 <= s["ta"] <= 2.5 and -1.0 <= s["ia"] <= 1.0, (method, s)
             assert s["nia"] == pytest.approx(s["ia"] / bench.evaluated(name).ref_ia)
+            assert "samples" not in s  # per-image scores stay in the task files
         # R is lower-triangular: concept i is scored from its own task on
         R = run["R"]["nia"]
         lower = [[True, False, False], [True, True, False], [True, True, True]]
         assert [[v is not None for v in row] for row in R] == lower
         assert (method == "oracle") == (run["multi"] is None)
         assert (bench.out / method / "order0" / "grids" / "pastel.png").is_file()
+
+
+def test_task_files_keep_per_image_scores_paired_by_seed_across_rows_and_methods(bench_run):
+    bench, results, _ = bench_run
+    final_seeds, row_seeds = [0, 1, 2, 3], [0, 1]  # 2 prompts × 2 images in the last row, × 1 before it
+    for method in ALL:
+        tasks = bench.tasks(method, 0)
+        for t, task in enumerate(tasks):
+            for name in CONFIG["concepts"][: t + 1]:
+                s, samples = task[name], task[name]["samples"]
+                assert samples["seed"] == (final_seeds if t == 2 else row_seeds), (method, t, name)
+                for metric in ("ia", "nia", "ca", "ta"):  # the means are the per-image scores averaged
+                    assert s[metric] == pytest.approx(sum(samples[metric]) / len(samples[metric]), abs=1e-4)
+                learned = CONFIG["concepts"][: t + 1]
+                assert all(label in [*learned, "class"] for label in samples["label"])
+                assert samples["ca"] == [float(label == name) for label in samples["label"]]
+        if method != "oracle":
+            multi = tasks[-1]["_multi_samples"]["stripestar+pastel"]
+            assert len(multi["seed"]) == 4 and tasks[-1]["_multi"]["stripestar+pastel"] == pytest.approx(
+                sum(multi["nia"]) / 4, abs=1e-4
+            )
+    ev = bench.evaluated("stripestar")
+    assert ev.seeds == final_seeds and ev.row == 2 and ev.prompts[2:] == ev.prompts[:2]  # copy 2 of each prompt
+    for method, r in results["methods"].items():
+        assert r["samples"] == dict.fromkeys(CONFIG["concepts"], 4)
+        for metric in ("nia", "ca"):
+            lo, hi = r["average_95"][metric]
+            assert lo - 1e-9 <= r["average"][metric] <= hi + 1e-9, (method, metric)
+        assert sum(r["confusion"]["rows"]["pastel"]) == pytest.approx(1.0)
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"] if c["metric"] == "nia"}
+    assert pairs == {("fl2t", m) for m in ALL if m != "fl2t"} | {
+        ("lookup", m) for m in ALL if m not in ("fl2t", "lookup")
+    }
+    assert all(c["samples"] == 12 for c in results["comparisons"] if c["metric"] == "nia")  # 3 concepts × 4 images
+
+
+def test_a_final_row_with_fewer_images_than_the_rows_is_refused(tmp_path):
+    cfg_path = tmp_path / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "images_per_prompt": 3, "final_images_per_prompt": 2}))
+    with pytest.raises(Fl2tError, match=r"final_images_per_prompt: 2 is below images_per_prompt \(3\)"):
+        load_config(cfg_path)
+
+
+def test_results_of_an_older_run_without_per_image_scores_still_report(bench_run, tmp_path, monkeypatch):
+    bench, _, _ = bench_run
+    real = bench.tasks
+
+    def without_samples(method, k):
+        tasks = real(method, k)
+        for task in tasks:
+            task.pop("_multi_samples", None)
+            for scores in task.values():
+                scores.pop("samples", None)
+        return tasks
+
+    monkeypatch.setattr(bench, "tasks", without_samples)
+    results = bench.results()
+    assert results["comparisons"] == [] and "average_95" not in results["methods"]["fl2t"]
+    md, _ = write_report(results, tmp_path)
+    text = md.read_text()
+    assert "| fl2t | " in text and re.search(r"\d±–", text) and "No paired comparison" in text
+    assert "Confusion" not in text
+
+
+# -- intervals, paired comparisons and the confusion matrix on task files made by hand ---------------------------
+def fake_tasks(order, score, rows=2, final=4, labels=None, multi=None):
+    """One order's task files: concept c's image with seed s scores score(c, s, last) (nIA, IA, CA, TA alike) in
+    each row, `rows` images per concept before the last row and `final` in it; labels(c, s): its nearest concept;
+    multi(s): the pair a+b's multi-concept score of image s."""
+    tasks = []
+    for t in range(len(order)):
+        last = t == len(order) - 1
+        task = {}
+        for c in order[: t + 1]:
+            seeds = list(range(final if last else rows))
+            values = [score(c, s, last) for s in seeds]
+            samples = {"seed": seeds, **{m: values for m in ("nia", "ia", "ca", "ta")}}
+            samples["label"] = [labels(c, s) if labels else c for s in seeds]
+            task[c] = {**{m: float(np.mean(values)) for m in ("nia", "ia", "ca", "ta")}, "samples": samples}
+        if last and multi:
+            task["_multi_samples"] = {
+                "a+b": {"seed": [90_000 + s for s in range(4)], "nia": [multi(s) for s in range(4)]}
+            }
+        tasks.append(task)
+    return tasks
+
+
+def test_a_bootstrap_interval_covers_the_mean_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (24, 240):
+        x = rng.normal(0.4, 0.15, n)
+        point, (lo, hi) = interval([x])
+        assert point == pytest.approx(x.mean()) and lo < point < hi
+        assert hi - lo == pytest.approx(2 * 1.96 * x.std() / n**0.5, rel=0.15)  # the normal approximation's
+        widths.append(hi - lo)
+    assert widths[1] < 0.5 * widths[0]  # ten times the samples: about 1/√10 the width
+    # stratified: the mean of per-concept means (a concept with more images does not weigh more)
+    assert interval([np.zeros(2), np.ones(6)])[0] == pytest.approx(0.5)
+
+
+def test_only_a_difference_whose_interval_excludes_zero_is_called_a_lead():
+    order = ["a", "b", "c"]
+
+    def base(c, s, last):  # the scatter between images that pairing removes
+        return 0.3 + 0.2 * np.sin(7 * s + len(c)) + 0.1 * order.index(c)
+
+    noise = [0.1, -0.1] * 2  # zero mean in every concept
+    runs = {
+        "fl2t": [fake_tasks(order, lambda c, s, last: base(c, s, last) + 0.05, multi=lambda s: 0.3)],
+        "lwf": [fake_tasks(order, base, multi=lambda s: 0.3 + noise[s])],
+        "lookup": [fake_tasks(order, lambda c, s, last: base(c, s, last) + 0.05 + noise[s])],
+        "sequential": [fake_tasks(order, lambda c, s, last: base(c, s, last) + 0.2, multi=lambda s: 0.5)],
+    }
+    found = {(c["a"], c["b"], c["metric"]): c for c in comparisons(runs)}
+    assert found[("fl2t", "lwf", "nia")]["diff"] == pytest.approx(0.05)
+    assert found[("fl2t", "lwf", "nia")]["ci"] == pytest.approx([0.05, 0.05])  # paired: the scatter cancels
+    assert ("lookup", "fl2t", "nia") not in found and ("lookup", "lwf", "nia") in found
+    lines = reading({"methods": dict.fromkeys(runs, {}), "comparisons": list(found.values())})
+    by_pair = {line.split(":")[0]: line for line in lines[1:]}
+    assert "nIA +0.050 (+0.050 to +0.050): fl2t beats lwf" in by_pair["fl2t − lwf"]
+    assert "multi nIA +0.000 (−0.100 to +0.100): no difference shown" in by_pair["fl2t − lwf"]
+    assert "nIA +0.000" in by_pair["fl2t − lookup"] and "no difference shown" in by_pair["fl2t − lookup"]
+    assert "beats" not in by_pair["fl2t − lookup"]
+    assert "nIA −0.150 (−0.150 to −0.150): fl2t is below sequential" in by_pair["fl2t − sequential"]
+    assert "multi nIA −0.200" in by_pair["fl2t − sequential"]
+    assert "multi" not in by_pair["fl2t − lookup"]  # lookup has no multi-concept samples here
+
+
+def test_orders_with_identical_images_are_not_extra_data():
+    def score(c, s, last):
+        return 0.2 + 0.3 * ((3 * s + len(c)) % 5) / 4
+
+    one = fake_tasks(["a", "b", "c"], score, multi=lambda s: 0.1 * s)
+    other = fake_tasks(["c", "a", "b"], score, multi=lambda s: 0.1 * s)  # another order, the same final images
+    alone = method_stats([one], [["a", "b", "c"]], ["a", "b", "c"])
+    three = method_stats([one, other, other], [["a", "b", "c"], ["c", "a", "b"], ["c", "a", "b"]], ["a", "b", "c"])
+
+    def numbers(x):
+        return [v for y in x.values() for v in numbers(y)] if isinstance(x, dict) else list(np.ravel(x))
+
+    for key in ("samples", "average_95", "per_concept_95", "multi_95", "confusion"):
+        assert numbers(three[key]) == pytest.approx(numbers(alone[key]), abs=1e-12), key
+    width = alone["average_95"]["nia"][1] - alone["average_95"]["nia"][0]
+    assert width > 0.05  # a real interval: three copies would have narrowed it by √3 had they counted
+
+
+def test_forgetting_uses_the_samples_common_to_every_row_and_one_resample_for_all_rows():
+    def score(c, s, last):
+        if c == "b":
+            return 0.5
+        if s >= 2:  # images only the last row has: far off, and left out of forgetting
+            return -1.0
+        return (0.4 if last else 0.7) + 0.3 * s  # every image of a drops by exactly 0.3
+
+    runs, orders = [fake_tasks(["a", "b"], score)], [["a", "b"]]
+    stats = method_stats(runs, orders, ["a", "b"])
+    assert forgetting(runs, orders, "nia") == pytest.approx(0.3)
+    assert stats["forgetting_95"]["nia"] == pytest.approx([0.3, 0.3])  # independent resamples per row: wider
+    a = final_samples(runs, "nia")["a"]
+    assert sorted(a) == [0, 1, 2, 3] and np.mean(list(a.values())) == pytest.approx((0.4 + 0.7 - 2) / 4)
+
+
+def test_the_confusion_matrix_puts_each_image_where_its_nearest_references_are():
+    e = torch.eye(3)
+    refs, class_images = {"a": e[:1], "b": e[1:2]}, e[2:3]
+    images = {"a": torch.stack([e[0], e[0], e[1], e[2]]), "b": torch.stack([e[1], torch.tensor([0.6, 0.8, 0.0])] * 2)}
+    labels = {c: nearest_concepts(images[c], refs, class_images) for c in images}
+    runs = [fake_tasks(["a", "b"], lambda c, s, last: 0.0, labels=lambda c, s: labels[c][s])]
+    got = confusion(runs, ["a", "b"])
+    assert got["columns"] == ["a", "b", "class"]
+    assert got["rows"]["a"] == pytest.approx([0.5, 0.25, 0.25]) and got["rows"]["b"] == pytest.approx([0.0, 1.0, 0.0])
+    assert all(sum(row) == pytest.approx(1.0) for row in got["rows"].values())
+
+
+def test_the_summary_and_per_concept_tables_fit_120_characters_for_10_concepts():
+    from fl2t.bench.report import concept_table, confusion_tables, summary_table
+
+    names = ["stripestar", "checkdiamond", "bullseye", "splitsquare", "dottri"]
+    names += ["outline", "eyering", "crossbox", "pastel", "mosaic"]
+    ci = [-0.1234, 0.9876]
+    method = {
+        "per_concept": {n: {"nia": -0.5 + 0.1 * i} for i, n in enumerate(names)},
+        "average": {"nia": 0.422, "ia": 0.3, "ta": 1.12, "dino": 0.55, "ca": 0.562},
+        "average_95": {"nia": ci, "ta": ci, "dino": ci, "ca": ci},
+        "forgetting": {"nia": -0.0004, "ca": -0.319},
+        "forgetting_95": {"nia": ci, "ca": ci},
+        "multi": -0.163,
+        "multi_95": ci,
+        "order_spread": 0.0585,
+        "confusion": {"columns": [*names, "class"], "rows": {n: [0.1] * 10 + [0.0] for n in names}},
+    }
+    results = {"name": "t", "concepts": names, "methods": {m: method for m in [*ALL, "lwf+compute", "cidm+tokens"]}}
+    header, rows = summary_table(results)
+    assert header == ["method", "nIA", "CA", "TA", "DINO", "forget nIA", "forget CA", "multi nIA", "order spread"]
+    assert rows[0][1] == "0.422±.555" and rows[0][5] == "-0.000±.555"
+    tables = [summary_table(results), concept_table(results), *[(h, r) for _, h, r in confusion_tables(results)]]
+    for header, rows in tables:
+        for line in ["| " + " | ".join(r) + " |" for r in [header, *rows]]:
+            assert len(line) <= 120, line
 
 
 def test_the_report_has_the_table_plots_and_grids(bench_run):
@@ -155,7 +360,7 @@ def test_a_methods_settings_come_from_the_config_as_its_typed_model(tmp_path):
     assert ewc.settings == EWCSettings(ewc_lambda=5000.0)
     assert ewc.regulariser([], None).lam == 5000.0  # the penalty is weighted by the configured lambda
     assert bench.method("lwf", 0).settings == LwFSettings()  # not listed: its defaults
-    assert LwFSettings().lwf_lambda == 1.0 and EWCSettings().ewc_lambda == 1e4
+    assert LwFSettings().lwf_lambda == 1.0 and EWCSettings().ewc_lambda == 5e4
 
 
 def test_an_unknown_method_setting_is_refused_with_what_it_takes(tmp_path):
@@ -199,13 +404,15 @@ def test_sequential_continues_one_lora_while_experts_start_from_zero(bench_run):
     assert not torch.equal(clora[1].lora[key], seq[1].lora[key])
 
 
-def test_ewc_keeps_a_normalised_fisher_per_task(bench_run):
+def test_ewc_keeps_a_fisher_per_task_over_its_lora(bench_run):
     from safetensors.torch import load_file
 
     bench, _, _ = bench_run
-    fisher = load_file(bench.out / "ewc" / "order0" / "state" / "fisher.safetensors")
-    flat = torch.cat([f.flatten() for f in fisher.values()])
-    assert (flat >= 0).all() and flat.mean().item() == pytest.approx(3.0, rel=1e-4)  # 3 tasks, each mean 1
+    for name, expert in zip(CONFIG["concepts"], _experts(bench, "ewc"), strict=True):
+        fisher = load_file(bench.out / "ewc" / "order0" / "state" / "fisher" / f"{name}.safetensors")
+        assert fisher.keys() == expert.lora.keys()
+        flat = torch.cat([f.flatten() for f in fisher.values()])
+        assert (flat >= 0).all() and flat.max() > 0
 
 
 def test_clora_penalty_is_zero_where_earlier_updates_are_zero():

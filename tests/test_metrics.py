@@ -10,15 +10,19 @@ from PIL import Image
 
 from fl2t.errors import Fl2tError
 from fl2t.metrics import (
+    CLASS,
     ClipEvaluator,
     DinoEvaluator,
     average_forgetting,
     class_prompt,
     concept_accuracy,
     image_alignment,
+    image_alignments,
+    nearest_concepts,
     normalised_image_alignment,
     reference_alignment,
     text_alignment,
+    text_alignments,
 )
 
 E = torch.eye(3)  # unit vectors e0, e1, e2
@@ -52,6 +56,25 @@ def test_concept_accuracy_counts_images_nearer_their_own_references():
     gen = torch.stack([E[0], E[1], E[2], torch.tensor([0.8, 0.6, 0.0])])  # own, rival, class, own (0.8 > 0.6)
     assert concept_accuracy(gen, "a", refs, class_images) == pytest.approx(2 / 4)
     assert concept_accuracy(gen, "b", refs, class_images) == pytest.approx(1 / 4)
+
+
+def test_each_image_is_labelled_with_the_concept_whose_references_are_nearest_or_the_class():
+    # a's references: e0 and the diagonal (mean cosine of e0 to them: (1 + 1/√2) / 2 = 0.85); b's: e1
+    refs = {"a": torch.cat([E[:1], DIAG]), "b": E[1:2]}
+    gen = torch.stack([E[0], E[1], E[2], torch.tensor([0.6, 0.8, 0.0])])
+    # the last: to a (0.6 + (0.6 + 0.8)/√2) / 2 = 0.79, to b 0.8: b, by a hair
+    assert nearest_concepts(gen, refs, E[2:3]) == ["a", "b", CLASS, "b"]
+    assert nearest_concepts(gen, refs, None) == ["a", "b", "a", "b"]  # e2 is at 0 from a and b: the first
+    assert concept_accuracy(gen, "b", refs, E[2:3]) == pytest.approx(2 / 4)
+
+
+def test_the_per_image_scores_average_to_the_metrics():
+    gen, refs = torch.cat([E[:1], DIAG, E[2:3]]), E[:2]
+    assert image_alignments(gen, refs).tolist() == pytest.approx([0.5, 1 / math.sqrt(2), 0.0])
+    assert float(image_alignments(gen, refs).mean()) == pytest.approx(image_alignment(gen, refs))
+    texts = torch.stack([E[0], -E[0], E[2]])
+    assert text_alignments(gen, texts).tolist() == pytest.approx([2.5, 0.0, 2.5])
+    assert float(text_alignments(gen, texts).mean()) == pytest.approx(text_alignment(gen, texts))
 
 
 def test_average_forgetting_on_a_known_matrix():
@@ -117,8 +140,45 @@ def test_clip_evaluator_loads_a_saved_clip_and_gives_unit_embeddings(tiny_clip):
     txt = clip.text_embeds(["a red square", "a blue square"])
     assert img.shape == (2, 16) and txt.shape == (2, 16)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
-    assert not torch.allclose(img[0], img[1])
-    assert 0 <= text_alignment(img, txt) <= 2.5
+    assert not torch.allclose(img[0], img[1]) and not torch.allclose(txt[0], txt[1])
+
+
+@pytest.fixture(scope="module")
+def world_clip():
+    from fl2t.world import evaluator_path
+
+    return ClipEvaluator.load(evaluator_path())
+
+
+def test_with_the_world_evaluator_an_image_aligns_with_its_own_caption_and_concept(world_clip):
+    """TA of a picture against its own caption beats TA against another picture's; fresh pictures of a concept are
+    nearer its references than another concept's (IA) and are labelled as it (CA)."""
+    import numpy as np
+
+    from fl2t.world import get_concept
+    from fl2t.world.concepts import reference_scenes
+    from fl2t.world.generator import Scene, caption, render
+
+    scenes = [
+        Scene("circle", "red", "black", "top left", "small"),
+        Scene("star", "green", "white", "bottom right", "large"),
+        Scene("square", "blue", "gray", "in the center", "small"),
+    ]
+    images = world_clip.image_embeds([render(s) for s in scenes])
+    texts = world_clip.text_embeds([caption(s) for s in scenes])
+    for i in range(len(scenes)):
+        own = text_alignment(images[i : i + 1], texts[i : i + 1])
+        for j in set(range(len(scenes))) - {i}:
+            assert own > text_alignment(images[i : i + 1], texts[j : j + 1]) + 1.0, (i, j)
+    names = ["stripestar", "checkdiamond", "pastel", "outline"]
+    concepts = [get_concept(n) for n in names]
+    refs = {c.name: world_clip.image_embeds([render(s) for s in reference_scenes(c)]) for c in concepts}
+    rng = np.random.default_rng(5)
+    for c in concepts:
+        fresh = world_clip.image_embeds([render(c.scene(rng)) for _ in range(4)])
+        own = image_alignment(fresh, refs[c.name])
+        assert all(own > image_alignment(fresh, refs[o]) + 0.1 for o in names if o != c.name), c.name
+        assert concept_accuracy(fresh, c.name, refs, None) >= 0.75, c.name
 
 
 def test_dino_evaluator_uses_the_cls_feature_of_a_saved_vit(tmp_path):

@@ -86,9 +86,17 @@ class DinoEvaluator:
         return F.normalize(cls_token.float(), dim=-1).cpu()  # (N, D)
 
 
+CLASS = "class"  # the label of an image nearest the base model's images of its class word
+
+
+def image_alignments(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per generated image, its mean cosine to the references: (N,), from (N, D) and (M, D) unit-norm inputs."""
+    return (generated @ references.T).mean(dim=1)
+
+
 def image_alignment(generated: torch.Tensor, references: torch.Tensor) -> float:
     """IA: mean cosine over every (generated, reference) pair; inputs (N, D) and (M, D), unit norm."""
-    return float((generated @ references.T).mean())
+    return float(image_alignments(generated, references).mean())
 
 
 def reference_alignment(references: torch.Tensor) -> float:
@@ -105,9 +113,14 @@ def normalised_image_alignment(generated: torch.Tensor, references: torch.Tensor
     return image_alignment(generated, references) / reference_alignment(references)
 
 
+def text_alignments(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """Per image, CLIPScore 2.5 · max(cos, 0) against its matched text: (N,), from (N, D) unit-norm inputs."""
+    return 2.5 * (images * texts).sum(-1).clamp(min=0)
+
+
 def text_alignment(images: torch.Tensor, texts: torch.Tensor) -> float:
     """TA (CLIPScore): mean of 2.5 · max(cos, 0) over matched (image, text) rows; inputs (N, D), unit norm."""
-    return float((2.5 * (images * texts).sum(-1).clamp(min=0)).mean())
+    return float(text_alignments(images, texts).mean())
 
 
 def class_prompt(prompt: str, tokens: Sequence[str], class_word: str) -> str:
@@ -132,19 +145,28 @@ def class_prompt(prompt: str, tokens: Sequence[str], class_word: str) -> str:
     return " ".join(out)
 
 
+def nearest_concepts(
+    generated: torch.Tensor, references: dict[str, torch.Tensor], class_images: torch.Tensor | None
+) -> list[str]:
+    """Per generated image, the concept whose references it is nearest (mean cosine), or CLASS where the base
+    model's images of the class word are nearer than every concept's: the rule of CA and of the confusion matrix
+    (DESIGN §4). A tie goes to the concept listed first, the class last. Inputs (N, D) unit-norm embeddings."""
+    labels = list(references)
+    scores = [image_alignments(generated, r) for r in references.values()]
+    if class_images is not None:
+        labels.append(CLASS)
+        scores.append(image_alignments(generated, class_images))
+    best = torch.stack(scores).argmax(dim=0)  # (N,): the first of equal maxima
+    return [labels[int(k)] for k in best]
+
+
 def concept_accuracy(
     generated: torch.Tensor, own: str, references: dict[str, torch.Tensor], class_images: torch.Tensor | None
 ) -> float:
     """CA: the share of generated images nearer (mean cosine) to `own`'s references than to any other concept's
-    references or to the base model's images of the class word. All inputs (N, D) unit-norm embeddings."""
-    own_score = (generated @ references[own].T).mean(dim=1)  # (N,)
-    rivals = [(generated @ r.T).mean(dim=1) for name, r in references.items() if name != own]
-    if class_images is not None:
-        rivals.append((generated @ class_images.T).mean(dim=1))
-    if not rivals:
-        return 1.0
-    best_rival = torch.stack(rivals).max(dim=0).values  # (N,)
-    return float((own_score > best_rival).float().mean())
+    references or to the base model's images of the class word (`nearest_concepts`). Inputs (N, D) unit norm."""
+    labels = nearest_concepts(generated, references, class_images)
+    return sum(label == own for label in labels) / len(labels)
 
 
 def average_forgetting(R: Sequence[Sequence[float | None]]) -> float:

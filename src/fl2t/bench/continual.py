@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from fl2t.bench.compute import counted_task, method_compute, store_learned
 from fl2t.bench.jobs import Claims, Unit
+from fl2t.bench.stats import FORGETTING, comparisons, forgetting, has_samples, method_stats
 from fl2t.bench.variants import Row, Variant, check_variants, resolve_row
 from fl2t.config import ConsolidateSettings, LearnSettings
 from fl2t.data import Concept, load_concept
@@ -42,10 +43,10 @@ from fl2t.metrics import (
     DinoEvaluator,
     average_forgetting,
     class_prompt,
-    concept_accuracy,
-    image_alignment,
+    image_alignments,
+    nearest_concepts,
     reference_alignment,
-    text_alignment,
+    text_alignments,
 )
 
 if TYPE_CHECKING:
@@ -94,6 +95,14 @@ class BenchConfig(BaseModel):
     )
     prompts_per_concept: int | None = Field(None, ge=1, description="use the first N templates (default: all)")
     images_per_prompt: int = Field(1, ge=1)
+    final_images_per_prompt: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "images per prompt in each order's last evaluation (the final row), whose intervals need more images "
+            "than the rows before it; none: images_per_prompt"
+        ),
+    )
     class_images: int = Field(8, ge=1, description="base-model images of the class word per concept, for CA")
     multi: list[list[str]] = Field(
         default_factory=list, description="pairs of concept names for the multi-concept score"
@@ -165,6 +174,17 @@ class BenchConfig(BaseModel):
         """What the results row `name` runs: the method of that name with these settings, or the variant."""
         return resolve_row(name, self.variants, self.learn, self.consolidate, self.methods)
 
+    @field_validator("final_images_per_prompt")
+    @classmethod
+    def _final_images(cls, final: int | None, info: Any) -> int | None:
+        """The final row has at least the images of the rows before it (their samples are its first ones)."""
+        row = info.data.get("images_per_prompt", 1)
+        if final is not None and final < row:
+            raise PydanticCustomError(
+                "final_images", "{final} is below images_per_prompt ({row})", {"final": final, "row": row}
+            )
+        return final
+
 
 def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
     """A YAML file, or the name of a built-in one (tiny10, cifc, dreambooth); overrides replace top-level keys."""
@@ -219,11 +239,13 @@ def task_orders(cfg: BenchConfig, names: list[str]) -> list[list[str]]:
 
 @dataclass
 class Evaluated:
-    """A concept's fixed evaluation material: prompts, seeds, reference and class-image embeddings."""
+    """A concept's fixed evaluation material: prompts, seeds, reference and class-image embeddings. The prompts
+    and seeds are those of the final row; a row before it takes the first `row` of them."""
 
     concept: Concept
     prompts: list[str]
     seeds: list[int]
+    row: int  # images of a row before the last
     class_texts: list[str]
     refs: torch.Tensor  # (M, D) CLIP
     refs_dino: torch.Tensor | None
@@ -290,6 +312,8 @@ class Benchmark:
             elif cfg[name] is not None:
                 cfg[name] = _weights_fingerprint(self.base if name == "base" else cfg[name])
         cfg = json.loads(json.dumps(cfg, default=str))
+        # A setting left at None is left out: a run made before the setting existed has the same record.
+        cfg = {k: v for k, v in cfg.items() if v is not None}
         variants = cfg.pop("variants")
         path = self.out / "run.json"
         if path.is_file():
@@ -399,8 +423,12 @@ class Benchmark:
         c = next(x for x in self.concepts if x.name == name)
         spec = c.spec
         templates = cfg.prompts[self.prompt_sets[name]][: cfg.prompts_per_concept]
-        prompts = [t.format(spec.subject) for t in templates for _ in range(cfg.images_per_prompt)]
+        # Image r of template j has seed `seed + r·len(templates) + j`: a row's images are the first of the final
+        # row's (which may have more per prompt), so every row scores the same (prompt, seed) samples.
+        final = cfg.final_images_per_prompt or cfg.images_per_prompt
+        prompts = [t.format(spec.subject) for _ in range(final) for t in templates]
         seeds = [cfg.seed + i for i in range(len(prompts))]
+        row = len(templates) * cfg.images_per_prompt
         class_texts = [class_prompt(p, spec.tokens, spec.class_word) for p in prompts]
         refs = self.clip.image_embeds(c.images)
         refs_dino = self.dino.image_embeds(c.images) if self.dino else None
@@ -428,7 +456,7 @@ class Benchmark:
         ref_dino = reference_alignment(refs_dino) if refs_dino is not None else None
         texts_emb = self.clip.text_embeds(class_texts)
         ref_ia = reference_alignment(refs)
-        ev = Evaluated(c, prompts, seeds, class_texts, refs, refs_dino, ref_ia, ref_dino, class_emb, texts_emb)
+        ev = Evaluated(c, prompts, seeds, row, class_texts, refs, refs_dino, ref_ia, ref_dino, class_emb, texts_emb)
         self._eval[name] = ev
         return ev
 
@@ -593,33 +621,45 @@ class Benchmark:
             last = t == len(order) - 1
             scores = self.evaluate(m, order[: t + 1], order[: t + 1], save_grid=folder / "grids" if last else None)
             if last and self.cfg.multi and not m.samples_per_concept:
-                scores["_multi"] = self.multi(m)
+                scores["_multi"], scores["_multi_samples"] = self.multi(m)
             if self.cfg.fidelity:
                 for name, f in self.fidelity(m, order[: t + 1]).items():
                     scores[name]["fidelity"] = f
             scores["_compute"] = compute
-            atomic_write_text(result, json.dumps(scores, indent=2))
+            atomic_write_text(result, json.dumps(scores, separators=(",", ":")))  # per-image lists: compact
             advance(1)
 
     def evaluate(
         self, method: Method, names: list[str], learned: list[str], save_grid: Path | None = None
-    ) -> dict[str, dict[str, float]]:
-        """Scores of the concepts `names` under the method's current model, which has learned `learned`."""
+    ) -> dict[str, dict[str, Any]]:
+        """Scores of the concepts `names` under the method's current model, which has learned `learned`: each
+        metric's mean, and per image (`samples`, in the order of their seeds, which pair them across methods and
+        rows) IA, nIA, CA (0 or 1), TA, DINO and the concept it is nearest (`label`, for the confusion matrix).
+        With every concept learned (an order's last task) the final row's images: `final_images_per_prompt`."""
         sampler = None if method.samples_per_concept else self.sampler(method)
         references = {n: self.evaluated(n).refs for n in learned}
+        final = len(learned) == len(self.names)
         out = {}
         for name in names:
             ev = self.evaluated(name)
-            images, emb = self._generate(method, sampler, name)
-            ia = image_alignment(emb, ev.refs)
-            scores = {
+            n = len(ev.seeds) if final else ev.row
+            images, emb = self._generate(method, sampler, name, n)
+            ia = image_alignments(emb, ev.refs)
+            labels = nearest_concepts(emb, references, ev.class_images)
+            per_image = {
                 "ia": ia,
                 "nia": ia / ev.ref_ia,
-                "ca": concept_accuracy(emb, name, references, ev.class_images),
-                "ta": text_alignment(emb, ev.class_texts_emb),
+                "ca": torch.tensor([float(label == name) for label in labels]),
+                "ta": text_alignments(emb, ev.class_texts_emb[:n]),
             }
             if self.dino is not None:
-                scores["dino"] = image_alignment(self.dino.image_embeds(images), ev.refs_dino)
+                per_image["dino"] = image_alignments(self.dino.image_embeds(images), ev.refs_dino)
+            scores: dict[str, Any] = {k: float(v.mean()) for k, v in per_image.items()}
+            scores["samples"] = {
+                "seed": ev.seeds[:n],
+                **{k: _rounded(v) for k, v in per_image.items()},
+                "label": labels,
+            }
             out[name] = scores
             if save_grid is not None:
                 from fl2t.images import image_grid
@@ -629,20 +669,23 @@ class Benchmark:
                 grid.save(save_grid / f"{name}.png")
         return out
 
-    def _generate(self, method: Method, sampler: Sampler | None, name: str) -> tuple[list[Image.Image], torch.Tensor]:
-        """A concept's evaluation images under the method's current model, and their CLIP embeddings (N, D).
-        A method that samples each concept alone (sampler None: it gives one per concept) has the same model of
-        a concept after every task: its images are generated once."""
+    def _generate(
+        self, method: Method, sampler: Sampler | None, name: str, n: int
+    ) -> tuple[list[Image.Image], torch.Tensor]:
+        """A concept's first `n` evaluation images under the method's current model, and their CLIP embeddings
+        (n, D). A method that samples each concept alone (sampler None: it gives one per concept) has the same model
+        of a concept after every task: its images are generated once (the final row's extra ones when it comes)."""
         key = (str(method.ctx.workdir), name)
-        if method.samples_per_concept and key in self._per_concept:
-            return self._per_concept[key]
-        ev, s = self.evaluated(name), self.cfg.sample
-        sampler = self.sampler(method, name) if method.samples_per_concept else sampler
-        images = sampler(ev.prompts, ev.seeds, s.steps, s.guidance, s.size)
-        emb = self.clip.image_embeds(images)
-        if method.samples_per_concept:
-            self._per_concept[key] = (images, emb)
-        return images, emb
+        images, emb = self._per_concept.get(key, ([], None)) if method.samples_per_concept else ([], None)
+        if len(images) < n:
+            ev, s = self.evaluated(name), self.cfg.sample
+            sampler = self.sampler(method, name) if method.samples_per_concept else sampler
+            more = sampler(ev.prompts[len(images) : n], ev.seeds[len(images) : n], s.steps, s.guidance, s.size)
+            more_emb = self.clip.image_embeds(more)
+            images, emb = images + more, more_emb if emb is None else torch.cat([emb, more_emb])
+            if method.samples_per_concept:
+                self._per_concept[key] = (images, emb)
+        return images[:n], emb[:n]
 
     def fidelity(self, method: Method, names: list[str]) -> dict[str, float]:
         """Each concept's fidelity (DESIGN §4) under the method's current model: how closely what it generates with
@@ -658,10 +701,11 @@ class Benchmark:
             return {n: sampler_fidelity(self.sampler(method, n), {n: self._targets[n]})[n] for n in names}
         return sampler_fidelity(self.sampler(method), {n: self._targets[n] for n in names})
 
-    def multi(self, method: Method) -> dict[str, float]:
-        """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged."""
+    def multi(self, method: Method) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+        """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged;
+        per pair its mean, and per image (by seed, the same for every method)."""
         sampler = self.sampler(method)
-        scores = {}
+        scores, samples = {}, {}
         for a, b in self.cfg.multi:
             if a not in self.names or b not in self.names:
                 raise Fl2tError(f"multi-concept pair {a}+{b}: not concepts of this benchmark")
@@ -673,13 +717,14 @@ class Benchmark:
             if template is None:
                 raise Fl2tError(f"no multi_prompts template for a {kinds} pair")
             prompt = template.format(ea.concept.spec.subject, eb.concept.spec.subject)
-            n = max(4, self.cfg.images_per_prompt)
+            n = max(4, self.cfg.final_images_per_prompt or self.cfg.images_per_prompt)
             s = self.cfg.sample
-            images = sampler([prompt] * n, [self.cfg.seed + 90_000 + i for i in range(n)], s.steps, s.guidance, s.size)
-            emb = self.clip.image_embeds(images)
-            nia_a = image_alignment(emb, ea.refs) / ea.ref_ia
-            scores[f"{a}+{b}"] = 0.5 * (nia_a + image_alignment(emb, eb.refs) / eb.ref_ia)
-        return scores
+            seeds = [self.cfg.seed + 90_000 + i for i in range(n)]
+            emb = self.clip.image_embeds(sampler([prompt] * n, seeds, s.steps, s.guidance, s.size))
+            nia = 0.5 * (image_alignments(emb, ea.refs) / ea.ref_ia + image_alignments(emb, eb.refs) / eb.ref_ia)
+            scores[f"{a}+{b}"] = float(nia.mean())
+            samples[f"{a}+{b}"] = {"seed": seeds, "nia": _rounded(nia)}
+        return scores, samples
 
     # -- results ------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
@@ -687,6 +732,7 @@ class Benchmark:
         variants = {m: self.cfg.variants[m].model_dump() for m in self.methods if m in self.cfg.variants}
         if variants:  # what each variant row ran: its method and overrides
             out["variants"] = variants
+        tasks = {m: [self.tasks(m, k) for k in range(len(self.orders))] for m in self.methods}
         for method in self.methods:
             runs = [self._run_result(method, k, order) for k, order in enumerate(self.orders)]
             averages = [r["average"]["nia"] for r in runs]
@@ -702,15 +748,23 @@ class Benchmark:
                     [self.method_dir(method, k) for k in range(len(self.orders))], len(self.names), self.out
                 ),
             }
+            # 95% bootstrap intervals over the (concept, prompt, seed) samples, the confusion matrix (bench/stats.py)
+            out["methods"][method].update(method_stats(tasks[method], self.orders, self.names))
+        out["comparisons"] = comparisons(tasks)
         if self.cfg.fidelity:
             out["fidelity_vs_ca"] = fidelity_vs_ca(out)
         return out
 
+    def tasks(self, method: str, k: int) -> list[dict[str, Any]]:
+        """The task files of a method's order k, in task order."""
+        folder = self.method_dir(method, k)
+        return [json.loads((folder / f"task{t}.json").read_text()) for t in range(len(self.names))]
+
     def _run_result(self, method: str, k: int, order: list[str]) -> dict[str, Any]:
         """One method over one order: R[t][i] per metric (None above the diagonal), the final row and its
-        average, the average forgetting and the multi-concept scores."""
-        folder = self.method_dir(method, k)
-        tasks = [json.loads((folder / f"task{t}.json").read_text()) for t in range(len(order))]
+        average, the average forgetting (on the samples common to every row, when the task files keep per-image
+        scores) and the multi-concept scores."""
+        tasks = self.tasks(method, k)
         R = {
             metric: [
                 [tasks[t].get(name, {}).get(metric) if i <= t else None for i, name in enumerate(order)]
@@ -722,9 +776,13 @@ class Benchmark:
         return {
             "order": order,
             "R": R,
-            "final": {name: final[name] for name in self.names},
+            "final": {name: {k: v for k, v in final[name].items() if k != "samples"} for name in self.names},
             "average": {m: _mean([final[n].get(m) for n in self.names]) for m in METRICS},
-            "forgetting": {m: average_forgetting(R[m]) for m in ("nia", "ia", "ca") if R[m][-1][0] is not None},
+            "forgetting": (
+                {m: forgetting([tasks], [order], m) for m in FORGETTING}
+                if has_samples([tasks])
+                else {m: average_forgetting(R[m]) for m in FORGETTING if R[m][-1][0] is not None}
+            ),
             "multi": final.get("_multi"),
         }
 
@@ -798,6 +856,11 @@ def _weights_fingerprint(model: str) -> str | list:
     return sorted([p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files)
 
 
+def _rounded(values: torch.Tensor) -> list[float]:
+    """Per-image scores as stored in a task file: 4 decimals keep the files small."""
+    return [round(float(v), 4) for v in values]
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -822,7 +885,7 @@ def run_continual(
     from rich.console import Console
     from rich.table import Table
 
-    from fl2t.bench.report import table_rows, write_report
+    from fl2t.bench.report import concept_notes, concept_table, reading, summary_table, write_report
 
     t0 = time.perf_counter()
     cfg = config if isinstance(config, BenchConfig) else load_config(config, **overrides)
@@ -839,12 +902,16 @@ def run_continual(
     if as_json:
         print(json.dumps(results, indent=2))
         return results
-    header, rows = table_rows(results)
-    table = Table(title=f"{cfg.name}: {len(bench.orders)} order(s), {len(bench.names)} tasks")
-    for h in header:
-        table.add_column(h, justify="left" if h == "method" else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console(width=max(120, 12 * len(header))).print(table)
+    console = Console(width=120)
+    title = f"{cfg.name}: {len(bench.orders)} order(s), {len(bench.names)} tasks"
+    for (header, rows), caption in ((summary_table(results), title), (concept_table(results), "final nIA per concept")):
+        table = Table(title=caption)
+        for h in header:
+            table.add_column(h, justify="left" if h == "method" else "right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+    for line in concept_notes(results)[:1] + reading(results):
+        console.print(line, markup=False, highlight=False)
     print(f"report: {md} and {html_path}; results: {bench.out / 'results.json'} ({results['wall_s']:.0f} s)")
     return results
