@@ -87,7 +87,10 @@ class Regulariser:
     """A term added to Step 1's loss by a continual baseline (EWC, LwF, C-LoRA, CIDM); no-ops by default.
 
     `start` sees the model before the first step (the LoRA already holds `init_lora`), `loss` returns the
-    term for one step, `after_backward` sees the gradients (EWC estimates its Fisher information there).
+    term for one step, `after_backward` sees the gradients, and `end` sees the model at its final weights
+    with `data_loss(batch_size, gen)`: the diffusion loss alone (no regulariser term) of a fresh batch of the
+    task's training data with fresh noise and timesteps drawn from `gen` (EWC takes its Fisher information
+    there).
     """
 
     def start(self, model: ExpertModel, tokenize: Tokenize) -> None:
@@ -97,6 +100,9 @@ class Regulariser:
         return torch.zeros(())
 
     def after_backward(self, model: ExpertModel) -> None:
+        pass
+
+    def end(self, model: ExpertModel, data_loss: Callable[[int, torch.Generator], torch.Tensor]) -> None:
         pass
 
 
@@ -197,6 +203,15 @@ def learn_expert(
     if resume:
         start = _load_checkpoint(checkpoint, fingerprint, model, optimizer, lr_scheduler, gen, accelerator, rank)
 
+    def data_loss(batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """The diffusion loss of a fresh batch of the concept's images (and class images), noised afresh."""
+        latents, prompts = data.sample(batch_size, gen)
+        noisy, timesteps, target = _noised(latents, noise_scheduler, settings.noise_offset, gen)
+        with accelerator.autocast():
+            pred = model(noisy.to(device, weight_dtype), timesteps.to(device), tokenize(prompts).to(device)).float()
+        prior_weight = settings.prior_weight if data.class_latents is not None else None
+        return _denoising_loss(pred, target.to(device), prior_weight)
+
     if regulariser is not None:
         regulariser.start(model, tokenize)
     model.train()
@@ -204,12 +219,7 @@ def learn_expert(
         kill_point(f"step:{step}")
         if cancel is not None and cancel():
             raise Cancelled(f"learning {spec.name!r} was cancelled at step {step}; nothing was added to the library")
-        latents, prompts = data.sample(settings.batch_size, gen)
-        noisy, timesteps, target = _noised(latents, noise_scheduler, settings.noise_offset, gen)
-        with accelerator.autocast():
-            pred = model(noisy.to(device, weight_dtype), timesteps.to(device), tokenize(prompts).to(device)).float()
-        prior_weight = settings.prior_weight if data.class_latents is not None else None
-        loss = _denoising_loss(pred, target.to(device), prior_weight)
+        loss = data_loss(settings.batch_size, gen)
         if regulariser is not None:
             loss = loss + regulariser.loss(model, tokenize, gen)
         value = loss.item()  # the step's one host sync
@@ -232,6 +242,8 @@ def learn_expert(
                     unwrapped = accelerator.unwrap_model(model)
                     _save_checkpoint(checkpoint, fingerprint, done, unwrapped, optimizer, lr_scheduler, gens)
 
+    if regulariser is not None:
+        regulariser.end(model, data_loss)
     model = accelerator.unwrap_model(model)
     model.eval()
     tokens.detach_hook()
