@@ -25,7 +25,7 @@ The experts learned alone (the shared store, `MethodContext.store`) are learned 
 benchmark's expert units (`store_learned`) or inside a method's `learn` when one is missing (`counted_task`
 notices the store gained the concept). Either way the work is written once as the concept's store record, and
 `method_compute` adds it to the Step 1 of every method that uses the store (the `AloneMethod`s: oracle, lookup,
-merge, magmax, fl2t), since each of them needs that work to exist; it is not divided between them. The synthetic
+merge, magmax-alone, fl2t), since each of them needs that work to exist; it is not divided between them. The synthetic
 anchors Step 2 trains on are generated at the end of Step 1 (`learn_expert`), so they are Step 1's no-grad
 forwards.
 """

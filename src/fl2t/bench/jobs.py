@@ -1,7 +1,7 @@
 """A benchmark's work spread over processes and machines, with nothing shared but its folder.
 
-The work of a run is a list of units: first each concept's expert learned alone (shared by oracle, merge, magmax and
-fl2t, and the fidelity targets), then one unit per (method, order): its tasks, in order, since a method's state
+The work of a run is a list of units: first each concept's expert learned alone (shared by oracle, lookup, merge,
+magmax-alone and fl2t, and the fidelity targets), then one unit per (method, order): its tasks, in order, since a method's state
 carries from one task to the next. A worker claims a unit by creating its claim file `OUT/NAME/jobs/<unit>.json`
 (exclusive create: one worker wins), writes its progress there, and marks it done. Workers are the ranks of
 `torchrun` / `accelerate launch` (rank r of N) or the shards of a job array (`--shard K/N`, one command each).

@@ -8,7 +8,7 @@
 A variant's name serves wherever a method's does (`--methods lwf+compute`, results.json, the report's rows), and its
 state has its own folder. For that row only, `learn` overrides the config's Step-1 settings, `consolidate` its
 Step-2 settings, and `settings` the method's own settings (its `settings_model`, over the config's `methods:` entry
-for it). A method that learns each concept alone (an `AloneMethod`: oracle, lookup, merge, magmax, fl2t) takes its
+for it). A method that learns each concept alone (an `AloneMethod`: oracle, lookup, merge, magmax-alone, fl2t) takes its
 experts from the run's shared store, learned once at the config's Step-1 settings; a `learn` override for such a
 variant is refused rather than given a store of its own (a second store would be a second run's Step 1: make it a
 benchmark of its own). Fidelity targets always come from the shared store, whatever a row's `learn`.

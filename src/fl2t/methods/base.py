@@ -147,7 +147,7 @@ class Method:
 
 
 class AloneMethod(Method):
-    """A method whose Step 1 learns each concept alone (oracle, merge, magmax, fl2t): the expert comes from the
+    """A method whose Step 1 learns each concept alone (oracle, lookup, merge, magmax-alone, fl2t): the expert comes from the
     shared store, so it is learned once for every such method and every order."""
 
     def learn(self, concept: Concept) -> None:
