@@ -3,8 +3,10 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import STEP2
 from fl2t.config import ConsolidateSettings
@@ -165,20 +167,6 @@ def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library,
     code, out, err = run(["consolidate", "-l", lib, "--steps", "3", "--no-gates", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["set_hash"] == saved_config(lib)["set_hash"]
-    code, out, err = run(
-        [
-            "generate",
-            "a photo of <c-stripes> ball and <c-checks> box",
-            "-l",
-            lib,
-            "--steps",
-            "2",
-            "-o",
-            tmp_path / "x.png",
-        ],
-        capsys,
-    )
-    assert code == 0 and (tmp_path / "x.png").is_file(), err
     code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib, "--json"], capsys)
     assert code == 0 and all("c-stripes" in w for w in json.loads(out).values())
     (tmp_path / "s.yaml").write_text("consolidate:\n  steps: 2\n")
@@ -188,21 +176,95 @@ def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library,
     assert [e["name"] for e in saved_config(lib)["concepts"]] == ["c-stripes"]
 
 
-def test_each_prompt_selects_its_own_concept(tmp_path, four_experts):
-    """Each concept's prompt gives its own concept most of the relevance (mean over layers), and a prompt naming
-    no concept gives most to 'none'."""
-    from fl2t.consolidate.pipeline import FL2TPipeline
+def test_a_two_concept_prompt_generates_with_both_concepts(tmp_path, consolidated_library, capsys):
+    """`fl2t generate` with a prompt naming two concepts, against the same prompt and seed made otherwise: the image
+    is not the base model's, nor either concept's expert alone, and it is far closer to both experts at full weight
+    (what naming both asks for) than to either alone. A weaker check than CLIP alignment with each concept's
+    references, which was tried and not used: these experts (four steps on a random base) are not recognisable, and
+    on the tiny world at a test's Step-1 budget (40-60 steps) CLIP told a named concept from an unnamed one for some
+    concepts only, and the wrong way round for checkdiamond and pastel. Here the concepts act through their tokens
+    and experts: dropping either changes the image by several grey levels."""
+    prompt, seed = "a photo of <c-stripes> ball and <c-checks> box", 3
 
-    lib = Library(tmp_path / "lib")
+    def generated(name: str, *concepts: str) -> np.ndarray:
+        args = ["generate", prompt, "-l", consolidated_library, "--steps", "3", "--seed", seed]
+        code, _, err = run([*args, *[x for c in concepts for x in ("--concept", c)], "-o", tmp_path / name], capsys)
+        assert code == 0, err
+        return np.asarray(Image.open(tmp_path / name), dtype=float)
+
+    both = generated("fl2t.png")  # the consolidated library
+    stripes, checks = generated("stripes.png", "c-stripes"), generated("checks.png", "c-checks")
+    lookup = generated("lookup.png", "c-stripes", "c-checks")  # both experts alone, at full weight
+    pipe, _ = ExpertPipeline.for_library(consolidated_library)  # the library's base model, no concept
+    base = pipe(prompt, num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed))
+    base = np.asarray(base.images[0], dtype=float)
+
+    def far(a: np.ndarray, b: np.ndarray) -> float:  # mean absolute difference, grey levels
+        return float(np.abs(a - b).mean())
+
+    assert min(far(both, base), far(both, stripes), far(both, checks)) > 2.0
+    assert far(both, lookup) < 0.25 * min(far(both, stripes), far(both, checks))
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, four_experts) -> FL2TPipeline:
+    """The four experts consolidated with the default routing terms on (40 Step-2 steps), loaded for generation."""
+    lib = Library(tmp_path_factory.mktemp("routed") / "lib")
     for e in four_experts:
         lib.add(e)
     lib.save_consolidated(consolidate(lib, STEP2.model_copy(update={"steps": 40})).save_pretrained)
-    pipe = FL2TPipeline.from_pretrained(library=lib)
-    alpha = torch.stack([pipe.weights_for(e.spec.stable_prompt)[0].mean(0) for e in pipe.experts])  # (G, G)
-    base = pipe.weights_for("a photo of a ball")[0].mean(0)  # (G,)
-    assert (alpha.argmax(1) == torch.arange(len(alpha))).all(), alpha
-    assert 1 - base.sum() > base.max(), base
-    assert alpha.diagonal().min() > 0.5 and 1 - base.sum() > 0.5, (alpha, base)  # a clear choice, not a plurality
+    return FL2TPipeline.from_pretrained(library=lib)
+
+
+def selection(pipe: FL2TPipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, G): the mean weight over layers each concept's own prompt gives every concept; (G,): a prompt naming
+    none's."""
+    alpha = torch.stack([pipe.weights_for(e.spec.stable_prompt)[0].mean(0) for e in pipe.experts])
+    return alpha, pipe.weights_for("a photo of a ball")[0].mean(0)
+
+
+def selects_its_own(alpha: torch.Tensor, base: torch.Tensor) -> bool:
+    """Each concept's prompt gives its own concept the highest weight, a clear one (over 1/2), and the prompt
+    naming none gives most of its weight to none of them."""
+    own = bool((alpha.argmax(1) == torch.arange(len(alpha))).all()) and alpha.diagonal().min() > 0.5
+    return own and 1 - base.sum() > 0.5
+
+
+def test_each_prompt_selects_its_own_concept(routed):
+    alpha, base = selection(routed)
+    assert selects_its_own(alpha, base), (alpha, base)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "the selection is the token lookup's alone: init_routing's match term (about 11 logits for a named concept) "
+        "outweighs what the heads learn, so the trained proxies and heads can be scrambled or permuted without "
+        "changing it (DESIGN §3: a hard-wired token lookup left the heads inert). The fix, relevance as the heads' "
+        "own decision per concept, makes this pass; strict: then remove this marker."
+    ),
+)
+@pytest.mark.parametrize("broken", ["scrambled", "permuted"])
+def test_the_selection_is_the_learned_routings(routed, broken):
+    """What Step 2 learned decides the selection: with the trained consolidated model broken, the prompts no longer
+    select their own concepts. "scrambled": every trained tensor's entries permuted at random (same values, no
+    structure); "permuted": the trained proxies given to each other's concepts."""
+    model = routed.consolidated
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            if broken == "scrambled":
+                for p in model.parameters():
+                    p.copy_(p.flatten()[torch.randperm(p.numel(), generator=g)].view_as(p))
+            else:
+                model.proxies.copy_(model.proxies.roll(1, dims=0))
+        alpha, base = selection(routed)
+    finally:
+        model.load_state_dict(trained)
+    assert selects_its_own(*selection(routed))  # the trained model back as it was
+    assert not selects_its_own(alpha, base), (alpha, base)
 
 
 def test_saved_model_loads_back_with_its_config_weights_and_outputs(tmp_path):

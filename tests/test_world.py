@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from fl2t.data import load_concept
 from fl2t.errors import Fl2tError
 from fl2t.models import TOKENIZER_DIR
 from fl2t.models import clip_tokenizer as tokenizer
@@ -128,9 +129,8 @@ def test_written_concept_folders_are_valid_user_concepts(tmp_path: Path):
 
 
 def test_written_concepts_load_with_the_data_loader(tmp_path: Path):
-    data = pytest.importorskip("fl2t.data")
     for folder in write_concepts(tmp_path):
-        concept = data.load_concept(folder)
+        concept = load_concept(folder)
         assert len(concept.images) == 5 and all(concept.captions)
 
 

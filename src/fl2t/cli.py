@@ -595,13 +595,18 @@ def demo(
     out: Annotated[
         Path, typer.Option(help="Runs folder; the demo writes OUT/demo/ (a rerun skips finished work).", metavar="PATH")
     ] = Path("runs"),
-    steps: Annotated[int, typer.Option(help="Step-1 training steps per concept.", metavar="N")] = 100,
-    consolidate_steps: Annotated[int, typer.Option(help="Step-2 steps after each task.", metavar="N")] = 30,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=2, help="Processes of one thread each (default: 2 on a machine with two cores).", metavar="N"
+        ),
+    ] = None,
 ) -> None:
-    """Run the main job end to end on the built-in default: ten tiny-world concepts, four methods, the report."""
+    """Run the main job end to end on the built-in default: three tiny-world concepts, four methods, the report
+    (benchmark config `demo`)."""
     from fl2t.demo import run_demo
 
-    run_demo(out, steps=steps, progress=console.progress, say=console.say, consolidate_steps=consolidate_steps)
+    run_demo(out, progress=console.progress, say=console.say, processes=processes)
 
 
 def main() -> None:
