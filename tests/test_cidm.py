@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from fl2t.errors import Fl2tError
 from fl2t.expert import Expert
 from fl2t.fusion import stack_experts
 from fl2t.methods import METHODS, MethodContext
-from fl2t.methods.cidm import EWA_SCALE, ElasticWeights, _Orthogonal, module_layers
+from fl2t.methods.cidm import EWA_SCALE, CIDMSettings, ElasticWeights, _Orthogonal, module_layers
 from fl2t.models import load_base
 from fl2t.pipeline import ExpertPipeline
 from fl2t.text import cross_attention_processor_names
@@ -183,6 +184,10 @@ def test_cidm_module_weights_are_ewa_per_layer_at_0_8_and_tokens_give_the_named_
     assert torch.equal(routed("a photo of a box"), torch.zeros(len(layers), 2))  # naming none: the base model
     both = routed("<c-stripeball> ball and <c-checkbox> box")
     assert (both > 0).all() and torch.allclose(both.sum(-1), torch.full((len(layers),), EWA_SCALE), atol=1e-5)
+
+    # `ewa_scale` (a setting, for the tuning sweep) scales the aggregated update
+    half = dataclasses.replace(ctx, settings=CIDMSettings(ewa_scale=0.4))
+    assert torch.allclose(METHODS["cidm"](half).module_weights(pipe, experts)(named), 0.5 * w)
 
 
 def test_cidm_and_cidm_tokens_sample(cidm_state):

@@ -56,6 +56,7 @@ EWA_SCALE = 0.8
 
 class CIDMSettings(MethodSettings):
     cidm_lambda: float = Field(0.1, ge=0, description="weight of the consolidation loss against earlier LoRAs")
+    ewa_scale: float = Field(EWA_SCALE, gt=0, description="scale of the aggregated update (the release's 0.8)")
 
 
 class _Orthogonal(Regulariser):
@@ -97,7 +98,7 @@ class CIDM(Method):
 
     def module_weights(self, pipe: ExpertPipeline, experts: list[Expert]) -> Callable[[str], torch.Tensor]:
         """prompt -> (M, G): the weight of each expert on each adapted module (in `stack_experts` order), its
-        cross-attention layer's row of `layer_weights`, scaled by EWA's 0.8; computed once per prompt."""
+        cross-attention layer's row of `layer_weights`, scaled by `ewa_scale` (EWA's 0.8); computed once per prompt."""
         ewa = ElasticWeights(pipe, experts)
         layer = module_layers(pipe.unet, stack_experts(experts, pipe.unet).modules)  # (M,)
         cache: dict[str, torch.Tensor] = {}
@@ -105,7 +106,7 @@ class CIDM(Method):
         def weights(prompt: str) -> torch.Tensor:
             if prompt not in cache:
                 w = self.layer_weights(ewa, prompt)  # (L, G), or (1, G) with plain embeddings
-                cache[prompt] = EWA_SCALE * (w[layer] if w.shape[0] > 1 else w.expand(len(layer), -1))
+                cache[prompt] = self.settings.ewa_scale * (w[layer] if w.shape[0] > 1 else w.expand(len(layer), -1))
             return cache[prompt]
 
         return weights
