@@ -81,7 +81,7 @@ def continual(
     ),
     methods: str = typer.Option(
         "fl2t,merge,sequential,oracle",
-        help="Comma-separated: oracle, lookup, sequential, ewc, lwf, c-lora, merge, magmax, magmax-alone, cidm, cidm+tokens, fl2t, or a variant of the config.",
+        help="Comma-separated: oracle, lookup, lookup+span, sequential, ewc, lwf, c-lora, merge, magmax, magmax-alone, cidm, cidm+tokens, fl2t, or a variant of the config.",
         metavar="TEXT",
     ),
     orders: int = typer.Option(None, help="Number of task orders (default: the config's).", metavar="N"),

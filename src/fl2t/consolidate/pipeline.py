@@ -3,6 +3,8 @@
 For each distinct prompt the relevance weights alpha and gates gamma are computed once, the aggregated update
 is fused into the UNet weights once, the whole sampling loop (conditional and unconditional passes of
 classifier-free guidance alike) runs on the fused weights, and the UNet gets its exact weights back afterwards.
+With `span=True` the experts of the concepts a prompt names update the cross-attention keys and values of their own
+tokens only (`fl2t.span`); the rest is fused as above.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.pipeline import ExpertPipeline
+from fl2t.span import SpanKV, prompt_ids
 
 
 class FL2TPipeline(ExpertPipeline):
@@ -40,6 +43,7 @@ class FL2TPipeline(ExpertPipeline):
         library: str | Path | Library,
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        span: bool = False,
     ) -> FL2TPipeline:
         self, lib = cls.for_library(library, pretrained_model_name_or_path, torch_dtype)
         self.experts = canonical(lib.experts())
@@ -48,6 +52,8 @@ class FL2TPipeline(ExpertPipeline):
         if device is not None:
             self.to(device)
         self.consolidated, self.aggregated = _load_consolidated(lib, self.experts, self.unet)
+        token_ids = [self.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in self.experts]
+        self.span = SpanKV(self.unet, self.aggregated.stack, token_ids) if span else None
         return self
 
     @property
@@ -88,6 +94,10 @@ class FL2TPipeline(ExpertPipeline):
         for p in dict.fromkeys(prompts):  # one fuse per distinct prompt
             idx = [i for i, q in enumerate(prompts) if q == p]
             alpha, gamma = self.weights_for(p)
+            if self.span is not None:
+                guided = kwargs.get("guidance_scale", 7.5) > 1  # diffusers' default; 1 or less: no unconditional half
+                gammas = None if gamma is None else gamma[None]
+                alpha = self.span.arm(prompt_ids(self.tokenizer, [p]), alpha[None], gammas, guided)[0]
             self.aggregated.fuse(alpha, gamma, shared=True)
             try:
                 neg = [negatives[i] for i in idx]
@@ -95,6 +105,8 @@ class FL2TPipeline(ExpertPipeline):
                 out = super().__call__([p] * len(idx), negative_prompt=neg, **kwargs)
             finally:
                 self.aggregated.unfuse()
+                if self.span is not None:
+                    self.span.off()
             for j, i in enumerate(idx):
                 images[i] = out.images[j * n : (j + 1) * n]
         flat = [im for group in images for im in group]

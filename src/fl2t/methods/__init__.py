@@ -13,7 +13,7 @@ from fl2t.methods.cidm import CIDM, CIDMTokens
 from fl2t.methods.clora import CLoRA
 from fl2t.methods.ewc import EWC
 from fl2t.methods.fl2t import FL2T
-from fl2t.methods.lookup import Lookup
+from fl2t.methods.lookup import Lookup, LookupSpan
 from fl2t.methods.lwf import LwF
 from fl2t.methods.magmax import MagMax, MagMaxAlone
 from fl2t.methods.merge import Merge
@@ -21,7 +21,22 @@ from fl2t.methods.oracle import Oracle
 from fl2t.methods.sequential import Sequential
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Oracle, Lookup, Sequential, EWC, LwF, CLoRA, Merge, MagMax, MagMaxAlone, CIDM, CIDMTokens, FL2T)
+    m.name: m
+    for m in (
+        Oracle,
+        Lookup,
+        LookupSpan,
+        Sequential,
+        EWC,
+        LwF,
+        CLoRA,
+        Merge,
+        MagMax,
+        MagMaxAlone,
+        CIDM,
+        CIDMTokens,
+        FL2T,
+    )
 }
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodSettings", "method_settings"]
