@@ -170,6 +170,9 @@ def test_the_update_is_computed_once_per_states_tensor_and_again_when_the_states
         y = torch.randn(2, 77, 32)
         torch.testing.assert_close(lin(y), by_hand(y))
         assert calls == [m, m, m]
+        cond = x[1:].clone()  # armed for guidance, one row per prompt: the conditional prediction alone (fidelity)
+        torch.testing.assert_close(lin(cond), by_hand(torch.cat([x[:1], cond]))[1:])
+        calls.pop()
         span.arm(ids, torch.ones(1, len(stack.modules), 1), guided=False)  # no guidance: every row conditional
         out = lin(torch.stack([x[1], x[1]]))  # two images of the prompt
         torch.testing.assert_close(out, torch.stack([by_hand(x)[1]] * 2))

@@ -120,7 +120,10 @@ class SpanKV:
     def _delta(self, k: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """(B', T, out): the span-restricted update of key/value layer k for text states x."""
         coef = self.coef[:, k]  # (B, T, G*r)
-        halves = 2 if self.guided else 1
+        # Armed for guidance, a batch of exactly one row per prompt is the conditional prediction alone (as the
+        # fidelity score calls the UNet); otherwise the unconditional half comes first, as in diffusers.
+        guided = self.guided and x.shape[0] != coef.shape[0]
+        halves = 2 if guided else 1
         if x.shape[0] % (halves * coef.shape[0]) or x.shape[1] != coef.shape[1]:
             layout = "a guidance batch of 2 x " if self.guided else ""
             raise ValueError(
@@ -128,7 +131,7 @@ class SpanKV:
                 f"{name} got text states {tuple(x.shape[:2])}"
             )
         coef = coef.repeat_interleave(x.shape[0] // (halves * coef.shape[0]), 0)  # each prompt's images
-        if self.guided:
+        if guided:
             coef = torch.cat([torch.zeros_like(coef), coef])  # the unconditional half names no concept
         h = (x @ self.A[name].T.to(x.dtype)) * coef.to(x.dtype)  # (B', T, G*r)
         return h @ self.B[name].to(x.dtype)
