@@ -366,7 +366,7 @@ def test_a_methods_settings_come_from_the_config_as_its_typed_model(tmp_path):
 def test_an_unknown_method_setting_is_refused_with_what_it_takes(tmp_path):
     cfg_path = tmp_path / "t3.yaml"
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "methods": {"ewc": {"lambda": 1.0}}}))
-    refused = r"t3.yaml: methods: method ewc has no setting 'lambda' \(its settings: ewc_lambda\)"
+    refused = r"t3.yaml: methods: method ewc has no setting 'lambda' \(its settings: ewc_lambda, fisher_samples\)"
     with pytest.raises(Fl2tError, match=refused):
         load_config(cfg_path)
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "methods": {"ewk": {}}}))
