@@ -200,3 +200,75 @@ def test_world_cli_path_prints_the_base_folder():
     result = CliRunner().invoke(app, ["path"])
     assert result.exit_code == 0
     assert result.output.strip() == str(base_path())
+
+
+def test_shipped_dino_encoder_puts_fresh_renders_nearer_their_own_references():
+    from fl2t.metrics import DinoEvaluator, image_alignments
+    from fl2t.world import dino_path, get_concept
+    from fl2t.world.concepts import reference_scenes
+
+    dino = DinoEvaluator.load(dino_path())
+    names = ("stripestar", "splitsquare")
+    refs = {n: dino.image_embeds([render(s) for s in reference_scenes(get_concept(n))]) for n in names}
+    rng = np.random.default_rng(5)
+    for own, other in (names, names[::-1]):
+        fresh = dino.image_embeds([render(get_concept(own).scene(rng)) for _ in range(4)])
+        assert fresh.shape == (4, dino.model.config.hidden_size)
+        assert torch.allclose(fresh.norm(dim=-1), torch.ones(4))
+        assert (image_alignments(fresh, refs[own]) > image_alignments(fresh, refs[other])).all()
+
+
+def test_dino_views_keep_the_object_and_repaint_the_plain_background():
+    from fl2t.worldkit.dino import crops, koleo
+
+    picture = render(Scene("star", "red", "black", "in the center", "large", jitter=3))
+    x = torch.from_numpy(np.asarray(picture).transpose(2, 0, 1)[None].astype(np.float32) / 127.5 - 1).repeat(8, 1, 1, 1)
+    views = crops(x, SIZE, 0, torch.Generator().manual_seed(0), repaint=1.0, jitter=0.0)  # (8, 3, 32, 32)
+    red = (x[0] - torch.tensor([225, 35, 35]).view(3, 1, 1) / 127.5 + 1).abs().amax(0) < 0.1  # the star's pixels
+    black = (x[0] + 1).abs().amax(0) < 0.2
+    for v in views:
+        if not torch.allclose(v[:, red], x[0][:, red], atol=1e-5):
+            v = v.flip(-1)  # a mirrored view
+        assert torch.allclose(v[:, red], x[0][:, red], atol=1e-5)
+        grey = v[:, black]
+        assert (grey - grey[:, :1]).abs().max() < 1e-6 and (grey[0] == grey[1]).all()  # one grey fills it
+    assert len({round(float(v[0, 0, 0]), 4) for v in views}) > 4  # each view its own grey
+    local = crops(x, SIZE // 2, SIZE // 4, torch.Generator().manual_seed(1))
+    assert local.shape == (8, 3, SIZE // 2, SIZE // 2)
+    spread, bunched = torch.eye(8, 16), torch.ones(8, 16) + 0.01 * torch.randn(8, 16)
+    assert koleo(bunched) > koleo(spread) + 1.0
+
+
+def test_dino_training_is_seeded_and_saves_an_encoder_the_dino_evaluator_loads(tmp_path: Path):
+    from fl2t.metrics import DinoEvaluator
+    from fl2t.worldkit.dino import new_encoder, save_encoder, train_dino
+    from fl2t.worldkit.train import render_dataset
+
+    data = render_dataset(_scenes(9, 16, rich=True, held_out=None), lambda n: None)
+    kw = dict(steps=4, seed=0, tick=lambda n: None, batch=8, local_views=2, prototypes=32)
+    encoder, losses = train_dino(data, **kw)
+    again, losses_again = train_dino(data, **kw)
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses == losses_again
+    torch.manual_seed(0)
+    init = new_encoder().state_dict()
+    state, state_again = encoder.state_dict(), again.state_dict()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+    assert sum(not torch.equal(state[k], init[k]) for k in state) > len(state) // 2  # trained, not as built
+    save_encoder(encoder, tmp_path / "dino")
+    assert {p.name for p in (tmp_path / "dino").iterdir()} >= {"config.json", "model.safetensors"}
+    dino = DinoEvaluator.load(tmp_path / "dino")
+    with torch.no_grad():
+        direct = encoder(pixel_values=data.batch(np.arange(3))).last_hidden_state[:, 0]
+    pictures = [render(s) for s in data.scenes[:3]]
+    assert torch.allclose(dino.image_embeds(pictures), torch.nn.functional.normalize(direct, dim=-1), atol=1e-5)
+
+
+def test_shipped_manifest_covers_the_dino_encoder_and_the_tiny_world_benchmarks_use_it():
+    from fl2t.bench.continual import load_config, read_config
+
+    files = json.loads((base_path().parent / "manifest.json").read_text())["files"]
+    assert {"dino/config.json", "dino/model.safetensors", "dino/preprocessor_config.json"} <= set(files)
+    assert verify_manifest(base_path().parent) == []
+    for name in ("tiny10", "tiny10-fidelity", "tiny10-fidelity400", "demo"):
+        assert load_config(name).dino == "world"
+    assert read_config("tune")[1]["dino"] == "world"  # a tuning config: its benchmark is made by `fl2t bench tune`

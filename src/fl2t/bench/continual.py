@@ -117,7 +117,11 @@ class BenchConfig(BaseModel):
         "world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder"
     )
     dino: str | None = Field(
-        None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column"
+        None,
+        description=(
+            "DINO evaluator: 'world' (the tiny world's self-distilled ViT), a hub id (facebook/dino-vits16) or a "
+            "folder; none: no DINO column"
+        ),
     )
     fidelity: bool = Field(
         False,
@@ -304,7 +308,7 @@ class Benchmark:
         every variant run in the folder); anything else, a variant defined otherwise included, is refused."""
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
-            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
+            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base, evaluator and dino
                 from fl2t.world import MANIFEST, base_path
 
                 manifest = (base_path().parent / MANIFEST).read_bytes()
@@ -412,7 +416,12 @@ class Benchmark:
     @property
     def dino(self) -> DinoEvaluator | None:
         if self._dino is None and self.cfg.dino:
-            self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
+            if self.cfg.dino == "world":
+                from fl2t.world import dino_path
+
+                self._dino = DinoEvaluator.load(dino_path(), self.device)
+            else:
+                self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
         return self._dino
 
     def evaluated(self, name: str) -> Evaluated:
