@@ -117,11 +117,7 @@ class BenchConfig(BaseModel):
         "world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder"
     )
     dino: str | None = Field(
-        None,
-        description=(
-            "DINO evaluator: 'world' (the tiny world's self-distilled ViT), a hub id (facebook/dino-vits16) or a "
-            "folder; none: no DINO column"
-        ),
+        None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column"
     )
     fidelity: bool = Field(
         False,
@@ -308,7 +304,7 @@ class Benchmark:
         every variant run in the folder); anything else, a variant defined otherwise included, is refused."""
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
-            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base, evaluator and dino
+            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
                 from fl2t.world import MANIFEST, base_path
 
                 manifest = (base_path().parent / MANIFEST).read_bytes()
@@ -416,12 +412,7 @@ class Benchmark:
     @property
     def dino(self) -> DinoEvaluator | None:
         if self._dino is None and self.cfg.dino:
-            if self.cfg.dino == "world":
-                from fl2t.world import dino_path
-
-                self._dino = DinoEvaluator.load(dino_path(), self.device)
-            else:
-                self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
+            self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
         return self._dino
 
     def evaluated(self, name: str) -> Evaluated:

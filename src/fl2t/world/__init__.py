@@ -1,6 +1,5 @@
 """The tiny world (DESIGN.md §5): procedurally drawn pictures with captions, ten concepts the base model
-never saw, and a tiny pretrained Stable-Diffusion-style pipeline, CLIP evaluator and DINO-like image encoder
-shipped in the package.
+never saw, and a tiny pretrained Stable-Diffusion-style pipeline and CLIP evaluator shipped in the package.
 
     from fl2t import world
     pipe = StableDiffusionPipeline.from_pretrained(world.base_path())
@@ -38,12 +37,6 @@ def evaluator_path() -> Path:
     return _shipped("evaluator", "config.json")
 
 
-def dino_path() -> Path:
-    """The shipped DINO-like image encoder's folder (a ViT, self-distilled on the world's pictures):
-    `fl2t.metrics.DinoEvaluator.load(dino_path())`, or `ViTModel` / `AutoImageProcessor.from_pretrained(...)`."""
-    return _shipped("dino", "config.json")
-
-
 __all__ = [
     "CONCEPTS",
     "MANIFEST",
@@ -51,7 +44,6 @@ __all__ = [
     "WEIGHTS_DIR",
     "WorldConcept",
     "base_path",
-    "dino_path",
     "evaluator_path",
     "get_concept",
     "write_concepts",

@@ -5,7 +5,6 @@ Stages (each seeded from (seed, stage), so a resumed build equals an uninterrupt
   base       UNet + CLIP text encoder on plain pictures of the pretraining combinations, saved with the
              VAE, tokenizer and scheduler as a StableDiffusionPipeline folder
   evaluator  a tiny CLIPModel, contrastive on pictures with patterns and styles and their captions
-  dino       a DINO-like ViT, self-distilled on the same pictures without their captions (worldkit/dino.py)
 Then `manifest.json` records the sha256 of every file.
 """
 
@@ -31,7 +30,7 @@ from fl2t.models import build_pipeline, clip_tokenizer
 from fl2t.world import MANIFEST, WEIGHTS_DIR
 from fl2t.world.concepts import concept_appearances, tuning_appearances
 from fl2t.world.generator import Scene, random_scene
-from fl2t.worldkit import dino, models, train
+from fl2t.worldkit import models, train
 
 DEFAULT_SEED = 1234
 
@@ -45,7 +44,6 @@ class BuildSettings:
     plain_images: int = 24_000  # pretraining pictures of the base model (plain and patterned objects, no styles)
     vae_steps: int = 2_000  # 400 blurred the concepts' 2-pixel patterns (reference MAE 0.031-0.055; now 0.010-0.027)
     evaluator_steps: int = 2_000
-    dino_steps: int = 1_200  # 13.4 min on one thread (0.67 s a step)
     base_steps: int = 2_400  # a run may be stopped early (STOP_FILE); the manifest records the steps trained
     base_batch: int = 32
     # Torch threads. Use 1 while other jobs load the machine: with 2 threads and a busy core each op
@@ -93,15 +91,15 @@ def pretraining_scenes(seed: int, n: int) -> list[Scene]:
     return [random_scene(rng, rich=True, styles=False, held_out=False, exclude=exclude) for _ in range(n)]
 
 
-STAGES = ("vae", "base", "evaluator", "dino")
+STAGES = ("vae", "base", "evaluator")
 SECONDS_FILE = "build_seconds.json"  # per-stage wall time, kept across resumed runs; not hashed
 STOP_FILE = "STOP"  # creating it ends base training after the current step (settings record the steps)
 
 
 def build(
-    out: Path = WEIGHTS_DIR, settings: BuildSettings = BuildSettings(), resume: bool = False, until: str = "dino"
+    out: Path = WEIGHTS_DIR, settings: BuildSettings = BuildSettings(), resume: bool = False, until: str = "evaluator"
 ) -> Path | None:
-    """Build everything into `out` (base/, evaluator/, dino/, manifest.json); returns the manifest's path.
+    """Build everything into `out` (base/, evaluator/, manifest.json); returns the manifest's path.
 
     resume: stages whose output already exists are loaded instead of trained again.
     until: stop after this stage (then no manifest is written and None is returned).
@@ -123,9 +121,6 @@ def build(
         if until == "base":
             return None
         stages.evaluator()
-        if until == "evaluator":
-            return None
-        stages.dino()
     _check_no_pickle(out)
     s, seconds = settings, stages.seconds
     if "base_steps_trained" in seconds:  # a rebuild with these settings reproduces the weights
@@ -145,7 +140,6 @@ class _Stages:
         self.out, self.s, self.resume, self.progress = out, settings, resume, progress
         self.seconds: dict[str, float] = _previous_seconds(out) if resume else {}
         self.vae_dir, self.eval_dir, self.base_dir = out / "base" / "vae", out / "evaluator", out / "base"
-        self.dino_dir = out / "dino"
         self._rich: train.Dataset | None = None
 
     def record(self, stage: str, t0: float) -> None:
@@ -214,15 +208,6 @@ class _Stages:
             self.eval_dir
         )
         self.record("evaluator", t0)
-
-    def dino(self) -> None:
-        if self.resume and (self.dino_dir / "config.json").is_file():
-            return
-        t0, s = time.time(), self.s
-        bar = self.bar("train DINO encoder", s.dino_steps)
-        encoder, _ = dino.train_dino(self.rich(), s.dino_steps, _stage_seed(s.seed, "dino"), bar)
-        dino.save_encoder(encoder, self.dino_dir)
-        self.record("dino", t0)
 
 
 def _previous_seconds(out: Path) -> dict[str, float]:

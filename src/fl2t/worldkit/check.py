@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from fl2t.errors import Fl2tError
-from fl2t.metrics import ClipEvaluator, DinoEvaluator, concept_accuracy, image_alignment, reference_alignment
+from fl2t.metrics import ClipEvaluator, concept_accuracy, image_alignment, reference_alignment
 from fl2t.sampling import Sampler
 from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, held_out_combos, random_scene, render
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 CHECK_SEED = 777
 CHECK_BATCH = 64  # images per pipeline call for the base model's samples
 EVALUATOR_IMAGES = 300
-DINO_PER_CONCEPT = 20  # fresh renders per concept for the DINO encoder's gate (200 in all)
 BASE_SEEDS_PER_PROMPT = 1
 
 
@@ -76,15 +75,10 @@ class CheckContext:
     guidance_scale: float = 5.0
     steps: int = 25
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
-    _class_images: dict[tuple[str, ...], list[Image.Image]] = field(default_factory=dict, repr=False)
 
     @cached_property
     def evaluator(self) -> WorldEvaluator:
         return WorldEvaluator(self.weights / "evaluator")
-
-    @cached_property
-    def dino(self) -> DinoEvaluator:
-        return DinoEvaluator.load(self.weights / "dino")
 
     @cached_property
     def pipeline(self) -> StableDiffusionPipeline:
@@ -97,15 +91,6 @@ class CheckContext:
     def base_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """The base model's images of the prompts, one seed each, at the check's steps and guidance."""
         return Sampler(self.pipeline, batch=CHECK_BATCH)(prompts, seeds, self.steps, self.guidance_scale)
-
-    def class_images(self, concept: WorldConcept, n: int = 10) -> list[Image.Image]:
-        """The base model's images of the concept's first n evaluation prompts without the concept, made once
-        (concepts with the same class prompts, e.g. the three styles, share them)."""
-        prompts = tuple(class_prompts(concept)[:n])
-        if prompts not in self._class_images:
-            seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
-            self._class_images[prompts] = self.base_images(prompts, seeds)
-        return self._class_images[prompts]
 
 
 def gate_manifest(ctx: CheckContext) -> list[Row]:
@@ -162,40 +147,24 @@ def class_prompts(concept: WorldConcept) -> list[str]:
     return [t.replace(", in the style of {}", "").replace(" in the style of {}", "") for t in templates]
 
 
-def fresh_render_accuracies(
-    ctx: CheckContext, embed: Callable[[Sequence[Image.Image]], torch.Tensor], per_concept: int
-) -> list[float]:
-    """Per concept (in CONCEPTS' order), the concept accuracy of `per_concept` fresh renders of it, under the
-    image features `embed`: each render nearest (mean cosine) its own concept's references, not another concept's
-    nor the base model's images of its class prompts (`ctx.class_images`)."""
-    refs = {c.name: embed([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
-    accs = []
-    for k, c in enumerate(CONCEPTS):
-        rng = np.random.default_rng([CHECK_SEED, k])
-        fresh = embed([render(c.scene(rng)) for _ in range(per_concept)])
-        accs.append(concept_accuracy(fresh, c.name, refs, embed(ctx.class_images(c))))
-    return accs
-
-
-def gate_concept_separation(ctx: CheckContext, per_concept: int = 10) -> list[Row]:
+def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> list[Row]:
     """Concept accuracy of fresh renders of each concept: the ceiling a learned concept can reach, and
     proof that the evaluator tells each concept apart from the others and from its plain class."""
-    accs = fresh_render_accuracies(ctx, ctx.evaluator.image_embeds, per_concept)
+    ev = ctx.evaluator
+    refs = {c.name: ev.image_embeds([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
+    accs = []
+    cache: dict[tuple[str, ...], torch.Tensor] = {}
+    for k, c in enumerate(CONCEPTS):
+        prompts = tuple(class_prompts(c)[:class_images])
+        if prompts not in cache:
+            seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
+            cache[prompts] = ev.image_embeds(ctx.base_images(prompts, seeds))
+        rng = np.random.default_rng([CHECK_SEED, k])
+        fresh = ev.image_embeds([render(c.scene(rng)) for _ in range(per_concept)])
+        accs.append(concept_accuracy(fresh, c.name, refs, cache[prompts]))
     worst = CONCEPTS[int(np.argmin(accs))].name
     detail = f"{per_concept * len(CONCEPTS)} renders, {len(CONCEPTS)} concepts; lowest {worst} {min(accs):.2f}"
     return [Row("evaluator: fresh concept renders nearest own refs", float(np.mean(accs)), 0.95, detail)]
-
-
-def gate_dino(ctx: CheckContext) -> list[Row]:
-    """The DINO-like encoder (worldkit/dino.py) by the evaluator's CA-ceiling rule: every concept's fresh renders
-    nearest its own references at least 90 % of the time (the lowest concept is the gate's value)."""
-    gate = "DINO encoder: fresh renders nearest own refs (lowest concept)"
-    if not (ctx.weights / "dino" / "config.json").is_file():
-        return [Row(gate, 0.0, 0.90, f"no dino/ in {ctx.weights}: run `fl2t world build --resume`")]
-    accs = fresh_render_accuracies(ctx, ctx.dino.image_embeds, DINO_PER_CONCEPT)
-    worst = CONCEPTS[int(np.argmin(accs))].name
-    detail = f"{DINO_PER_CONCEPT * len(CONCEPTS)} renders; lowest {worst}; mean {np.mean(accs):.3f}"
-    return [Row(gate, min(accs), 0.90, detail)]
 
 
 STEP1_CONCEPTS = ("stripestar", "checkdiamond", "bullseye")  # the first is measured; the others follow it
@@ -297,7 +266,6 @@ GATES: list[Callable[[CheckContext], list[Row]]] = [
     gate_evaluator,
     gate_base,
     gate_concept_separation,
-    gate_dino,
     gate_step1,
 ]
 

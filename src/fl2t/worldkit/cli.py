@@ -25,11 +25,11 @@ def build(
     seed: int = typer.Option(None, help="Seed of the whole build (default: the shipped world's seed).", metavar="N"),
     resume: bool = typer.Option(False, help="Load stages whose output already exists instead of training them."),
     until: str = typer.Option(
-        "dino", help="Stop after this stage: vae, base, evaluator or dino (the last).", metavar="TEXT"
+        "evaluator", help="Stop after this stage: vae, base or evaluator (the last).", metavar="TEXT"
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
 ) -> None:
-    """Render the world and train its VAE, base model, evaluator and DINO encoder from nothing (about 1.5 hours on 2 cores)."""
+    """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
     from fl2t.worldkit.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
     from fl2t.worldkit.build import build as run_build
 
