@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from torch.nn.modules import module as torch_module
 from torch.optim import optimizer as torch_optimizer
 
@@ -15,29 +14,18 @@ from fl2t.bench import compute
 from fl2t.bench.compute import COUNTS, Counter, counted_task, method_compute
 from fl2t.bench.report import COMPUTE_HEADER, compute_note, compute_rows
 from fl2t.methods.base import AloneMethod, Method, MethodContext
+from fl2t.models import tiny_random_pipeline
 
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    model = tiny_random_pipeline().unet
     model.requires_grad_(False)
     return model
 
 
 def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.randn(n, 4, 8, 8), torch.full((n,), 10), torch.randn(n, 5, 16)
+    return torch.randn(n, 4, 16, 16), torch.full((n,), 10), torch.randn(n, 5, 32)
 
 
 def test_the_counter_counts_steps_and_unet_forwards_with_and_without_a_graph(unet):
@@ -128,10 +116,9 @@ def test_a_learn_that_fills_the_store_writes_its_record_and_counts_once(tmp_path
     assert counted_task(m, _Concept("a"), tmp_path)["step1"] is None
 
 
-def _task_files(folder, entries):
-    folder.mkdir(parents=True)
-    for t, e in enumerate(entries):
-        (folder / f"task{t}.json").write_text(json.dumps({"x": {"ia": 0.5}, "_compute": e}))
+def _tasks(entries):
+    """One order's task files (as loaded) with these `_compute` entries."""
+    return [{"x": {"ia": 0.5}, "_compute": e} for e in entries]
 
 
 def _phase(steps, grad=0, nograd=0, seconds=1.0, peak=10.0):
@@ -164,8 +151,7 @@ def test_the_store_is_charged_to_every_method_that_uses_it_and_orders_are_averag
         _entry("a", _phase(100, 100, peak=30.0), _phase(7, 7), uses_store=True, store_learned=True),
         _entry("b", _phase(0), _phase(9, 9, 4), uses_store=True),
     ]
-    _task_files(tmp_path / "fl2t" / "order0", alone)
-    c = method_compute([tmp_path / "fl2t" / "order0"], 2, tmp_path)
+    c = method_compute([_tasks(alone)], tmp_path)
     assert c["uses_store"]
     assert c["step1"]["steps"] == 150 and c["step1"]["unet_forwards_grad"] == 300  # the store's, once
     assert c["step1"]["seconds"] == pytest.approx(3.0)  # a's record, b's record, b's own learn
@@ -173,21 +159,18 @@ def test_the_store_is_charged_to_every_method_that_uses_it_and_orders_are_averag
     assert c["total"]["steps"] == 166 and c["total"]["peak_mb"] == 30.0
 
     own = [_entry("a", _phase(10), _phase(0)), _entry("b", _phase(20), _phase(0))]
-    _task_files(tmp_path / "seq" / "order0", own)
-    _task_files(tmp_path / "seq" / "order1", [_entry("b", _phase(40), _phase(0)), _entry("a", _phase(50), _phase(0))])
-    c = method_compute([tmp_path / "seq" / f"order{k}" for k in (0, 1)], 2, tmp_path)
+    other = [_entry("b", _phase(40), _phase(0)), _entry("a", _phase(50), _phase(0))]
+    c = method_compute([_tasks(own), _tasks(other)], tmp_path)
     assert not c["uses_store"] and c["step1"]["steps"] == (30 + 90) / 2 and c["step2"]["steps"] == 0
 
     # a resumed task whose learn was not seen: nothing lost for a store user, unknown for a method of its own
-    _task_files(tmp_path / "merge" / "order0", [_entry("a", None, _phase(0), True), _entry("b", None, _phase(0), True)])
-    assert method_compute([tmp_path / "merge" / "order0"], 2, tmp_path)["step1"]["steps"] == 150
-    _task_files(tmp_path / "ewc" / "order0", [_entry("a", _phase(10), _phase(0)), _entry("b", None, _phase(0))])
-    assert method_compute([tmp_path / "ewc" / "order0"], 2, tmp_path) is None
+    resumed = [_entry("a", None, _phase(0), True), _entry("b", None, _phase(0), True)]
+    assert method_compute([_tasks(resumed)], tmp_path)["step1"]["steps"] == 150
+    unseen = [_entry("a", _phase(10), _phase(0)), _entry("b", None, _phase(0))]
+    assert method_compute([_tasks(unseen)], tmp_path) is None
     (tmp_path / "store_compute" / "b.json").unlink()  # a store record missing: unknown, not zero
-    assert method_compute([tmp_path / "fl2t" / "order0"], 2, tmp_path) is None
-    (tmp_path / "old" / "order0").mkdir(parents=True)  # an older run's task without `_compute`
-    (tmp_path / "old" / "order0" / "task0.json").write_text(json.dumps({"x": {"ia": 0.5}}))
-    assert method_compute([tmp_path / "old" / "order0"], 1, tmp_path) is None
+    assert method_compute([_tasks(alone)], tmp_path) is None
+    assert method_compute([[{"x": {"ia": 0.5}}]], tmp_path) is None  # an older run's task without `_compute`
 
 
 def test_the_compute_table_renders_counts_and_dashes_for_uncounted_runs():

@@ -166,15 +166,15 @@ def _mean_over_orders(totals: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def method_compute(folders: list[Path], tasks: int, run: Path) -> dict[str, Any] | None:
-    """A method's compute from its task files (`task<t>.json`, `_compute`) in each order's folder: per phase
+def method_compute(runs: list[list[dict[str, Any]]], run: Path) -> dict[str, Any] | None:
+    """A method's compute from its task files (each order's, in task order; their `_compute` entries): per phase
     (`step1`, `step2`, `total`) the totals over tasks, averaged over orders. A method that uses the store has the
     store records of its concepts in its Step 1 (and not again the learn that wrote one). None when some task was
     not counted (results of an older run; a learn resumed past, for a method whose Step 1 is its own) or a store
     record is missing."""
     per_order = []
-    for folder in folders:
-        entries = [json.loads((folder / f"task{t}.json").read_text()).get("_compute") for t in range(tasks)]
+    for tasks in runs:
+        entries = [task.get("_compute") for task in tasks]
         if not entries or any(e is None for e in entries):
             return None
         uses_store = entries[0]["uses_store"]

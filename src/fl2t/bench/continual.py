@@ -734,7 +734,7 @@ class Benchmark:
             out["variants"] = variants
         tasks = {m: [self.tasks(m, k) for k in range(len(self.orders))] for m in self.methods}
         for method in self.methods:
-            runs = [self._run_result(method, k, order) for k, order in enumerate(self.orders)]
+            runs = [self._run_result(tasks[method][k], order) for k, order in enumerate(self.orders)]
             averages = [r["average"]["nia"] for r in runs]
             per_concept = {n: {m: _mean([r["final"][n].get(m) for r in runs]) for m in METRICS} for n in self.names}
             out["methods"][method] = {
@@ -744,9 +744,7 @@ class Benchmark:
                 "forgetting": {m: _mean([r["forgetting"].get(m) for r in runs]) for m in ("nia", "ia", "ca")},
                 "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
                 "order_spread": float(max(averages) - min(averages)),
-                "compute": method_compute(
-                    [self.method_dir(method, k) for k in range(len(self.orders))], len(self.names), self.out
-                ),
+                "compute": method_compute(tasks[method], self.out),
             }
             # 95% bootstrap intervals over the (concept, prompt, seed) samples, the confusion matrix (bench/stats.py)
             out["methods"][method].update(method_stats(tasks[method], self.orders, self.names))
@@ -760,11 +758,10 @@ class Benchmark:
         folder = self.method_dir(method, k)
         return [json.loads((folder / f"task{t}.json").read_text()) for t in range(len(self.names))]
 
-    def _run_result(self, method: str, k: int, order: list[str]) -> dict[str, Any]:
-        """One method over one order: R[t][i] per metric (None above the diagonal), the final row and its
-        average, the average forgetting (on the samples common to every row, when the task files keep per-image
-        scores) and the multi-concept scores."""
-        tasks = self.tasks(method, k)
+    def _run_result(self, tasks: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
+        """One method over one order, from its task files: R[t][i] per metric (None above the diagonal), the final
+        row and its average, the average forgetting (on the samples common to every row, when the task files keep
+        per-image scores) and the multi-concept scores."""
         R = {
             metric: [
                 [tasks[t].get(name, {}).get(metric) if i <= t else None for i, name in enumerate(order)]

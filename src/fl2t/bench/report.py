@@ -306,8 +306,7 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
         md += ["## Confusion matrices (final row)", "", *confusion_notes(), ""]
         md += [line for method, ch, cr in confusion for line in (f"**{method}**", "", *_md_table(ch, cr), "")]
     compute = compute_rows(results)
-    md += ["## Compute", "", "| " + " | ".join(COMPUTE_HEADER) + " |", "|" + "---|" * len(COMPUTE_HEADER)]
-    md += ["| " + " | ".join(r) + " |" for r in compute] + ["", compute_note(results), ""]
+    md += ["## Compute", "", *_md_table(COMPUTE_HEADER, compute), "", compute_note(results), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     grids = sorted(folder.glob("*/order0/grids/*.png"))
     if grids:
@@ -335,9 +334,8 @@ def write_report(results: dict, folder: Path) -> tuple[Path, Path]:
     if confusion:
         h += ["<h2>Confusion matrices (final row)</h2>", *[f"<p>{html.escape(line)}</p>" for line in confusion_notes()]]
         h += [f"<h3>{html.escape(method)}</h3>{_html_table(ch, cr)}" for method, ch, cr in confusion]
-    h += ["<h2>Compute</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COMPUTE_HEADER) + "</tr>"]
-    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in compute]
-    h += [f"</table><p>{html.escape(compute_note(results))}</p>", *[img(p) for p in pngs]]
+    h += ["<h2>Compute</h2>", _html_table(COMPUTE_HEADER, compute), f"<p>{html.escape(compute_note(results))}</p>"]
+    h += [img(p) for p in pngs]
     if grids:
         h.append("<h2>Samples after the last task (order 0)</h2>")
         h += [f"<div><b>{html.escape(g.parts[-4])} · {html.escape(g.stem)}</b><br>{img(g)}</div>" for g in grids]
