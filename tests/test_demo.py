@@ -62,6 +62,11 @@ def test_the_reading_is_generated_from_the_numbers():
         in text
     )
     assert "lwf: final nIA 0.380, CA 0.190, forgetting 0.010 nIA / 0.020 CA" in text
-    assert text.endswith("Highest final nIA without the oracle: lookup.")
-    swapped = " ".join(reading(_results({"oracle": 0.6, "lookup": 0.38, "lwf": 0.41, "fl2t": 0.4})))
-    assert swapped.endswith("Highest final nIA without the oracle: lwf.")
+    assert text.endswith("Highest final nIA without the oracle: lookup, then fl2t; no paired comparison of the two.")
+    results = _results({"oracle": 0.6, "lookup": 0.38, "lwf": 0.41, "fl2t": 0.4})
+    results["comparisons"] = [{"a": "fl2t", "b": "lwf", "metric": "nia", "diff": -0.01, "ci": [-0.03, 0.01]}]
+    assert " ".join(reading(results)).endswith(
+        "lwf, then fl2t; not a lead: the paired interval of the difference includes 0."
+    )
+    results["comparisons"][0]["ci"] = [-0.02, -0.001]
+    assert " ".join(reading(results)).endswith("lwf, then fl2t; a lead the paired interval shows.")

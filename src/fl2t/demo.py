@@ -103,8 +103,8 @@ def _part(
 
 def reading(results: dict) -> list[str]:
     """The demo's numbers in words, generated from the results: how well the concepts were learned (the oracle),
-    then each other method's final nIA and CA with their forgetting, and which is highest. Whether a gap is beyond
-    the noise is the paired comparisons' call (printed above it by the benchmark)."""
+    then each other method's final nIA and CA with their forgetting, and the two highest, with whether the paired
+    comparison (`results["comparisons"]`, printed above it by the benchmark) shows the lead."""
     methods, names = results["methods"], results["concepts"]
     lines = ["Reading:"]
     oracle = methods.get("oracle")
@@ -123,10 +123,22 @@ def reading(results: dict) -> list[str]:
             f"{_f(r['forgetting']['nia'])} nIA / {_f(r['forgetting']['ca'])} CA"
             + (f", two concepts in one prompt {_f(r['multi'])} nIA." if r.get("multi") is not None else ".")
         )
-    scored = [m for m in others if methods[m]["average"]["nia"] is not None]
+    scored = sorted(
+        (m for m in others if methods[m]["average"]["nia"] is not None), key=lambda m: -methods[m]["average"]["nia"]
+    )
     if len(scored) > 1:
-        best = max(scored, key=lambda m: methods[m]["average"]["nia"])
-        lines.append(f"Highest final nIA without the oracle: {best}.")
+        best, second = scored[:2]
+        pair = next(
+            (c for c in results.get("comparisons", []) if c["metric"] == "nia" and {c["a"], c["b"]} == {best, second}),
+            None,
+        )
+        if pair is None:
+            verdict = "no paired comparison of the two"
+        elif pair["ci"][0] > 0 or pair["ci"][1] < 0:
+            verdict = "a lead the paired interval shows"
+        else:
+            verdict = "not a lead: the paired interval of the difference includes 0"
+        lines.append(f"Highest final nIA without the oracle: {best}, then {second}; {verdict}.")
     return lines
 
 
