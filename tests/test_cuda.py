@@ -42,7 +42,7 @@ def test_learn_consolidate_generate_evaluate_at_sd15_size_on_the_gpu(tmp_path):
     lib = Library(tmp_path / "lib")
     assert all(np.isfinite(f) for f in lib.fidelity().values())
     pipe = FL2TPipeline.from_pretrained(str(base), library=lib, device="cuda")
-    assert pipe.unet.device.type == "cuda" and pipe.consolidated.match_scale.device.type == "cuda"
+    assert pipe.unet.device.type == "cuda" and pipe.consolidated.none_logit.device.type == "cuda"
     torch.cuda.reset_peak_memory_stats()
     image = pipe("a photo of <c-ball> ball", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[
         0

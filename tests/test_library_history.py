@@ -43,22 +43,28 @@ def fl2t(args, env=None) -> subprocess.CompletedProcess:
     )
 
 
-def oracle(lib: Library, base) -> "torch.nn.Module":
-    """A consolidated model that gives a named concept's expert its full weight and nothing else: the experts
-    themselves (relevance heads zero, a large match scale, gates fully open, no shared LoRA)."""
+class Oracle(torch.nn.Module):
+    """A stand-in consolidated model that gives each concept a prompt names its expert's full weight and nothing else
+    (gates open, no shared LoRA): the experts themselves."""
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.config = type("C", (), {"settings": STEP2})
+
+    def shared_factors(self):
+        return None
+
+    def forward(self, text: torch.Tensor, pad: torch.Tensor, named: torch.Tensor):
+        return named[:, None, :].expand(-1, self.n_layers, -1), None, None
+
+
+def oracle(lib: Library, base) -> Oracle:
     experts = canonical(lib.experts())
     pipe = build_pipeline(lib, experts, str(base))
-    model, agg = new_model(pipe, experts, STEP2.model_copy(update={"shared": False}))
+    model, agg = new_model(pipe, experts, STEP2)
     agg.remove()
-    with torch.no_grad():
-        model.relevance.weight.zero_()
-        model.relevance.bias.zero_()
-        model.match_scale.fill_(60.0)
-        model.none_logit.fill_(30.0)
-        if model.gate is not None:
-            model.gate.weight.zero_()
-            model.gate.bias.fill_(60.0)
-    return model
+    return Oracle(len(model.config.layer_shapes))
 
 
 @pytest.fixture
@@ -140,14 +146,20 @@ def test_fidelity_is_one_for_the_experts_zero_for_the_base_and_drops_for_a_swapp
     assert scores[a.name] > 0.999 and scores[b.name] < 0.9
 
 
+# The gate tests leave out the shared LoRA: on these four-step experts its first Adam steps move the UNet output more
+# than the experts do (fidelity -0.55 at seed 0, -1.28 at seed 1 with it; 0.94 for both without), so two normal
+# consolidations would differ by more than the gate's threshold.
+NO_SHARED = STEP2.model_copy(update={"shared": False})
+
+
 def test_gate_accepts_a_normal_reconsolidation_at_the_default_threshold(two, tiny_base):
-    consolidate_library(two.path, STEP2, base=str(tiny_base))
-    consolidate_library(two.path, STEP2.model_copy(update={"seed": 1}), base=str(tiny_base))
+    consolidate_library(two.path, NO_SHARED, base=str(tiny_base))
+    consolidate_library(two.path, NO_SHARED.model_copy(update={"seed": 1}), base=str(tiny_base))
     assert two.current().number == 4
 
 
 def test_gate_refuses_a_consolidation_that_lost_a_concept_and_accept_overrides(two, tiny_base, monkeypatch):
-    consolidate_library(two.path, STEP2, base=str(tiny_base))
+    consolidate_library(two.path, NO_SHARED, base=str(tiny_base))
     first = two.current()
     assert first.change == "consolidate" and set(first.fidelity) == set(two.names())
     lost = canonical(two.experts())[0]
@@ -163,12 +175,12 @@ def test_gate_refuses_a_consolidation_that_lost_a_concept_and_accept_overrides(t
     monkeypatch.setattr("fl2t.learning.measure_fidelity", losing)
     before = tree(two.path)
     with pytest.raises(FidelityDropped, match=f"lowered the fidelity of .*{lost.name}") as refused:
-        consolidate_library(two.path, STEP2, base=str(tiny_base))
+        consolidate_library(two.path, NO_SHARED, base=str(tiny_base))
     assert lost.name in refused.value.drops
     assert tree(two.path) == before and two.current().number == first.number
     candidate = two.version(refused.value.version)
     assert candidate.candidate and candidate.fidelity[lost.name] < first.fidelity[lost.name] - GATE_THRESHOLD
-    consolidate_library(two.path, STEP2, base=str(tiny_base), accept=True)
+    consolidate_library(two.path, NO_SHARED, base=str(tiny_base), accept=True)
     assert two.current().number == candidate.number + 1 and not two.current().candidate
     assert two.current().fidelity[lost.name] == candidate.fidelity[lost.name]  # the same consolidation, now current
 

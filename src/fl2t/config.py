@@ -73,11 +73,32 @@ class ConsolidateSettings(BaseModel):
     route_margin: float = Field(
         4.0,
         gt=0,
-        description="at the start, a prompt naming a concept weights it, and a prompt naming none weights 'none', "
-        "about 1/(1 + e^-margin) (the relevance heads then learn from there)",
+        description="at the start a prompt gives each concept it names the weight 1/(1 + e^-margin) and every other "
+        "1/(1 + e^margin), on every layer (the relevance heads learn from there)",
+    )
+    route_batch: int = Field(
+        32, ge=0, description="extra prompts per step for the relevance heads alone (decoder only, no UNet pass)"
     )
     base_share: float = Field(0.25, ge=0, le=1, description="share of each batch with prompts naming no concept")
-    multi_share: float = Field(0.1, ge=0, le=1, description="share of each batch with two-concept prompts")
+    pair_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="share of each batch with two-concept prompts taught by the composition teacher (at least one "
+        "per batch when the set has a pair)",
+    )
+    lambda_pair: float = Field(1.0, ge=0, description="weight of matching the composition teacher on pair prompts")
+    pairs_per_concept: int = Field(
+        4, ge=0, description="pairs trained per concept (its partners of lowest pair hash; keeps Step 2 linear in G)"
+    )
+    pair_anchors: int = Field(4, ge=1, description="latents the composition teacher generates per trained pair")
+    pair_anchor_steps: int = Field(25, ge=1, description="denoising steps for the pair anchors")
+    pair_anchor_guidance: float = Field(7.5, ge=0)
+    span: bool = Field(
+        False,
+        description="the named concepts' experts update the cross-attention keys and values of their own tokens only, "
+        "in Step 2's student and at generation (fl2t.span)",
+    )
     seed: int = Field(0, description="mixed with the set's hash; the same set and seed give the same model")
 
 

@@ -75,13 +75,18 @@ class SpanKV:
         found = [torch.stack([(input_ids == t).any(-1) for t in ids], -1).all(-1) for ids in self.token_ids]
         return torch.stack(found, -1)
 
-    @torch.no_grad()
     def arm(
-        self, input_ids: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor | None = None, guided: bool = True
+        self,
+        input_ids: torch.Tensor,
+        alpha: torch.Tensor,
+        gamma: torch.Tensor | None = None,
+        guided: bool = True,
+        where: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Arm for prompts `input_ids` (B, T) with weights alpha (B, L, G), gamma (B, L, G, r) or None (ones);
-        returns the rest of alpha (B, L, G), to apply to every token."""
-        named = self.named(input_ids).to(alpha.device)
+        returns the rest of alpha (B, L, G), to apply to every token. `where` (B, G) bool: the experts to restrict
+        (default: those each prompt names). Differentiable in alpha and gamma (Step 2's student)."""
+        named = (self.named(input_ids) if where is None else where.bool().cpu()).to(alpha.device)
         span = self.spans(input_ids).to(alpha.device)
         w = alpha[:, self.rows] * named[:, None]  # (B, K, G)
         r = self.stack.rank
@@ -90,9 +95,9 @@ class SpanKV:
         self.coef = coef.transpose(2, 3).flatten(-2).to(self.device)  # (B, K, T, G*r), expert-major like A's rows
         self.guided = guided
         self._cache.clear()
-        rest = alpha.clone()
-        rest[:, self.rows] = alpha[:, self.rows] * ~named[:, None]
-        return rest
+        keep = torch.ones_like(alpha)
+        keep[:, self.rows] = (~named[:, None]).to(alpha.dtype)
+        return alpha * keep
 
     def off(self) -> None:
         self.coef = None

@@ -27,6 +27,7 @@ from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.models import base_config_hash
 from fl2t.pipeline import ExpertPipeline
 from fl2t.sampling import Sampler
+from fl2t.span import SpanKV, prompt_ids
 
 TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the scheduler's training timesteps
 SEED = 0  # the noise of concept g's samples: the same for every version, so scores compare across versions
@@ -135,15 +136,24 @@ def fidelity(
         return {name: goal.score(lambda p, x, t, g=goal: g.eps_base) for name, goal in goals.items()}
     mixed = experts if student is None else [next(s for s in student if s.name == e.name) for e in experts]
     unet = pipe.unet
-    agg = AggregatedLoRA(unet, stack_experts(mixed, unet), model.shared_factors())
+    stack = stack_experts(mixed, unet)
+    agg = AggregatedLoRA(unet, stack, model.shared_factors())
+    span = SpanKV(unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in mixed])
     model = model.to(unet.device)
 
     def arm(prompts: list[str]) -> None:
         _, text, pad = prompt_states(pipe, prompts)
-        alpha, gamma, _ = model(text, pad, concepts_named(pipe, experts, prompts))
+        alpha, gamma, _ = model(text, pad, concepts_named(pipe, mixed, prompts))
+        if model.config.settings.span:
+            alpha = span.arm(prompt_ids(pipe.tokenizer, prompts), alpha, gamma, guided=False)
         agg.set(alpha, gamma, shared=True)
 
-    scores = {name: goal.score(_unet_predict(pipe, arm, agg.off)) for name, goal in goals.items()}
+    def disarm() -> None:
+        agg.off()
+        span.off()
+
+    scores = {name: goal.score(_unet_predict(pipe, arm, disarm)) for name, goal in goals.items()}
+    span.remove()
     agg.remove()
     return scores
 

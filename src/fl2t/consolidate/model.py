@@ -6,12 +6,12 @@ carry no positional encoding, so permuting the concepts permutes every output th
 
 On disk, as diffusers models are: `save_pretrained(folder)` writes `config.json` (a `ConsolidatedConfig`: the
 settings, every shape needed to rebuild the model, the set it was made for) beside `model.safetensors`;
-`from_pretrained(folder)` reads them back. `Library.save_consolidated` places such a folder in a library.
+`from_pretrained(folder)` reads them back. `Library.save_consolidated` places such a folder in a library. Step 2 also
+leaves `pair_anchors.safetensors` there: the composition teacher's latents of the pairs it trained, a cache.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from fl2t.files import atomic_write_bytes, atomic_write_json, read_validated
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PAIR_ANCHORS_NAME = "pair_anchors.safetensors"  # the composition teacher's latents per trained pair, kept for reuse
 
 
 class ConceptRef(BaseModel):
@@ -98,19 +99,24 @@ class ConsolidatedModel(nn.Module):
             raise ValueError(f"proxies of shape {tuple(proxies.shape)} for a config of G={G}, d={d}")
         heads = settings.heads if d % settings.heads == 0 else 1
         self.rank = config.rank
+        self.pair_anchors: dict[str, torch.Tensor] = {}  # pair key -> latents (N, C, h, w); saved beside the weights
         self.proxies = nn.Parameter(proxies.detach().clone().float())  # (G, d), initialised from C_g
         self.layers = nn.ModuleList(
             ProxyDecoderLayer(d, heads, settings.mlp_ratio, settings.proxy_attention)
             for _ in range(settings.decoder_layers)
         )
         self.out_norm = nn.LayerNorm(d)
-        self.relevance = nn.Linear(d, L)  # s_{l,g} = head_l(Z_g), all L heads in one matrix
-        # ... + match_scale_l * n_g(p), n_g the share of concept g's tokens the prompt contains: a prompt that names a
-        # concept selects it from the first step. (The best cosine between P_g and the prompt's token states, tried
-        # first, does not separate concepts: a small text encoder's states are mostly context, and base prompts
-        # matched some proxy better than concept prompts matched their own.) Scale and threshold set by `init_routing`.
-        self.match_scale = nn.Parameter(torch.ones(L))
-        self.none_logit = nn.Parameter(torch.zeros(L))  # per layer, the logit of "none of them"
+        # The relevance heads: s_{l,g} = head_l(Z_g) + u_l n_g, all L heads in one matrix, n_g the share of concept g's
+        # tokens the prompt contains (`concepts_named`), an input whose per-layer weight u_l is learned like the rest.
+        # Each concept's weight is its own decision against the layer's "none" threshold,
+        # alpha_{l,g} = sigmoid(s_{l,g} - none_l), so a prompt naming two concepts can give both their full strength.
+        # At the start u = 2 margin and none = margin: a named concept weighs sigmoid(margin), any other
+        # sigmoid(-margin) (the lookup, as a prior); Step 2 moves both per layer. (Tried: the heads on Z alone, u = 0.
+        # On the world's text encoder the decoded proxies do not tell a concept's token from its class word: after 150
+        # steps "a star" weighted the star concept 0.998 and prompts naming pastel weighted it 0.000.)
+        self.relevance = nn.Linear(d, L)
+        self.token_weight = nn.Parameter(torch.full((L,), 2.0 * settings.route_margin))
+        self.none_logit = nn.Parameter(torch.full((L,), float(settings.route_margin)))
         self.gate = nn.Linear(d, L * config.rank) if settings.gates else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
@@ -128,11 +134,15 @@ class ConsolidatedModel(nn.Module):
 
     # -- on disk ------------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write config.json and model.safetensors (float32) into `folder`."""
+        """Write config.json and model.safetensors (float32) into `folder`, and pair_anchors.safetensors when Step 2
+        made pair anchors (the next consolidation reuses those of the pairs it trains again)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}
         atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors))
+        if self.pair_anchors:
+            anchors = {k: v.detach().cpu().float().contiguous() for k, v in sorted(self.pair_anchors.items())}
+            atomic_write_bytes(folder / PAIR_ANCHORS_NAME, st_save(anchors))
         atomic_write_json(folder / CONFIG_NAME, self.config.model_dump(mode="json"), sort_keys=False)
 
     @staticmethod
@@ -164,6 +174,14 @@ class ConsolidatedModel(nn.Module):
             ) from None
         return model.eval()
 
+    @staticmethod
+    def load_pair_anchors(folder: str | Path) -> dict[str, torch.Tensor]:
+        """The pair anchors a saved model kept (empty when it has none or they cannot be read: they are a cache)."""
+        try:
+            return st_load((Path(folder) / PAIR_ANCHORS_NAME).read_bytes())
+        except (OSError, SafetensorError):
+            return {}
+
     # -- the forward pass ---------------------------------------------------------------------------------------
     def shared_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """The shared LoRA per layer, (A (r_s, in), B (out, r_s)); None when the settings have none."""
@@ -178,31 +196,25 @@ class ConsolidatedModel(nn.Module):
             z = layer(z, text, text_pad)
         return self.out_norm(z)
 
-    @torch.no_grad()
-    def init_routing(self, margin: float) -> None:
-        """A prompt naming concept g gives it a logit `margin + log G` above "none"; naming none, "none" stands as far
-        above every concept, so with relevance heads still near zero either choice holds about 1/(1 + e^-margin)."""
-        G = self.proxies.shape[0]
-        gap = margin + math.log(max(G, 1))
-        self.match_scale.fill_(2 * gap)
-        self.none_logit.fill_(gap)
+    def logits(self, z: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        """(B, L, G): s_{l,g} - none_l, the relevance logits; alpha = their sigmoid. named (B, G)."""
+        s = self.relevance(z).transpose(1, 2) + self.token_weight.view(1, -1, 1) * named.unsqueeze(1)
+        return s - self.none_logit.view(1, -1, 1)
 
     def weights(self, z: torch.Tensor, named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """alpha (B, L, G): softmax over G concepts + "none", the none column dropped; gamma (B, L, G, r)."""
-        B, G, _ = z.shape
-        logits = self.relevance(z).transpose(1, 2) + self.match_scale.view(1, -1, 1) * named.unsqueeze(1)  # (B, L, G)
-        none = self.none_logit.view(1, -1, 1).expand(B, -1, 1)  # (B, L, 1)
-        alpha = torch.softmax(torch.cat([logits, none], dim=-1), dim=-1)[..., :G]
+        """alpha (B, L, G) in (0, 1), each concept on its own; gamma (B, L, G, r)."""
+        B = z.shape[0]
+        alpha = torch.sigmoid(self.logits(z, named))
         gamma = None
         if self.gate is not None:
-            gamma = torch.sigmoid(self.gate(z).view(B, G, -1, self.rank)).transpose(1, 2)  # (B, L, G, r)
+            gamma = torch.sigmoid(self.gate(z).view(B, z.shape[1], -1, self.rank)).transpose(1, 2)  # (B, L, G, r)
         return alpha, gamma
 
     def forward(
         self, text: torch.Tensor, text_pad: torch.Tensor, named: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """alpha (B, L, G), gamma (B, L, G, r) or None, Z (B, G, d); named (B, G): the share of each concept's
-        tokens each prompt contains (`concepts_named`)."""
+        """alpha (B, L, G), gamma (B, L, G, r) or None, Z (B, G, d) for prompt states text (B, T, d); named (B, G): the
+        share of each concept's tokens each prompt contains (`concepts_named`)."""
         z = self.decode(text, text_pad)
         alpha, gamma = self.weights(z, named)
         return alpha, gamma, z

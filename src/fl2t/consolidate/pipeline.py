@@ -3,8 +3,8 @@
 For each distinct prompt the relevance weights alpha and gates gamma are computed once, the aggregated update
 is fused into the UNet weights once, the whole sampling loop (conditional and unconditional passes of
 classifier-free guidance alike) runs on the fused weights, and the UNet gets its exact weights back afterwards.
-With `span=True` the experts of the concepts a prompt names update the cross-attention keys and values of their own
-tokens only (`fl2t.span`); the rest is fused as above.
+With span restriction (the consolidated model's `span` setting, or `span=True`) the experts of the concepts a prompt
+names update the cross-attention keys and values of their own tokens only (`fl2t.span`); the rest is fused as above.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class FL2TPipeline(ExpertPipeline):
         library: str | Path | Library,
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
-        span: bool = False,
+        span: bool | None = None,
     ) -> FL2TPipeline:
         self, lib = cls.for_library(library, pretrained_model_name_or_path, torch_dtype)
         self.experts = canonical(lib.experts())
@@ -53,6 +53,8 @@ class FL2TPipeline(ExpertPipeline):
             self.to(device)
         self.consolidated, self.aggregated = _load_consolidated(lib, self.experts, self.unet)
         token_ids = [self.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in self.experts]
+        if span is None:  # as Step 2 trained it
+            span = self.consolidated.config.settings.span
         self.span = SpanKV(self.unet, self.aggregated.stack, token_ids) if span else None
         return self
 
@@ -68,12 +70,28 @@ class FL2TPipeline(ExpertPipeline):
         return alpha[0], None if gamma is None else gamma[0]
 
     def relevance(self, prompt: str) -> dict[str, dict[str, float]]:
-        """Per adapted UNet layer: the weight alpha of every concept, and of "none" (the rest to 1)."""
+        """Per adapted UNet layer: the weight alpha of every concept (each its own decision, in [0, 1]), and "none",
+        the chance that no concept applies (the product of 1 - alpha)."""
         alpha, _ = self.weights_for(prompt)
         out = {}
         for name, row in zip(self.aggregated.stack.modules, alpha.tolist()):
-            out[name] = {**dict(zip(self.concept_names, row)), "none": max(0.0, 1.0 - sum(row))}
+            out[name] = {**dict(zip(self.concept_names, row)), "none": float(torch.prod(1 - torch.tensor(row)))}
         return out
+
+    def arm(self, prompts: list[str]) -> None:
+        """Arm the per-sample hooks (and span restriction) for a batch of prompts, conditional passes only or with
+        classifier-free guidance as diffusers lays the batch out; `disarm()` after."""
+        weights = [self.weights_for(p) for p in prompts]
+        alpha = torch.stack([a for a, _ in weights])
+        gamma = None if weights[0][1] is None else torch.stack([g for _, g in weights])
+        if self.span is not None:
+            alpha = self.span.arm(prompt_ids(self.tokenizer, prompts), alpha, gamma)
+        self.aggregated.set(alpha, gamma, shared=True)
+
+    def disarm(self) -> None:
+        self.aggregated.off()
+        if self.span is not None:
+            self.span.off()
 
     def __call__(
         self,

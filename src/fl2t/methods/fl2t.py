@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from diffusers import StableDiffusionPipeline
 
 from fl2t.consolidate import ConsolidatedModel, set_hash
@@ -34,11 +33,5 @@ class FL2T(AloneMethod):
         """The consolidated library. For a batch of different prompts each image gets its prompt's alpha and gamma
         through the per-sample hooks (what FL2TPipeline fuses, one prompt at a time, when a user generates)."""
         pipe = FL2TPipeline.from_pretrained(self.ctx.base, library=self.library, device=self.device)
-
-        def arm(prompts: list[str]) -> None:
-            weights = [pipe.weights_for(p) for p in prompts]
-            gamma = None if weights[0][1] is None else torch.stack([g for _, g in weights])
-            pipe.aggregated.set(torch.stack([a for a, _ in weights]), gamma, shared=True)
-
         plain_call = functools.partial(StableDiffusionPipeline.__call__, pipe)  # diffusers' own: the hooks fuse
-        return Sampler(pipe, arm=arm, disarm=pipe.aggregated.off, call=plain_call)
+        return Sampler(pipe, arm=pipe.arm, disarm=pipe.disarm, call=plain_call)
