@@ -54,6 +54,7 @@ def test_bench_speed_writes_results_with_ratios_to_base_and_fused_inference_disa
             assert r[f"{variant}_s"]["median"] > 0 and len(r[f"{variant}_s"]["times"]) == 1
         # one repeat: the median of per-repeat ratios is that repeat's ratio
         assert r["fl2t_ratio"] == pytest.approx(r["fl2t_s"]["times"][0] / r["base_s"]["times"][0])
+        assert r["fl2t_span_ratio"] == pytest.approx(r["fl2t_span_s"]["times"][0] / r["base_s"]["times"][0])
         assert r["diffusers_ratio"] == pytest.approx(r["diffusers_s"]["times"][0] / r["base_s"]["times"][0])
         plain, fused = r["unet_step_plain_s"]["times"], r["unet_step_fused_s"]["times"]
         assert len(plain) == 4 and min(plain + fused + r["unet_step_hooks_s"]["times"]) > 0

@@ -141,7 +141,8 @@ def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts):
             lib.add(four_experts[i])
             steps = 2 if len(lib.names()) < 4 else 6
             lib.save_consolidated(consolidate(lib, STEP2.model_copy(update={"steps": steps})).save_pretrained)
-        blobs.append((lib.path / "consolidated" / "model.safetensors").read_bytes())
+        folder = lib.path / "consolidated"
+        blobs.append([(folder / f).read_bytes() for f in ("model.safetensors", "pair_anchors.safetensors")])
         pipe = FL2TPipeline.from_pretrained(library=lib)
         images.append(
             pipe(

@@ -91,6 +91,11 @@ class ConsolidateSettings(BaseModel):
     pairs_per_concept: int = Field(
         4, ge=0, description="pairs trained per concept (its partners of lowest pair hash; keeps Step 2 linear in G)"
     )
+    pair_teacher: Literal["span", "routed"] = Field(
+        "span",
+        description="the composition teacher of pair prompts: both experts with keys/values restricted to their own "
+        "tokens ('span'), or each expert where its tokens' cross-attention falls and the base elsewhere ('routed')",
+    )
     pair_anchors: int = Field(4, ge=1, description="latents the composition teacher generates per trained pair")
     pair_anchor_steps: int = Field(25, ge=1, description="denoising steps for the pair anchors")
     pair_anchor_guidance: float = Field(7.5, ge=0)

@@ -104,6 +104,9 @@ class BenchConfig(BaseModel):
         ),
     )
     class_images: int = Field(8, ge=1, description="base-model images of the class word per concept, for CA")
+    multi_images: int | None = Field(
+        None, ge=1, description="images per multi-concept pair; none: final_images_per_prompt, at least 4"
+    )
     multi: list[list[str]] = Field(
         default_factory=list, description="pairs of concept names for the multi-concept score"
     )
@@ -717,7 +720,7 @@ class Benchmark:
             if template is None:
                 raise Fl2tError(f"no multi_prompts template for a {kinds} pair")
             prompt = template.format(ea.concept.spec.subject, eb.concept.spec.subject)
-            n = max(4, self.cfg.final_images_per_prompt or self.cfg.images_per_prompt)
+            n = self.cfg.multi_images or max(4, self.cfg.final_images_per_prompt or self.cfg.images_per_prompt)
             s = self.cfg.sample
             seeds = [self.cfg.seed + 90_000 + i for i in range(n)]
             emb = self.clip.image_embeds(sampler([prompt] * n, seeds, s.steps, s.guidance, s.size))

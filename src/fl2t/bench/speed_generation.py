@@ -1,4 +1,5 @@
-"""`fl2t bench speed`, generation: seconds per image against G for the plain base model, FL2TPipeline, per-step
+"""`fl2t bench speed`, generation: seconds per image against G for the plain base model, FL2TPipeline (fused, and with
+span-restricted keys/values), per-step
 multi-LoRA in the manner of CIDM and diffusers' `set_adapters`, interleaved repeat by repeat; and one denoising step
 three ways. The run, the other benchmarks and the printing are in `fl2t.bench.speed`."""
 
@@ -61,6 +62,11 @@ def _generation_row(
         # base is 1 up to what this machine cannot resolve (memory placement, neighbours).
         "base_copy": _image(load_base(base, device=device), prompt, settings),
         "fl2t": _image(fl2t, prompt, settings),
+        # The same library with span-restricted keys/values (DESIGN §3, Inference): the named experts' key/value
+        # update computed once per prompt batch and added at their tokens, the rest fused.
+        "fl2t_span": _image(
+            FL2TPipeline.from_pretrained(base, library=lib, device=device, span=True), prompt, settings
+        ),
         "per_step_hooks": per_step_hooks,
         "prompt_overhead": prompt_overhead,
     }
@@ -88,6 +94,7 @@ def _generation_row(
         **{f"{k}_s": {"median": median(v), "times": v} for k, v in times.items()},
         "base_copy_ratio": ratio("base_copy"),
         "fl2t_ratio": ratio("fl2t"),
+        "fl2t_span_ratio": ratio("fl2t_span"),
         "per_step_hooks_ratio": ratio("per_step_hooks"),
         "diffusers_ratio": ratio("diffusers"),
         **{f"unet_step_{k}_s": {"median": median(v), "times": v} for k, v in steps.items()},

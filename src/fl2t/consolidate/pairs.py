@@ -1,9 +1,15 @@
 """Two concepts in one prompt: which pairs Step 2 trains, their prompts, and the composition teacher (DESIGN §3).
 
-The teacher of a pair prompt is the base UNet with both experts at full weight, each expert's update on the
-cross-attention keys and values restricted to its own tokens (`fl2t.span`: exact, since a text token's key and value
-depend on that token alone), the other adapted layers carrying both updates. Its latents for a pair (the pair
-anchors) are generated once and kept beside the consolidated model, as each expert keeps its own anchors.
+Two composition teachers (`pair_teacher`):
+  span    the base UNet with both experts at full weight, each expert's update on the cross-attention keys and values
+          restricted to its own tokens (`fl2t.span`: exact, since a text token's key and value depend on that token
+          alone), the other adapted layers carrying both updates;
+  routed  each expert's prediction (alone, at full weight) where its own tokens' cross-attention falls, the base
+          model's elsewhere: eps_base + sum_g M_g (eps_g - eps_base), M_g the attention mass on g's tokens in g's own
+          pass (mean over cross-attention layers and heads, upsampled to the latent, divided by its maximum; where
+          M_a + M_b > 1 both scaled to sum to 1), as regional multi-concept samplers route experts.
+The teacher's latents for a pair (the pair anchors) are generated once and kept beside the consolidated model, as each
+expert keeps its own anchors.
 
 Which pairs are trained, their prompts and their anchors' seeds derive from the two experts' content hashes alone:
 adding a concept adds pairs and may displace a pair of a concept with more partners than `pairs_per_concept`, but
@@ -14,9 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
 
 from fl2t.config import ConsolidateSettings
 from fl2t.expert import Expert
@@ -67,7 +78,14 @@ def trained_pairs(experts: list[Expert], settings: ConsolidateSettings) -> list[
         prompts = tuple(
             templates[i % len(templates)].format(a.spec.subject, b.spec.subject) for i in range(settings.pair_anchors)
         )
-        what = [h, settings.pair_anchors, settings.pair_anchor_steps, settings.pair_anchor_guidance, prompts]
+        what = [
+            h,
+            settings.pair_teacher,
+            settings.pair_anchors,
+            settings.pair_anchor_steps,
+            settings.pair_anchor_guidance,
+            prompts,
+        ]
         key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
         pairs.append(Pair(g, k, key, prompts, int(h[:15], 16)))
     return pairs
@@ -93,36 +111,121 @@ class CompositionTeacher:
         self.span.off()
 
 
+class AttentionProbe:
+    """While `recording()`, the UNet's cross-attention layers compute attention explicitly and keep each layer's
+    probabilities, mean over heads (the adapted layers' hooks still apply: to_q, to_k, to_v are called as modules)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.maps: list[torch.Tensor] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        saved = self.unet.attn_processors
+        self.unet.set_attn_processor({k: self._record if ".attn2." in k else v for k, v in saved.items()})
+        try:
+            yield
+        finally:
+            self.unet.set_attn_processor(saved)
+
+    def _record(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        b = hidden_states.shape[0]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (B*heads, N, T)
+        self.maps.append(probs.view(b, -1, *probs.shape[1:]).mean(1))  # (B, N, T)
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+
+    def mass(self, span: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, 1, h, w): the recorded attention mass on the tokens `span` (B, T) marks, mean over layers, divided by
+        its maximum; clears the record."""
+        out = []
+        for m in self.maps:
+            side = int(round(m.shape[1] ** 0.5))
+            a = (m * span[:, None, :].to(m.dtype)).sum(-1).view(-1, 1, side, m.shape[1] // side)
+            out.append(F.interpolate(a, size=size, mode="bilinear", align_corners=False))
+        self.maps.clear()
+        mass = torch.stack(out).mean(0)
+        return mass / mass.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
+
+
+@torch.no_grad()
+def routed_prediction(
+    unet: nn.Module,
+    agg: AggregatedLoRA,
+    probe: AttentionProbe,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    spans: torch.Tensor,
+    pairs: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The routed teacher's prediction for rows x (B, C, h, w) naming the pairs (expert indices of `agg`'s stack),
+    spans (B, G, T): where each expert's tokens are."""
+    base = unet(x, t, states).sample
+    L, G = len(agg.stack.modules), agg.stack.n_experts
+    rows = torch.arange(len(pairs))
+    masks, preds = [], []
+    for j in (0, 1):
+        g = torch.tensor([p[j] for p in pairs])
+        one = torch.zeros(len(pairs), L, G, device=x.device)
+        one[rows, :, g] = 1.0
+        agg.set(one)
+        try:
+            with probe.recording():
+                preds.append(unet(x, t, states).sample)
+        finally:
+            agg.off()
+        masks.append(probe.mass(spans[rows, g].to(x.device), tuple(x.shape[-2:])))
+    total = (masks[0] + masks[1]).clamp(min=1.0)
+    return base + sum(m / total * (p - base) for m, p in zip(masks, preds))
+
+
 @torch.no_grad()
 def pair_anchors(
     pipe: ExpertPipeline, experts: tuple[Expert, Expert], pair: Pair, size: int, settings: ConsolidateSettings
 ) -> torch.Tensor:
     """(N, C, h, w): the latents the composition teacher of the two experts generates for the pair's prompts, seeded
-    from the pair. Made with the pair's own two experts only, so the bytes do not depend on the rest of the set."""
-    stack = stack_experts(list(experts), pipe.unet)
-    teacher = CompositionTeacher(
-        AggregatedLoRA(pipe.unet, stack),
-        SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts]),
-    )
-    named = torch.ones(1, 2)
+    from the pair, with classifier-free guidance. Made with the pair's own two experts only, so the bytes do not
+    depend on the rest of the set."""
+    unet, sched = pipe.unet, pipe.scheduler
+    stack = stack_experts(list(experts), unet)
+    agg = AggregatedLoRA(unet, stack)
+    span = SpanKV(unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+    teacher, probe = CompositionTeacher(agg, span), AttentionProbe(unet)
+    device, h = unet.device, size // pipe.vae_scale_factor
+    uncond = pipe.encode_prompt("", device, 1, False)[0]
     latents = []
     try:
         for i, prompt in enumerate(pair.prompts):
-            teacher.arm(prompt_ids(pipe.tokenizer, [prompt]), named, torch.ones(1, dtype=torch.bool), guided=True)
-            try:
-                out = pipe(
-                    prompt,
-                    height=size,
-                    width=size,
-                    num_inference_steps=settings.pair_anchor_steps,
-                    guidance_scale=settings.pair_anchor_guidance,
-                    generator=torch.Generator().manual_seed((pair.seed + i) % 2**63),
-                    output_type="latent",
-                )
-            finally:
-                teacher.off()
-            latents.append(out.images.float().cpu())
+            ids = prompt_ids(pipe.tokenizer, [prompt])
+            cond = pipe.encode_prompt(prompt, device, 1, False)[0]
+            gen = torch.Generator().manual_seed((pair.seed + i) % 2**63)
+            x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(device) * sched.init_noise_sigma
+            sched.set_timesteps(settings.pair_anchor_steps, device=device)
+            for t in sched.timesteps:
+                xi = sched.scale_model_input(x, t)
+                if settings.pair_teacher == "routed":
+                    eu = unet(xi, t, uncond).sample
+                    ec = routed_prediction(unet, agg, probe, xi, t, cond, span.spans(ids), [(0, 1)])
+                else:
+                    teacher.arm(ids, torch.ones(1, 2), torch.ones(1, dtype=torch.bool), guided=True)
+                    try:
+                        eu, ec = unet(torch.cat([xi, xi]), t, torch.cat([uncond, cond])).sample.chunk(2)
+                    finally:
+                        teacher.off()
+                x = sched.step(eu + settings.pair_anchor_guidance * (ec - eu), t, x).prev_sample
+            latents.append(x.float().cpu())
     finally:
-        teacher.agg.remove()
-        teacher.span.remove()
+        agg.remove()
+        span.remove()
     return torch.cat(latents)

@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from fl2t.config import ConsolidateSettings
 from fl2t.consolidate.common import canonical, concepts_named, layer_shapes, prompt_states, set_hash
 from fl2t.consolidate.model import ConceptRef, ConsolidatedConfig, ConsolidatedModel
-from fl2t.consolidate.pairs import CompositionTeacher, pair_anchors, trained_pairs
+from fl2t.consolidate.pairs import AttentionProbe, CompositionTeacher, pair_anchors, routed_prediction, trained_pairs
 from fl2t.data import OBJECT_TEMPLATES
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.expert import Expert
@@ -111,7 +111,7 @@ def consolidate(
     pipe = build_pipeline(lib, experts, base)
     model, agg = new_model(pipe, experts, settings)
     span = SpanKV(pipe.unet, agg.stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
-    teacher = CompositionTeacher(agg, span)
+    teacher, probe = CompositionTeacher(agg, span), AttentionProbe(pipe.unet)
     model.pair_anchors = _pair_anchors(lib, pipe, experts, settings, cancel)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pool = _prompt_pool(pipe, experts, settings, model.pair_anchors, gen)
@@ -127,9 +127,17 @@ def consolidate(
         n = len(batch.rows)
         states, ids, named = pool.unet_states[batch.rows], pool.ids[batch.rows], pool.named[batch.rows]
         with torch.no_grad():  # the teachers
-            teacher.arm(ids, named, torch.arange(n) >= batch.n_concept + batch.n_base)
+            pair_rows = torch.arange(n) >= batch.n_concept + batch.n_base
+            teacher.arm(ids, named, pair_rows & (settings.pair_teacher == "span"))
             target = pipe.unet(batch.noisy, batch.t, states).sample
             teacher.off()
+            if settings.pair_teacher == "routed" and pair_rows.any():
+                k = pair_rows.nonzero()[:, 0]
+                pairs = [tuple(named[i].nonzero()[:, 0].tolist()) for i in k.tolist()]
+                spans = span.spans(ids[k])
+                target[k] = routed_prediction(
+                    pipe.unet, agg, probe, batch.noisy[k], batch.t[k], states[k], spans, pairs
+                )
 
         rows = torch.cat([batch.rows, torch.randint(len(pool.named), (settings.route_batch,), generator=gen)])
         alpha, gamma, z = model(pool.text[rows], pool.pad[rows], pool.tokens[rows])
