@@ -34,7 +34,7 @@ def saved_config(lib) -> dict:
 def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
     torch.manual_seed(0)
     G, d, L, r = 5, 32, 7, 4
-    settings = ConsolidateSettings(proxy_attention=proxy_attention)
+    settings = ConsolidateSettings(proxy_attention=proxy_attention, gates=True)
     model = new_model(torch.randn(G, d), {f"layer{i}": (16, 16) for i in range(L)}, r, settings)
     with torch.no_grad():
         model.relevance.weight.normal_()
@@ -55,7 +55,8 @@ def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
 
 def test_ablation_switches_remove_their_component():
     proxies, shapes = torch.randn(3, 32), {"a.to_q": (16, 16)}
-    full = new_model(proxies, shapes, 4, ConsolidateSettings())
+    on = ConsolidateSettings(gates=True, shared=True, contrastive=True, proxy_attention=True)
+    full = new_model(proxies, shapes, 4, on)
     off = ConsolidateSettings(gates=False, shared=False, contrastive=False, proxy_attention=False)
     bare = new_model(proxies, shapes, 4, off)
     assert {"gate.weight", "shared_A.a__to_q", "prompt_proj.weight", "layers.0.self_attn.in_proj_weight"} <= set(
@@ -140,7 +141,8 @@ def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts):
         for i in order:  # incremental: consolidate after each arrival
             lib.add(four_experts[i])
             steps = 2 if len(lib.names()) < 4 else 6
-            lib.save_consolidated(consolidate(lib, STEP2.model_copy(update={"steps": steps})).save_pretrained)
+            settings = STEP2.model_copy(update={"steps": steps, "pair_share": 0.25})  # pair anchors are kept too
+            lib.save_consolidated(consolidate(lib, settings).save_pretrained)
         folder = lib.path / "consolidated"
         blobs.append([(folder / f).read_bytes() for f in ("model.safetensors", "pair_anchors.safetensors")])
         pipe = FL2TPipeline.from_pretrained(library=lib)

@@ -84,7 +84,7 @@ def test_pair_anchors_are_kept_beside_the_model_and_reused(four_experts, tmp_pat
     lib = Library(tmp_path / "lib")
     for e in four_experts[:2]:
         lib.add(e)
-    settings = STEP2.model_copy(update={"steps": 2, "pair_teacher": teacher})
+    settings = STEP2.model_copy(update={"steps": 2, "pair_teacher": teacher, "pair_share": 0.25})
     model = consolidate(lib, settings)
     assert len(model.pair_anchors) == 1
     (latents,) = model.pair_anchors.values()

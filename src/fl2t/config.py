@@ -56,11 +56,27 @@ class ConsolidateSettings(BaseModel):
     decoder_layers: int = Field(2, ge=1, description="N: self-attention, cross-attention and MLP blocks")
     heads: int = Field(4, ge=1, description="attention heads of the decoder")
     mlp_ratio: int = Field(2, ge=1)
-    gates: bool = Field(True, description="per-rank-component feature-selection gates gamma")
-    shared: bool = Field(True, description="a shared LoRA per layer, trained in Step 2 ('learning together')")
+    gates: bool = Field(
+        False,
+        description="per-rank-component feature-selection gates gamma (off by default: on, they lowered final nIA by "
+        "0.015 (0.002 to 0.034) in the pairs3 ablation, BENCHMARKS.md)",
+    )
+    shared: bool = Field(
+        False,
+        description="a shared LoRA per layer, trained in Step 2 ('learning together'; off by default: on, it lowered the "
+        "pair score by 0.023 (0.002 to 0.047) in the pairs3 ablation, BENCHMARKS.md)",
+    )
     shared_rank: int = Field(2, ge=1)
-    contrastive: bool = Field(True, description="InfoNCE between pooled prompt states and decoded proxies")
-    proxy_attention: bool = Field(True, description="self-attention among the proxies")
+    contrastive: bool = Field(
+        False,
+        description="InfoNCE between pooled prompt states and decoded proxies (off by default: no metric moved beyond "
+        "its interval in the pairs3 ablation, BENCHMARKS.md)",
+    )
+    proxy_attention: bool = Field(
+        False,
+        description="self-attention among the proxies (off by default: no metric moved beyond its interval in the "
+        "pairs3 ablation, BENCHMARKS.md)",
+    )
     lambda_base: float = Field(0.5, ge=0, description="weight of matching the base model on prompts naming no concept")
     lambda_con: float = Field(0.1, ge=0, description="weight of the contrastive term")
     temperature: float = Field(0.1, gt=0)
@@ -81,11 +97,12 @@ class ConsolidateSettings(BaseModel):
     )
     base_share: float = Field(0.25, ge=0, le=1, description="share of each batch with prompts naming no concept")
     pair_share: float = Field(
-        0.25,
+        0.0,
         ge=0,
         le=1,
         description="share of each batch with two-concept prompts taught by the composition teacher (at least one "
-        "per batch when the set has a pair)",
+        "per batch when above 0; off by default: on, it lowered the pair score by 0.039 (0.008 to 0.070) with the span "
+        "teacher and by 0.076 with the routed one in the pairs3 ablation, BENCHMARKS.md)",
     )
     lambda_pair: float = Field(1.0, ge=0, description="weight of matching the composition teacher on pair prompts")
     pairs_per_concept: int = Field(
