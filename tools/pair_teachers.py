@@ -137,7 +137,9 @@ def main(library: str, concepts_dir: str, n: int = 16) -> None:
     names = [e.name for e in experts]
     objects = [g for g, e in enumerate(experts) if e.spec.kind == "object"]
     styles = [g for g, e in enumerate(experts) if e.spec.kind == "style"]
-    pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]] + [(a, s) for a in objects for s in styles]
+    pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]] + [
+        (a, s) for a in objects for s in styles
+    ]
     rng = np.random.default_rng(0)
     for a, b in pairs:
         ea, eb = experts[a], experts[b]
@@ -146,7 +148,10 @@ def main(library: str, concepts_dir: str, n: int = 16) -> None:
         ids = prompt_ids(pipe.tokenizer, [prompt])
         scores = {}
         for teacher in ("sum", "span", "routed"):
-            images = [generate(pipe, agg, span_kv, probe, prompt, ids, len(experts), (a, b), teacher, 90_000 + i) for i in range(n)]
+            images = [
+                generate(pipe, agg, span_kv, probe, prompt, ids, len(experts), (a, b), teacher, 90_000 + i)
+                for i in range(n)
+            ]
             emb = clip.image_embeds(images)
             na = image_alignments(emb, refs[ea.name]) / ref_ia[ea.name]
             nb = image_alignments(emb, refs[eb.name]) / ref_ia[eb.name]
