@@ -10,6 +10,7 @@ from fl2t.consolidate.pairs import AttentionProbe, routed_prediction, trained_pa
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
 from fl2t.models import load_base
+from fl2t.text import set_layerwise_processors
 
 
 def test_trained_pairs_come_from_pair_hashes_and_a_new_concept_does_not_reshuffle_them(four_experts):
@@ -52,6 +53,19 @@ def test_the_attention_probe_computes_what_the_default_attention_computes(armed)
     assert not probe.maps
     with torch.no_grad():
         assert torch.equal(pipe.unet(x, t, states).sample, plain)  # the default processors are back
+
+
+def test_the_attention_probe_reads_a_layerwise_layers_own_slice_of_the_text_states(tiny_base):
+    pipe = load_base(str(tiny_base))
+    n = set_layerwise_processors(pipe.unet)
+    probe = AttentionProbe(pipe.unet)
+    g = torch.Generator().manual_seed(2)
+    x, t, states = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300]), torch.randn(1, n * 77, 32, generator=g)
+    with torch.no_grad():
+        plain = pipe.unet(x, t, states).sample
+        with probe.recording():
+            recorded = pipe.unet(x, t, states).sample
+    assert torch.allclose(plain, recorded, atol=1e-5) and all(m.shape[-1] == 77 for m in probe.maps)
 
 
 def test_the_routed_teacher_is_each_expert_where_its_tokens_are_attended_and_the_base_elsewhere(armed):

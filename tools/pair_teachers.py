@@ -9,7 +9,8 @@
            M_a + M_b > 1 both are scaled to sum to 1),
 
 through one DDIM loop with classifier-free guidance (the unconditional prediction is the base model's for routed,
-the armed UNet's for sum and span, as the samplers do), and score them as the benchmark's multi-concept score:
+the armed UNet's for sum and span, as the samplers do; routed by `fl2t.consolidate.pairs.routed_prediction`), and
+score them as the benchmark's multi-concept score:
 nIA against each concept's references (normalised by the references' own IA), and the smaller of the two.
 
     python tools/pair_teachers.py LIBRARY CONCEPTS_DIR [N_IMAGES]
@@ -24,9 +25,9 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fl2t.consolidate.common import canonical
+from fl2t.consolidate.pairs import AttentionProbe, routed_prediction
 from fl2t.data import load_concept
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
@@ -36,43 +37,6 @@ from fl2t.span import SpanKV, prompt_ids
 from fl2t.world import evaluator_path
 
 STEPS, GUIDANCE = 25, 5.0
-
-
-class Probe:
-    """Records, per cross-attention layer, the attention probabilities (mean over heads) of the next UNet call."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.maps: list[torch.Tensor] = []
-        self.on = False
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.set_processor(self._processor())
-
-    def _processor(self):
-        probe = self
-
-        def call(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-            b = hidden_states.shape[0]
-            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-            v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-            probs = attn.get_attention_scores(q, k, None)  # (B*h, N, T)
-            if probe.on:
-                probe.maps.append(probs.view(b, -1, *probs.shape[1:]).mean(1))  # (B, N, T)
-            out = attn.batch_to_head_dim(torch.bmm(probs, v))
-            return attn.to_out[1](attn.to_out[0](out))
-
-        return call
-
-    def mass(self, span: torch.Tensor, size: int) -> torch.Tensor:
-        """(B, 1, size, size): attention mass on the tokens of `span` (B, T) bool, mean over the recorded layers."""
-        out = []
-        for m in self.maps:
-            side = int(m.shape[1] ** 0.5)
-            a = (m * span[:, None, :].float()).sum(-1).view(-1, 1, side, side)
-            out.append(F.interpolate(a, size=size, mode="bilinear", align_corners=False))
-        self.maps.clear()
-        return torch.stack(out).mean(0)
 
 
 @torch.no_grad()
@@ -98,22 +62,7 @@ def generate(pipe, agg, span_kv, probe, prompt, ids, G, pair, teacher, seed):
             eu, ec = e.chunk(2)
         else:
             eu = pipe.unet(xi, t, uncond).sample
-            eb = pipe.unet(xi, t, cond).sample
-            ec = eb.clone()
-            masks, preds = [], []
-            for g in pair:
-                one = torch.zeros_like(both)
-                one[..., g] = 1.0
-                agg.set(one)
-                probe.on = True
-                preds.append(pipe.unet(xi, t, cond).sample)
-                probe.on = False
-                agg.off()
-                m = probe.mass(spans[:, g], size)
-                masks.append(m / m.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8))
-            total = (masks[0] + masks[1]).clamp(min=1.0)
-            for m, p in zip(masks, preds):
-                ec = ec + (m / total) * (p - eb)
+            ec = routed_prediction(pipe.unet, agg, probe, xi, t, cond, spans, [pair])
         x = sched.step(eu + GUIDANCE * (ec - eu), t, x).prev_sample
     image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
@@ -130,7 +79,7 @@ def main(library: str, concepts_dir: str, n: int = 16) -> None:
     stack = stack_experts(experts, pipe.unet)
     agg = AggregatedLoRA(pipe.unet, stack)
     span_kv = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
-    probe = Probe(pipe.unet)
+    probe = AttentionProbe(pipe.unet)
     clip = ClipEvaluator.load(evaluator_path())
     refs = {e.name: clip.image_embeds(load_concept(f"{concepts_dir}/{e.name}").images) for e in experts}
     ref_ia = {k: reference_alignment(v) for k, v in refs.items()}

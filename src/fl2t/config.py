@@ -101,8 +101,8 @@ class ConsolidateSettings(BaseModel):
         ge=0,
         le=1,
         description="share of each batch with two-concept prompts taught by the composition teacher (at least one "
-        "per batch when above 0; off by default: on, it lowered the pair score by 0.039 (0.008 to 0.070) with the span "
-        "teacher and by 0.076 with the routed one in the pairs3 ablation, BENCHMARKS.md)",
+        "per batch when above 0; off by default: on, with the span teacher, it lowered the pair score by 0.039 (0.008 "
+        "to 0.070) in the pairs3 ablation, and the routed teacher's student was lower still, BENCHMARKS.md)",
     )
     lambda_pair: float = Field(1.0, ge=0, description="weight of matching the composition teacher on pair prompts")
     pairs_per_concept: int = Field(
