@@ -1,5 +1,7 @@
 """The tiny world's pictures: one object (shape, colour, size, position, optional pattern) on a plain
-background, drawn at 32x32 with anti-aliased edges, and the caption that says what is in it.
+background, drawn at 32x32 with anti-aliased edges, and the caption that says what is in it; world v2 adds
+generic renderings ("..., in the style of neon") and two-object scenes ("a red star to the left of a blue ring on
+a black background", `PairScene`).
 
 Colours are few and far apart in RGB, shapes are large (radius >= 8 px), because the tiny base model's
 hardest job is binding the right colour to the object (issue 3, measured facts).
@@ -58,6 +60,12 @@ STYLE_WORDS = {"outline": "outlined", "pastel": "pastel", "mosaic": "pixelated"}
 TUNING_PATTERNS = ("quartered", "banded")
 TUNING_STYLES = ("echo",)
 PASTEL_BACKGROUND = (250, 236, 214)
+# Generic renderings (world v2), captioned "..., in the style of <word>" as a style concept is: the base model learns
+# that this slot of a caption changes the whole rendering, so a style concept is a shift of a kind it has seen (as
+# SD has seen painting styles). None is a style concept's rendering (outline, pastel, mosaic) nor a tuning one's.
+GENERIC_STYLES = ("neon", "sketchy", "inverted", "blurry", "faded", "chunky")
+PAIR_RADIUS = 6.5  # radius in pixels of each object of a two-object scene (one per half of the picture)
+NEON_BACKGROUND = (10, 10, 10)
 
 
 @dataclass(frozen=True)
@@ -170,10 +178,14 @@ def render(scene: Scene) -> Image.Image:
         bg = np.array(PASTEL_BACKGROUND, np.float32)
         c1, c2 = 0.5 * c1 + 127.5, 0.5 * c2 + 127.5
 
+    if scene.style == "neon":
+        bg = np.array(NEON_BACKGROUND, np.float32)
     mask = _shape_mask(scene.shape, cx, cy, rs, n)
     if scene.style == "outline":
         mask = _outline(mask, width=int(1.6 * SUPERSAMPLE))
     img = np.broadcast_to(bg, (n, n, 3)).copy()
+    if scene.style in GENERIC_STYLES:
+        return _generic(scene, img, mask, cx, cy, rs, c1, c2)
     if scene.style == "echo":
         # A faded copy of the object (half-way to the background) 3 pixels down and right, behind it.
         d = 3 * SUPERSAMPLE
@@ -192,6 +204,60 @@ def render(scene: Scene) -> Image.Image:
         img = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean(axis=(1, 3))
         img = img.repeat(b, axis=0).repeat(b, axis=1)
     return Image.fromarray(np.round(img).astype(np.uint8), "RGB")
+
+
+def _downsample(img: np.ndarray) -> np.ndarray:
+    """(n, n, 3) -> (SIZE, SIZE, 3): the mean of each SUPERSAMPLE x SUPERSAMPLE block."""
+    return img.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
+
+
+def _blocks(img: np.ndarray, b: int) -> np.ndarray:
+    """Each b x b block of a (SIZE, SIZE, 3) picture filled with its mean colour."""
+    img = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean(axis=(1, 3))
+    return img.repeat(b, axis=0).repeat(b, axis=1)
+
+
+def _box_blur(img: np.ndarray) -> np.ndarray:
+    """A 3 x 3 box blur with edge padding."""
+    p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return sum(p[i : i + SIZE, j : j + SIZE] for i in range(3) for j in range(3)) / 9.0
+
+
+def _generic(
+    scene: Scene, img: np.ndarray, mask: np.ndarray, cx: float, cy: float, rs: float, c1: np.ndarray, c2: np.ndarray
+) -> Image.Image:
+    """Draw the object on `img` (n x n, the background) in one of GENERIC_STYLES."""
+    fill = mask
+    second = None
+    if scene.pattern:
+        second = _pattern_mask(scene.pattern, cx, cy, rs, img.shape[0]) & mask
+    if scene.style == "neon":  # a dim fill inside a bright, whitened edge on near-black
+        edge = _outline(mask, width=SUPERSAMPLE)
+        img[mask] = 0.35 * c1
+        if second is not None:
+            img[second & ~edge] = 0.35 * c2
+        img[edge] = 0.6 * c1 + 0.4 * 255
+    elif scene.style == "sketchy":  # a thin edge and diagonal hatching, the background showing between
+        y, x = np.mgrid[0 : img.shape[0], 0 : img.shape[0]]
+        hatch = ((x + y) // SUPERSAMPLE) % 3 == 0
+        fill = (mask & hatch) | _outline(mask, width=SUPERSAMPLE // 2 + 1)
+        img[fill] = c1
+        if second is not None:
+            img[second & fill] = c2
+    else:
+        img[fill] = c1
+        if second is not None:
+            img[second] = c2
+    out = _downsample(img)
+    if scene.style == "inverted":
+        out = 255.0 - out
+    elif scene.style == "blurry":
+        out = _box_blur(_box_blur(out))
+    elif scene.style == "faded":  # low contrast, towards a light grey
+        out = 0.4 * out + 0.6 * 170.0
+    elif scene.style == "chunky":  # 2 x 2 blocks (the style concept mosaic has 4 x 4)
+        out = _blocks(out, 2)
+    return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "RGB")
 
 
 def object_phrase(scene: Scene, with_size: bool = True) -> str:
@@ -216,11 +282,16 @@ def caption(scene: Scene, with_size: bool = True, with_background: bool = True, 
         text += f" on a {scene.background} background"
     if with_position:
         text += f", {scene.position}"
+    if scene.style in GENERIC_STYLES:
+        text += f", in the style of {scene.style}"
     return text
 
 
-def random_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption with size, background or position sometimes left out, as people write them."""
+def random_caption(scene: Scene | PairScene, rng: np.random.Generator) -> str:
+    """A caption with size, background or position sometimes left out, as people write them; a two-object scene's
+    names its objects in either order."""
+    if isinstance(scene, PairScene):
+        return pair_caption(scene, left_first=rng.random() < 0.5, with_background=rng.random() < 0.85)
     return caption(
         scene,
         with_size=rng.random() < 0.6,
@@ -288,3 +359,124 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
     """Images -> float32 (N, 3, SIZE, SIZE) in [-1, 1], the layout diffusers and CLIP take."""
     a = np.stack([np.asarray(im, np.float32) for im in images])  # (N, H, W, 3)
     return (a.transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------- world v2: generic styles and two-object scenes
+
+
+def is_held_out_style(style: str, shape: str) -> bool:
+    """One shape per generic style (chosen by a hash of the style's word) is never drawn in that style in
+    pretraining: the base model's style gate prompts these (a style it learned, on a shape it never saw in it)."""
+    return SHAPES[hashlib.sha256(f"style|{style}".encode()).digest()[0] % len(SHAPES)] == shape
+
+
+def styled_scene(rng: np.random.Generator, held_out: bool | None = False, patterned: float = 0.3) -> Scene:
+    """A random object in one of GENERIC_STYLES (30% two-colour patterned), position and background drawn as
+    `random_scene` draws them. held_out: as `random_scene`, over the (style, shape) combinations."""
+    while True:
+        scene = replace(random_scene(rng, held_out=None), style=GENERIC_STYLES[rng.integers(len(GENERIC_STYLES))])
+        if rng.random() < patterned:
+            c2 = list(COLOURS)[rng.integers(len(COLOURS))]
+            if c2 != scene.colour:
+                scene = replace(scene, pattern=PATTERNS[rng.integers(len(PATTERNS))], colour2=c2)
+        if held_out is None or is_held_out_style(scene.style, scene.shape) == held_out:
+            return scene
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two objects side by side, one in each half of the picture, on one background. Each object is a `Scene`
+    whose shape, colour and pattern are used (its size, position, background and style are not)."""
+
+    left: Scene
+    right: Scene
+    background: str
+    jitter: int = 0
+
+    @property
+    def shapes(self) -> tuple[str, str]:
+        return (self.left.shape, self.right.shape)
+
+
+def pair_centres(jitter: int) -> tuple[tuple[float, float], tuple[float, float], float, float, np.random.Generator]:
+    """The two objects' centres in output pixels, their radii, and the rng the colours are tinted with."""
+    rng = np.random.default_rng(jitter)
+    r1, r2 = (PAIR_RADIUS * (1 + rng.uniform(-0.06, 0.06)) for _ in range(2))
+    lo = [r + 1.0 for r in (r1, r2)]
+    hi = [SIZE - r - 1.0 for r in (r1, r2)]
+    left = (SIZE / 4 + rng.uniform(-1.0, 1.0), rng.uniform(lo[0], hi[0]))
+    right = (3 * SIZE / 4 + rng.uniform(-1.0, 1.0), rng.uniform(lo[1], hi[1]))
+    return left, right, r1, r2, rng
+
+
+def render_pair(pair: PairScene) -> Image.Image:
+    """Draw a two-object scene as a SIZE x SIZE RGB image. Pure function of the scene."""
+    n = SIZE * SUPERSAMPLE
+    left, right, r1, r2, rng = pair_centres(pair.jitter)
+    bg = np.clip(np.array(BACKGROUNDS[pair.background], np.float32) + rng.uniform(-10, 10), 0, 255)
+    img = np.broadcast_to(bg, (n, n, 3)).copy()
+    for obj, (cx, cy), r in ((pair.left, left, r1), (pair.right, right, r2)):
+        c1 = np.clip(np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
+        cx, cy, rs = cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE
+        mask = _shape_mask(obj.shape, cx, cy, rs, n)
+        img[mask] = c1
+        if obj.pattern:
+            c2 = np.clip(np.array(COLOURS[obj.colour2], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
+            second = _pattern_mask(obj.pattern, cx, cy, rs, n)
+            if obj.pattern != "centre-dot":
+                second &= mask
+            img[second] = c2
+    return Image.fromarray(np.round(_downsample(img)).astype(np.uint8), "RGB")
+
+
+def pair_caption(pair: PairScene, left_first: bool = True, with_background: bool = True) -> str:
+    """'a red star to the left of a blue ring on a black background' (or the same scene named right-first)."""
+    a, b = object_phrase(pair.left, with_size=False), object_phrase(pair.right, with_size=False)
+    text = f"a {a} to the left of a {b}" if left_first else f"a {b} to the right of a {a}"
+    return text + (f" on a {pair.background} background" if with_background else "")
+
+
+def is_held_out_pair(left: str, right: str) -> bool:
+    """About a third of the ordered (left shape, right shape) pairs never appear in pretraining: the base model's
+    two-object gate prompts them."""
+    return hashlib.sha256(f"pair|{left}|{right}".encode()).digest()[0] % 3 == 0
+
+
+def held_out_pairs() -> list[tuple[str, str]]:
+    return [(a, b) for a in SHAPES for b in SHAPES if a != b and is_held_out_pair(a, b)]
+
+
+def random_pair(
+    rng: np.random.Generator,
+    held_out: bool | None = False,
+    patterned: float = 0.3,
+    exclude: frozenset[tuple[str, str | None, str | None, str | None]] = frozenset(),
+) -> PairScene:
+    """Two different shapes in different colours, each two-colour patterned with probability `patterned`.
+    held_out: as `random_scene`, over the (left shape, right shape) pairs; exclude: looks never to draw."""
+    colours = list(COLOURS)
+    while True:
+        objs = []
+        for _ in range(2):
+            shape, colour = SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(colours))]
+            obj = Scene(shape=shape, colour=colour, background="black", position="in the center", size="small")
+            if rng.random() < patterned:
+                c2 = colours[rng.integers(len(colours))]
+                if c2 != colour:
+                    obj = replace(obj, pattern=PATTERNS[rng.integers(len(PATTERNS))], colour2=c2)
+            objs.append(obj)
+        pair = PairScene(
+            objs[0], objs[1], list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], jitter=int(rng.integers(2**31))
+        )
+        a, b = pair.left, pair.right
+        if a.shape == b.shape or a.colour == b.colour:
+            continue
+        if held_out is not None and is_held_out_pair(a.shape, b.shape) != held_out:
+            continue
+        if any((o.shape, o.pattern, o.colour, o.colour2) in exclude for o in (a, b)):
+            continue
+        return pair
+
+
+def render_any(scene: Scene | PairScene) -> Image.Image:
+    return render_pair(scene) if isinstance(scene, PairScene) else render(scene)

@@ -28,13 +28,18 @@ def build(
         "evaluator", help="Stop after this stage: vae, base or evaluator (the last).", metavar="TEXT"
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
+    v2: bool = typer.Option(
+        False, "--v2", help="World v2's pictures: two-object scenes and generic styles in every stage's mix."
+    ),
 ) -> None:
     """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
     from fl2t.worldkit.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
     from fl2t.worldkit.build import build as run_build
 
     t0 = time.time()
-    settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads)
+    from fl2t.worldkit.build import V2_MIX
+
+    settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads, **(V2_MIX if v2 else {}))
     manifest = run_build(out or WEIGHTS_DIR, settings, resume, until)
     where = manifest.parent if manifest else (out or WEIGHTS_DIR)
     console.print(f"built {where} in {(time.time() - t0) / 60:.1f} min")

@@ -20,13 +20,15 @@ from fl2t.models import clip_tokenizer
 from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
+    GENERIC_STYLES,
     PATTERNS,
     POSITIONS,
     SHAPES,
     STYLES,
+    PairScene,
     Scene,
     random_caption,
-    render,
+    render_any,
 )
 from fl2t.worldkit import models
 
@@ -37,18 +39,23 @@ Tick = Callable[[int], None]  # advances a progress bar by n steps
 class Dataset:
     """Rendered pictures as uint8 (N, 3, 32, 32) and the scenes they show."""
 
-    scenes: list[Scene]
+    scenes: list[Scene | PairScene]
     pixels: np.ndarray
 
     def batch(self, idx: np.ndarray) -> torch.Tensor:
         """(B, 3, 32, 32) float in [-1, 1]."""
         return torch.from_numpy(self.pixels[idx].astype(np.float32) / 127.5 - 1.0)
 
+    @property
+    def world_v2(self) -> bool:
+        """Whether the pictures include world v2's two-object scenes or generic styles."""
+        return any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in self.scenes)
 
-def render_dataset(scenes: Sequence[Scene], tick: Tick) -> Dataset:
+
+def render_dataset(scenes: Sequence[Scene | PairScene], tick: Tick) -> Dataset:
     pixels = np.empty((len(scenes), 3, models.SIZE, models.SIZE), np.uint8)
     for i, s in enumerate(scenes):
-        pixels[i] = np.asarray(render(s)).transpose(2, 0, 1)
+        pixels[i] = np.asarray(render_any(s)).transpose(2, 0, 1)
         if i % 500 == 499:
             tick(500)
     return Dataset(list(scenes), pixels)
@@ -78,8 +85,9 @@ def zero_unused_rows(embedding: torch.nn.Embedding, used: set[int]) -> None:
         embedding.weight[~keep] = 0.0
 
 
-def world_token_ids() -> set[int]:
-    """Every token id of every word the world's captions and prompts use."""
+def world_token_ids(v2: bool = False) -> set[int]:
+    """Every token id of every word the world's captions and prompts use; `v2` adds world v2's words (two-object
+    captions, generic styles), left out otherwise so that a rebuild of the shipped v1 world stays byte-identical."""
     from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES
     from fl2t.world.generator import PATTERN_WORDS, SIZES, STYLE_WORDS
 
@@ -88,6 +96,8 @@ def world_token_ids() -> set[int]:
     words += [t.format("star") for kind in PROMPT_TEMPLATES.values() for t in kind]
     words += [c.class_word for c in CONCEPTS]
     words += ["a on a background, of the", ""]
+    if v2:
+        words += ["to the left of", "to the right of", *GENERIC_STYLES]
     return {i for w in words for i in _ids(w)}
 
 
@@ -158,11 +168,19 @@ _ATTRIBUTES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def _labels(scenes: Sequence[Scene], attr: str) -> torch.Tensor:
-    values = _ATTRIBUTES[attr]
-    labels = [values.index(getattr(s, attr)) for s in scenes]
-    if attr == "background":  # the pastel palette hides the background
-        labels = [-100 if s.style == "pastel" else v for s, v in zip(scenes, labels)]
+def _attributes(v2: bool) -> dict[str, tuple[str | None, ...]]:
+    if not v2:
+        return _ATTRIBUTES
+    return {**_ATTRIBUTES, "style": (None, *STYLES, *GENERIC_STYLES)}
+
+
+def _labels(scenes: Sequence[Scene | PairScene], attr: str, values: tuple[str | None, ...]) -> torch.Tensor:
+    """Each picture's class of `attr`; -100 (ignored) for two-object scenes, and for the background of a pastel or
+    neon picture (their palettes replace it)."""
+    labels = []
+    for s in scenes:
+        hidden = isinstance(s, PairScene) or (attr == "background" and s.style in ("pastel", "neon"))
+        labels.append(-100 if hidden else values.index(getattr(s, attr)))
     return torch.tensor(labels)
 
 
@@ -172,9 +190,10 @@ def train_evaluator(data: Dataset, steps: int, seed: int, tick: Tick, batch: int
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = models.new_evaluator()
-    zero_unused_rows(model.text_model.get_input_embeddings(), world_token_ids())
+    zero_unused_rows(model.text_model.get_input_embeddings(), world_token_ids(data.world_v2))
     dim = model.config.projection_dim
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, len(v)) for a, v in _ATTRIBUTES.items()})
+    attributes = _attributes(data.world_v2)
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, len(v)) for a, v in attributes.items()})
     params = [*model.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     model.train()
@@ -190,7 +209,9 @@ def train_evaluator(data: Dataset, steps: int, seed: int, tick: Tick, batch: int
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         img = out.image_embeds  # (B, dim), unit norm
         for attr, head in heads.items():
-            loss = loss + 0.3 * F.cross_entropy(head(img * 10), _labels(scenes, attr), ignore_index=-100)
+            loss = loss + 0.3 * F.cross_entropy(
+                head(img * 10), _labels(scenes, attr, attributes[attr]), ignore_index=-100
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -220,7 +241,7 @@ class EMA:
 
 def train_base(
     latents: torch.Tensor,
-    scenes: Sequence[Scene],
+    scenes: Sequence[Scene | PairScene],
     steps: int,
     seed: int,
     tick: Tick,
@@ -242,7 +263,8 @@ def train_base(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     unet, text = models.new_unet(), models.new_text_encoder()
-    zero_unused_rows(text.get_input_embeddings(), world_token_ids())
+    v2 = any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in scenes)
+    zero_unused_rows(text.get_input_embeddings(), world_token_ids(v2))
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas).clamp(min=1e-8)
