@@ -122,3 +122,20 @@ def test_held_out_pairs_are_a_fifth_to_a_third_and_never_drawn_for_pretraining()
     rng = np.random.default_rng(5)
     assert not any(is_held_out_pair(*random_pair(rng).shapes) for _ in range(300))
     assert all(is_held_out_pair(*random_pair(rng, held_out=True).shapes) for _ in range(50))
+
+
+def test_the_pair_gate_reads_both_halves_of_ground_truth_pictures_of_its_held_out_prompts():
+    from fl2t.world import evaluator_path
+    from fl2t.worldkit.check import WorldEvaluator, pair_prompts, style_prompts
+
+    scenes = pair_prompts()
+    assert len(scenes) >= 80 and all(is_held_out_pair(*p.shapes) for p in scenes)
+    rng = np.random.default_rng(0)
+    scenes = [replace(p, jitter=int(rng.integers(2**31))) for p in scenes[::3]]
+    read = WorldEvaluator(evaluator_path()).read_halves([render_pair(p) for p in scenes])
+    in_order = [
+        (a[0], b[0], a[1], b[1]) == (*p.shapes, p.left.colour, p.right.colour) for (a, b), p in zip(read, scenes)
+    ]
+    assert np.mean(in_order) >= 0.95
+    styles = style_prompts()
+    assert len(styles) >= 80 and all(is_held_out_style(s.style, s.shape) for s in styles)

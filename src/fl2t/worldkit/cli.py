@@ -73,6 +73,7 @@ def check(
         None, help="Also save PNG grids of the samples (base model, learned concept) into this folder.", metavar="PATH"
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
+    full: bool = typer.Option(False, "--full", help="Also learn every concept alone (about 10 more minutes)."),
 ) -> None:
     """Measure the world against its gates and print the table; exit 1 if a gate fails."""
     from fl2t.images import image_grid
@@ -80,7 +81,7 @@ def check(
     from fl2t.worldkit.check import run_checks
 
     t0 = time.time()
-    rows, ctx = run_checks(weights or WEIGHTS_DIR, guidance_scale=guidance, steps=steps, threads=threads)
+    rows, ctx = run_checks(weights or WEIGHTS_DIR, guidance_scale=guidance, steps=steps, threads=threads, full=full)
     table = Table(title=f"tiny world check ({time.time() - t0:.0f} s)")
     for col in ("gate", "value", "needs", "", "detail"):
         table.add_column(col)
