@@ -80,10 +80,11 @@ def test_task_files_keep_per_image_scores_paired_by_seed_across_rows_and_methods
                 assert all(label in [*learned, "class"] for label in samples["label"])
                 assert samples["ca"] == [float(label == name) for label in samples["label"]]
         if method != "oracle":
-            multi = tasks[-1]["_multi_samples"]["stripestar+pastel"]
-            assert len(multi["seed"]) == 4 and tasks[-1]["_multi"]["stripestar+pastel"] == pytest.approx(
-                sum(multi["nia"]) / 4, abs=1e-4
-            )
+            multi, means = tasks[-1]["_multi_samples"]["stripestar+pastel"], tasks[-1]["_multi"]["stripestar+pastel"]
+            assert len(multi["seed"]) == 4 and set(means) == {"nia", "ta", "presence"}  # presence: a world bench
+            for score, mean in means.items():
+                assert mean == pytest.approx(sum(multi[score]) / 4, abs=1e-4)
+            assert set(multi["presence"]) <= {0.0, 1.0} and all(0 < v <= 2.5 for v in multi["ta"])
     ev = bench.evaluated("stripestar")
     assert ev.seeds == final_seeds and ev.row == 2 and ev.prompts[2:] == ev.prompts[:2]  # copy 2 of each prompt
     for method, r in results["methods"].items():

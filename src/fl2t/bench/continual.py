@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -704,9 +705,11 @@ class Benchmark:
             return {n: sampler_fidelity(self.sampler(method, n), {n: self._targets[n]})[n] for n in names}
         return sampler_fidelity(self.sampler(method), {n: self._targets[n] for n in names})
 
-    def multi(self, method: Method) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
-        """Two concepts in one prompt: normalised IA of the images against each concept's references, averaged;
-        per pair its mean, and per image (by seed, the same for every method)."""
+    def multi(self, method: Method) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list]]]:
+        """Two concepts in one prompt: per pair the mean of each per-image score and, per image (by seed, the same
+        for every method), the scores: `nia`, the normalised IA against each concept's references, averaged; `ta`,
+        the TA of the prompt with each concept's tokens replaced by its class word; and on the tiny world
+        `presence`, 1 where the world's presence score (`fl2t.world.presence`) finds both concepts."""
         sampler = self.sampler(method)
         scores, samples = {}, {}
         for a, b in self.cfg.multi:
@@ -723,11 +726,29 @@ class Benchmark:
             n = self.cfg.multi_images or max(4, self.cfg.final_images_per_prompt or self.cfg.images_per_prompt)
             s = self.cfg.sample
             seeds = [self.cfg.seed + 90_000 + i for i in range(n)]
-            emb = self.clip.image_embeds(sampler([prompt] * n, seeds, s.steps, s.guidance, s.size))
+            images = sampler([prompt] * n, seeds, s.steps, s.guidance, s.size)
+            emb = self.clip.image_embeds(images)
             nia = 0.5 * (image_alignments(emb, ea.refs) / ea.ref_ia + image_alignments(emb, eb.refs) / eb.ref_ia)
-            scores[f"{a}+{b}"] = float(nia.mean())
-            samples[f"{a}+{b}"] = {"seed": seeds, "nia": _rounded(nia)}
+            text = prompt
+            for e in (ea, eb):
+                text = class_prompt(text, e.concept.spec.tokens, e.concept.spec.class_word)
+            ta = text_alignments(emb, self.clip.text_embeds([text]).expand(n, -1))
+            got = {"nia": nia, "ta": ta}
+            if self.presence is not None:
+                names = [e.concept.spec.name for e in (ea, eb)]
+                got["presence"] = torch.from_numpy(self.presence(images, names).all(axis=1).astype(np.float32))
+            scores[f"{a}+{b}"] = {k: float(v.mean()) for k, v in got.items()}
+            samples[f"{a}+{b}"] = {"seed": seeds, **{k: _rounded(v) for k, v in got.items()}}
         return scores, samples
+
+    @cached_property
+    def presence(self) -> Callable[[list[Image.Image], list[str]], np.ndarray] | None:
+        """The tiny world's presence score, where the concepts are world concepts scored by the world's evaluator."""
+        if not self.cfg.world or self.cfg.clip != "world":
+            return None
+        from fl2t.world.presence import Presence
+
+        return Presence(self.clip)
 
     # -- results ------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
@@ -745,7 +766,12 @@ class Benchmark:
                 "per_concept": per_concept,
                 "average": {m: _mean([r["average"][m] for r in runs]) for m in METRICS},
                 "forgetting": {m: _mean([r["forgetting"].get(m) for r in runs]) for m in ("nia", "ia", "ca")},
-                "multi": _mean([_mean(list(r["multi"].values())) for r in runs if r["multi"]]),
+                **{
+                    f"multi{suffix}": _mean(
+                        [_mean([p.get(key) for p in r["multi"].values()]) for r in runs if r["multi"]]
+                    )
+                    for key, suffix in MULTI.items()
+                },
                 "order_spread": float(max(averages) - min(averages)),
                 "compute": method_compute(tasks[method], self.out),
             }
@@ -783,8 +809,18 @@ class Benchmark:
                 if has_samples([tasks])
                 else {m: average_forgetting(R[m]) for m in FORGETTING if R[m][-1][0] is not None}
             ),
-            "multi": final.get("_multi"),
+            "multi": _multi_scores(final.get("_multi")),
         }
+
+
+MULTI = {"nia": "", "presence": "_presence", "ta": "_ta"}  # multi-concept scores -> their results keys' suffixes
+
+
+def _multi_scores(multi: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """Per pair its scores; a task file written before the multi-concept score had several scores holds its nIA."""
+    if not multi:
+        return multi
+    return {pair: v if isinstance(v, dict) else {"nia": v} for pair, v in multi.items()}
 
 
 def fidelity_vs_ca(results: dict[str, Any], drop: float = DROP, resamples: int = 2000) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
     columns = [(k, c) for k, c in SUMMARY if any(r["average"].get(k) is not None for r in methods)]
     fidelity = any(r["average"].get("fidelity") is not None for r in methods)
     header = ["method", *[c for _, c in columns], *(["fidelity"] if fidelity else [])]
-    header += ["forget nIA", "forget CA", "multi nIA", "order spread"]
+    presence = any(r.get("multi_presence") is not None for r in methods)
+    header += ["forget nIA", "forget CA", "multi nIA", *(["multi both"] if presence else []), "order spread"]
     rows = []
     for method, r in results["methods"].items():
         ci, forget_ci = r.get("average_95") or {}, r.get("forgetting_95") or {}
@@ -54,6 +55,7 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
                 _ci(r["forgetting"]["nia"], forget_ci.get("nia")),
                 _ci(r["forgetting"]["ca"], forget_ci.get("ca")),
                 _ci(r["multi"], r.get("multi_95")) if r["multi"] is not None else "–",
+                *([_ci(r.get("multi_presence"), r.get("multi_presence_95"))] if presence else []),
                 _f(r["order_spread"], 4),
             ]
         )
@@ -80,7 +82,8 @@ def summary_notes(results: dict) -> list[str]:
         "each averaged over orders first (orders are not extra data), resampled within each concept; the intervals "
         "themselves are in results.json. forget: average forgetting, mean_i (max_{t<G} R[t][i] − R[G][i]), on the "
         "samples common to every row. multi nIA: two concepts in one prompt, normalised IA against each concept's "
-        "references, averaged over pairs. order spread: max − min of the final average nIA over orders."
+        "references, averaged over pairs; multi both (tiny world): the share of those images where the world's "
+        "presence score finds both concepts. order spread: max − min of the final average nIA over orders."
         + (f" ±–: no per-image scores ({', '.join(older)}: made before they were kept)." if older else "")
     ]
 
@@ -121,7 +124,7 @@ def reading(results: dict) -> list[str]:
         "intervals; a method beats another, or is below it, only where the interval of the difference excludes 0."
     ]
     pairs: dict[tuple[str, str], list[str]] = {}
-    label = {"nia": "nIA", "ca": "CA", "multi": "multi nIA"}
+    label = {"nia": "nIA", "ca": "CA", "multi": "multi nIA", "multi_presence": "multi both"}
     for c in comparisons:
         lo, hi = c["ci"]
         verdict = VERDICT[(lo > 0) - (hi < 0)]

@@ -27,7 +27,7 @@ RESAMPLES = 2000
 SEED = 0
 METRICS = ("nia", "ia", "ca", "ta", "dino")  # the per-image scores of a task file
 REFERENCES = ("fl2t", "lookup")  # the methods every other is compared with, when they ran
-COMPARED = ("nia", "ca", "multi")
+COMPARED = ("nia", "ca", "multi", "multi_presence")
 FORGETTING = ("nia", "ia", "ca")
 
 Tasks = list[dict[str, Any]]  # one order's task files, in task order
@@ -70,12 +70,13 @@ def final_samples(runs: Sequence[Tasks], metric: str) -> Samples:
     return {name: {seed: float(np.mean(v)) for seed, v in by_seed.items()} for name, by_seed in values.items()}
 
 
-def multi_samples(runs: Sequence[Tasks]) -> Samples:
-    """Per concept pair, seed -> the multi-concept score of that image, averaged over the orders."""
+def multi_samples(runs: Sequence[Tasks], score: str = "nia") -> Samples:
+    """Per concept pair, seed -> a multi-concept score of that image (nia, ta or presence), averaged over the
+    orders; empty where the task files do not hold that score."""
     values: dict[str, dict[int, list[float]]] = {}
     for tasks in runs:
         for pair, s in (tasks[-1].get("_multi_samples") or {}).items():
-            for seed, v in zip(s["seed"], s["nia"]):
+            for seed, v in zip(s["seed"], s.get(score) or []):
                 values.setdefault(pair, {}).setdefault(seed, []).append(v)
     return {pair: {seed: float(np.mean(v)) for seed, v in by_seed.items()} for pair, by_seed in values.items()}
 
@@ -178,13 +179,14 @@ def method_stats(runs: Sequence[Tasks], orders: Sequence[Sequence[str]], names: 
             for name, by_seed in samples.items():
                 got = interval([np.array(list(by_seed.values()))])
                 per_concept_95.setdefault(name, {})[metric] = got[1] if got else None
-    multi = multi_samples(runs)
+    multi, presence = multi_samples(runs), multi_samples(runs, "presence")
     return {
         "samples": {name: len(by_seed) for name, by_seed in final_samples(runs, "nia").items()},
         "average_95": average_95,
         "per_concept_95": per_concept_95,
         "forgetting_95": {m: forgetting_interval(runs, orders, m) for m in FORGETTING},
         "multi_95": mean_interval(multi) if multi else None,
+        "multi_presence_95": mean_interval(presence) if presence else None,
         "confusion": confusion(runs, names),
     }
 
@@ -195,7 +197,11 @@ def comparisons(runs: dict[str, Sequence[Tasks]]) -> list[dict[str, Any]]:
     Methods without per-image scores are left out."""
     with_samples = {m: r for m, r in runs.items() if has_samples(r)}
     scores = {
-        m: {**{k: final_samples(r, k) for k in ("nia", "ca")}, "multi": multi_samples(r)}
+        m: {
+            **{k: final_samples(r, k) for k in ("nia", "ca")},
+            "multi": multi_samples(r),
+            "multi_presence": multi_samples(r, "presence"),
+        }
         for m, r in with_samples.items()
     }
     out, seen = [], set()
