@@ -350,6 +350,16 @@ def test_orders_are_the_listed_one_then_distinct_seeded_shuffles():
     assert orders == task_orders(cfg, orders[0])  # seeded: the same every time
 
 
+def test_tiny10_scores_three_object_pairs_and_three_object_style_pairs_on_16_images_each():
+    from fl2t.world import get_concept
+
+    cfg = load_config("tiny10")
+    kinds = ["+".join(sorted(get_concept(n).kind for n in pair)) for pair in cfg.multi]
+    assert kinds.count("object+object") >= 3 and kinds.count("object+style") >= 3
+    assert cfg.multi_images >= 16
+    assert cfg.multi_prompts["object+object"] == "a {} to the left of a {}"  # as the world's two-object captions
+
+
 def test_a_methods_settings_come_from_the_config_as_its_typed_model(tmp_path):
     from fl2t.methods.ewc import EWCSettings
     from fl2t.methods.lwf import LwFSettings
