@@ -41,6 +41,8 @@ from fl2t.worldkit.build import verify_manifest
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
+    from fl2t.methods import Method
+
 CHECK_SEED = 777
 CHECK_BATCH = 64  # images per pipeline call for the base model's samples
 EVALUATOR_IMAGES = 300
@@ -302,6 +304,7 @@ class Step1:
         self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts")) for c in CONCEPTS}
         self.refs = {n: ev.image_embeds(c.images) for n, c in self.concepts.items()}
         self._class: dict[str, torch.Tensor] = {}
+        self.class_pictures: dict[str, list[Image.Image]] = {}  # the base model's images of the class word
 
     def prompts(self, name: str) -> tuple[list[str], list[int]]:
         spec = self.concepts[name].spec
@@ -313,7 +316,8 @@ class Step1:
             c = get_concept(name)
             texts = [t for t in class_prompts(c) for _ in range(STEP1_SEEDS_PER_PROMPT)]
             seeds = [CHECK_SEED + 30_000 + i for i in range(len(texts))]
-            self._class[name] = self.ctx.evaluator.image_embeds(self.ctx.base_images(texts, seeds))
+            self.class_pictures[name] = self.ctx.base_images(texts, seeds)
+            self._class[name] = self.ctx.evaluator.image_embeds(self.class_pictures[name])
         return self._class[name]
 
     def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image]]:
@@ -379,32 +383,63 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     ]
 
 
+ORACLE_PAIRS = (("splitsquare", "eyering"), ("dottri", "crossbox"), ("stripestar", "bullseye"))  # tiny10's
+ORACLE_PAIR_IMAGES = 27  # x 3 pairs: 81 images per row
+
+
 def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     """Every concept (styles included) learned alone with `fl2t learn`'s defaults (tiny10's Step 1): its concept
-    accuracy on 80 images and its seconds; the rows give the lowest and list every concept in the detail."""
+    accuracy on 80 images and its seconds (the rows give the lowest and the slowest, the detail every concept).
+    On the same experts: the presence score on generations (each object concept found in its expert's images that
+    CA calls its own; reported absent in the base model's images of its class word), and the oracle pairs, the
+    references of the multi-concept score: tiny10's object pairs with both experts at full weight (`lookup`), and
+    with each expert's cross-attention keys and values restricted to its own tokens (`lookup+span`)."""
     import tempfile
     import time
 
     from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
+    from fl2t.world.presence import Presence
 
     settings = LearnSettings(checkpoint_every=0)
-    cas, secs = {}, {}
+    cas, secs, found, absent = {}, {}, [], []
+    presence = Presence(ctx.evaluator)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         s1 = Step1(ctx, folder)
+
+        def method(name: str) -> Method:
+            store = folder / "store"
+            return METHODS[name](MethodContext(str(ctx.weights / "base"), settings, folder / name, store))
+
+        lookup, span = method("lookup"), method("lookup+span")
         for c in CONCEPTS:
-            mctx = MethodContext(
-                base=str(ctx.weights / "base"), learn=settings, workdir=folder / c.name, store=folder / "store"
-            )
-            alone = METHODS["sequential"](mctx)
             t0 = time.perf_counter()
-            alone.learn(s1.concepts[c.name])
+            lookup.learn(s1.concepts[c.name])  # learned alone into the store, as `fl2t learn` learns it
             secs[c.name] = time.perf_counter() - t0
-            cas[c.name], _, images = s1.score(c.name, alone.sampler())
+            span.learn(s1.concepts[c.name])  # the same expert, from the store
+        sampler = lookup.sampler()  # a prompt naming one concept: its expert alone (the oracle)
+        for c in CONCEPTS:
+            emb_ca, _, images = s1.score(c.name, sampler)
+            cas[c.name] = emb_ca
             ctx.samples[f"alone {c.name}"] = images
-    low = min(cas, key=cas.get)
-    slow = max(secs, key=secs.get)
+            if c.kind == "object":
+                own = nearest_own(ctx, s1, c.name, images)
+                found += list(presence([im for im, o in zip(images, own) if o], [c.name])[:, 0])
+                absent += list(~presence(s1.class_pictures[c.name], [c.name])[:, 0])
+        for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
+            images, both = [], []
+            for a, b in ORACLE_PAIRS:
+                prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
+                seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
+                got = m.sampler()([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
+                both += list(presence(got, [a, b]).all(axis=1))
+                images += got
+            ctx.samples[f"oracle pairs {m.name}"] = images
+            pairs = ", ".join(f"{a}+{b}" for a, b in ORACLE_PAIRS)
+            rows.append(Row(f"oracle pair, {label}: both present (info)", float(np.mean(both)), 0.0, pairs))
+    low, slow = min(cas, key=cas.get), max(secs, key=secs.get)
     return [
         Row(
             "every concept learned alone: concept accuracy (lowest)",
@@ -413,6 +448,47 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
             f"lowest {low}; " + ", ".join(f"{k} {v:.2f}" for k, v in cas.items()),
         ),
         Row("every concept learned alone: seconds (slowest)", secs[slow], 60.0, f"slowest {slow}", at_most=True),
+        Row(
+            "presence on generations: object found in its expert's own images",
+            float(np.mean(found)) if found else 0.0,
+            0.90,
+            f"{len(found)} images CA calls the concept's own",
+        ),
+        Row(
+            "presence on generations: object absent from the base's class images",
+            float(np.mean(absent)),
+            0.90,
+            f"{len(absent)} images",
+        ),
+        *rows,
+    ]
+
+
+def nearest_own(ctx: CheckContext, s1: Step1, name: str, images: list[Image.Image]) -> list[bool]:
+    """Per image, whether CA's rule (`fl2t.metrics.nearest_concepts`) calls it the concept's own."""
+    from fl2t.metrics import nearest_concepts
+
+    emb = ctx.evaluator.image_embeds(images)
+    return [label == name for label in nearest_concepts(emb, s1.refs, s1.class_images(name))]
+
+
+def gate_presence(ctx: CheckContext) -> list[Row]:
+    """The presence score on ground-truth renders (`fl2t.world.presence.validation`): both concepts of a pair found,
+    and a concept replaced by a plain look (an object by a plain object of its shape, a style by the plain
+    rendering) found absent; each the lower of the object-pair and object+style groups."""
+    from fl2t.world.presence import validation
+
+    v = validation(ctx.evaluator)
+    both = min(v["pairs/both"], v["styled/both"])
+    gone = min(v["pairs/left_absent"], v["pairs/right_absent"], v["styled/object_absent"], v["styled/style_absent"])
+    detail = (
+        f"object pairs {v['pairs/both']:.3f} / {min(v['pairs/left_absent'], v['pairs/right_absent']):.3f}; "
+        f"object+style {v['styled/both']:.3f} / object {v['styled/object_absent']:.3f}, "
+        f"style {v['styled/style_absent']:.3f}"
+    )
+    return [
+        Row("presence score on ground truth: both found", both, 0.90, detail),
+        Row("presence score on ground truth: the missing one found absent", gone, 0.90, detail),
     ]
 
 
@@ -422,6 +498,7 @@ GATES: list[Callable[[CheckContext], list[Row]]] = [
     gate_base,
     gate_base_pairs,
     gate_base_styles,
+    gate_presence,
     gate_concept_separation,
     gate_step1,
 ]
