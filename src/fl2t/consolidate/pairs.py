@@ -13,13 +13,14 @@ expert keeps its own anchors.
 
 Which pairs are trained, their prompts and their anchors' seeds derive from the two experts' content hashes alone:
 adding a concept adds pairs and may displace a pair of a concept with more partners than `pairs_per_concept`, but
-never reshuffles the others. (Known defect: with pair training on, libraries built in different arrival orders are
-not yet byte-identical; a strict xfail in tests/test_consolidate.py records it.)
+never reshuffles the others; with a stochastic scheduler the anchors' step noise comes from the pair's own generator.
+So the library is byte-identical whatever the arrival order, pair training on or off (tests/test_consolidate.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -218,6 +219,9 @@ def pair_anchors(
     teacher, probe = CompositionTeacher(agg, span), AttentionProbe(unet)
     device, h = unet.device, size // pipe.vae_scale_factor
     uncond = pipe.encode_prompt("", device, 1, False)[0]
+    # A stochastic scheduler (DDPM, Euler ancestral) draws noise in each step: from the pair's generator, never the
+    # global one, whose state depends on what ran before (it made the anchors differ across arrival orders).
+    stochastic = "generator" in inspect.signature(sched.step).parameters
     latents = []
     try:
         for i, prompt in enumerate(pair.prompts):
@@ -225,6 +229,7 @@ def pair_anchors(
             cond = pipe.encode_prompt(prompt, device, 1, False)[0]
             gen = torch.Generator().manual_seed((pair.seed + i) % 2**63)
             x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(device) * sched.init_noise_sigma
+            noise = {"generator": gen} if stochastic else {}
             sched.set_timesteps(settings.pair_anchor_steps, device=device)
             for t in sched.timesteps:
                 xi = sched.scale_model_input(x, t)
@@ -237,7 +242,7 @@ def pair_anchors(
                         eu, ec = unet(torch.cat([xi, xi]), t, torch.cat([uncond, cond])).sample.chunk(2)
                     finally:
                         teacher.off()
-                x = sched.step(eu + settings.pair_anchor_guidance * (ec - eu), t, x).prev_sample
+                x = sched.step(eu + settings.pair_anchor_guidance * (ec - eu), t, x, **noise).prev_sample
             latents.append(x.float().cpu())
     finally:
         agg.remove()

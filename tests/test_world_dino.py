@@ -1,0 +1,89 @@
+"""The tiny world's DINO-like encoder (fl2t.worldkit.dino): trains, saves, loads through DinoEvaluator, keeps colours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fl2t.metrics import DinoEvaluator
+from fl2t.world.concepts import concept_appearances
+from fl2t.world.generator import random_scene, render
+from fl2t.worldkit import dino, train
+
+
+@pytest.fixture(scope="module")
+def data() -> train.Dataset:
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng, rich=True, held_out=None, exclude=concept_appearances()) for _ in range(200)]
+    return train.render_dataset(scenes, lambda n: None)
+
+
+def test_trained_encoder_loads_through_dino_evaluator(data, tmp_path):
+    encoder, processor = dino.train_dino(data, steps=3, seed=0, tick=lambda n: None, batch=16, local_views=2)
+    encoder.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    ev = DinoEvaluator.load(tmp_path)
+    images = [render(s) for s in data.scenes[:6]]
+    a, b = ev.image_embeds(images), ev.image_embeds(images)
+    assert a.shape == (6, encoder.config.hidden_size)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert torch.equal(a, b)
+    # the loaded model is the trained teacher encoder: same CLS features from the same pixels
+    pixels = data.batch(np.arange(6))
+    with torch.no_grad():
+        own = torch.nn.functional.normalize(encoder(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
+    assert torch.allclose(a, own, atol=1e-4)
+    # different pictures, different features
+    assert (a @ a.T).fill_diagonal_(0).max() < 0.9999
+
+
+def test_teacher_is_the_ema_of_the_student(data):
+    run = dino.DinoTraining(steps=10, seed=0, local_views=2)
+    teacher0 = [p.clone() for p in run.teacher.parameters()]
+    student0 = [p.clone() for p in run.student.parameters()]
+    assert all(torch.equal(t, s) for t, s in zip(teacher0, student0))  # the teacher starts as the student
+    m = run.momentum()
+    assert 0.98 < m < 1
+    run.step(data.batch(np.arange(16)))
+    moved = 0
+    for t0, t1, s1 in zip(teacher0, run.teacher.parameters(), run.student.parameters()):
+        assert torch.allclose(t1, m * t0 + (1 - m) * s1, atol=1e-6)
+        moved += int(not torch.equal(t1, t0))
+    assert moved > 10  # the student changed and the teacher followed part of the way
+    assert not any(p.requires_grad for p in run.teacher.parameters())
+    assert run.momentum() > m  # the momentum rises toward 1 over training
+
+
+def test_views_keep_a_pictures_colours():
+    red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
+    x = blue.view(1, 3, 1, 1).repeat(8, 1, 32, 32)
+    x[:, :, 8:20, 10:26] = red.view(3, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    for size, scale in ((32, dino.GLOBAL_SCALE), (dino.LOCAL_SIZE, dino.LOCAL_SCALE)):
+        v = dino.random_crops(x, size, scale, gen)
+        assert v.shape == (8, 3, size, size)
+        # every pixel is a blend of red and blue (bilinear resampling), never another colour
+        a = (v[:, 0] + 1) / 2  # the share of red
+        blend = a.unsqueeze(1) * red.view(1, 3, 1, 1) + (1 - a.unsqueeze(1)) * blue.view(1, 3, 1, 1)
+        assert torch.allclose(v, blend, atol=1e-5)
+        assert a.min() >= -1e-6 and a.max() <= 1 + 1e-6
+    # on world pictures: a view's colours stay within each picture's range, channel by channel
+    rng = np.random.default_rng(1)
+    pics = torch.stack(
+        [torch.from_numpy(np.asarray(render(random_scene(rng, rich=True))).copy()).permute(2, 0, 1) for _ in range(8)]
+    ).float()
+    v = dino.random_crops(pics, dino.LOCAL_SIZE, dino.LOCAL_SCALE, gen)
+    lo, hi = pics.amin(dim=(2, 3), keepdim=True), pics.amax(dim=(2, 3), keepdim=True)
+    assert (v >= lo - 1e-3).all() and (v <= hi + 1e-3).all()
+
+
+def test_sinkhorn_targets_are_distributions_using_prototypes_evenly():
+    scores = torch.randn(64, 32) * 0.3 + torch.linspace(0, 1, 32)  # a bias toward the last prototypes
+    q = dino.sinkhorn(scores, dino.TEACHER_TEMP)
+    assert torch.allclose(q.sum(dim=1), torch.ones(64), atol=1e-5)
+    use = q.mean(dim=0)
+    assert use.max() / use.min() < 5  # softmax alone would give nearly everything to the last prototypes
+    soft = torch.softmax(scores / dino.TEACHER_TEMP, dim=1).mean(dim=0)
+    assert soft.max() / soft.min() > 100

@@ -1,0 +1,109 @@
+"""Does an image-only encoder of the tiny world tell its concepts apart? (issue 14 item 2, the DINO score)
+
+    python tools/world_dino_check.py FOLDER                 # measure a saved DINO-like encoder (and the CLIP one)
+    python tools/world_dino_check.py FOLDER --train 3000    # train one first (fl2t.worldkit.dino), save it there
+
+The measure, per concept: 10 fresh renders (`c.scene(np.random.default_rng([777, k]))`), each labelled by
+`fl2t.metrics.nearest_concepts` against the 10 concepts' 5 reference renders and a class option (objects: plain
+renders of the concept's shape in its main colour; styles: the same kind of content rendered plainly); the share
+that picks its own concept. The shipped CLIP evaluator's image features are measured the same way as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fl2t import world
+from fl2t.metrics import ClipEvaluator, DinoEvaluator, concept_accuracy
+from fl2t.world.concepts import CONCEPTS, WorldConcept, concept_appearances, reference_scenes
+from fl2t.world.generator import random_scene, render
+from fl2t.worldkit import build, dino, train
+
+Embed = Callable[[Sequence[Image.Image]], torch.Tensor]
+
+
+def class_renders(c: WorldConcept, k: int, n: int = 10) -> list[Image.Image]:
+    """What the concept adds to: its shape in its main colour (objects), or plain renderings (styles)."""
+    rng = np.random.default_rng([778, k])
+    if c.kind == "object":
+        return [render(replace(c.scene(rng), pattern=None, colour2=None)) for _ in range(n)]
+    return [render(replace(c.scene(rng), style=None)) for _ in range(n)]
+
+
+def separation(embed: Embed, per_concept: int = 10) -> dict[str, float]:
+    """Per concept, the share of its fresh renders nearest its own references (concept accuracy of renders)."""
+    refs = {c.name: embed([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
+    out = {}
+    for k, c in enumerate(CONCEPTS):
+        rng = np.random.default_rng([777, k])
+        fresh = embed([render(c.scene(rng)) for _ in range(per_concept)])
+        out[c.name] = concept_accuracy(fresh, c.name, refs, embed(class_renders(c, k)))
+    return out
+
+
+def rich_data(n: int, seed: int = build.DEFAULT_SEED) -> train.Dataset:
+    """The build's rich pictures (patterns, the three style renderings), with world v2's shares of two-object scenes
+    and generic styles; never a concept's look."""
+    exclude = concept_appearances()
+    rng = np.random.default_rng(build._stage_seed(seed, "rich"))
+    scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(n)]
+    mix = build.V2_MIX
+    scenes = build._mix(seed, "rich", scenes, mix["rich_pair_share"], mix["rich_style_share"], exclude)
+    return train.render_dataset(scenes, lambda n: None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--train", type=int, default=0, help="train this many steps into FOLDER first")
+    ap.add_argument("--images", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--local-views", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=build.DEFAULT_SEED)
+    ap.add_argument("--probe", type=int, default=250, help="measure the teacher every this many steps")
+    ap.add_argument("--no-clip", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.train:
+        t0 = time.time()
+        data = rich_data(args.images, args.seed)
+        print(f"rendered {args.images} pictures in {time.time() - t0:.0f} s", flush=True)
+        t0 = time.time()
+        run = dino.DinoTraining(args.train, build._stage_seed(args.seed, "dino"), args.local_views)
+        rng = np.random.default_rng(build._stage_seed(args.seed, "dino"))
+        for step in range(args.train):  # train_dino's loop, with progress and the measure on the way
+            loss = run.step(data.batch(rng.integers(len(data.scenes), size=args.batch)))
+            if (step + 1) % args.probe == 0 or step + 1 == args.train:
+                el = time.time() - t0
+                run.teacher.encoder.eval()
+                acc = separation(DinoEvaluator(run.teacher.encoder, dino.image_processor()).image_embeds)
+                print(
+                    f"step {step + 1}/{args.train}: loss {loss:.3f}, {el:.0f} s, {el / (step + 1):.3f} s/step; "
+                    f"renders nearest own refs mean {np.mean(list(acc.values())):.2f} "
+                    + " ".join(f"{k} {v:.1f}" for k, v in acc.items()),
+                    flush=True,
+                )
+        encoder, processor = run.teacher.encoder.eval(), dino.image_processor()
+        encoder.save_pretrained(args.folder, safe_serialization=True)
+        processor.save_pretrained(args.folder)
+        print(f"trained {args.train} steps (batch {args.batch}) in {time.time() - t0:.0f} s", flush=True)
+    results = {"dino": separation(DinoEvaluator.load(args.folder).image_embeds)}
+    if not args.no_clip:
+        results["clip"] = separation(ClipEvaluator.load(world.evaluator_path()).image_embeds)
+    print(f"{'concept':14s}" + "".join(f"{k:>8s}" for k in results))
+    for c in CONCEPTS:
+        print(f"{c.name:14s}" + "".join(f"{r[c.name]:8.2f}" for r in results.values()))
+    print(f"{'mean':14s}" + "".join(f"{np.mean(list(r.values())):8.2f}" for r in results.values()))
+    print(f"{'lowest':14s}" + "".join(f"{min(r.values()):8.2f}" for r in results.values()))
+
+
+if __name__ == "__main__":
+    main()
