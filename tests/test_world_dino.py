@@ -8,7 +8,7 @@ import torch
 
 from fl2t.metrics import DinoEvaluator
 from fl2t.world.concepts import concept_appearances
-from fl2t.world.generator import random_scene, render
+from fl2t.world.generator import Scene, random_scene, render
 from fl2t.worldkit import dino, train
 
 
@@ -77,6 +77,31 @@ def test_views_keep_a_pictures_colours():
     v = dino.random_crops(pics, dino.LOCAL_SIZE, dino.LOCAL_SCALE, gen)
     lo, hi = pics.amin(dim=(2, 3), keepdim=True), pics.amax(dim=(2, 3), keepdim=True)
     assert (v >= lo - 1e-3).all() and (v <= hi + 1e-3).all()
+
+
+def test_background_swap_changes_only_a_grey_background():
+    rng = np.random.default_rng(2)
+    scenes = [Scene("star", "red", "gray", "in the center", "large", jitter=i) for i in range(4)]
+    scenes += [Scene("circle", "blue", "black", "top left", "small", style="pastel", jitter=9)]
+    x = torch.stack([torch.from_numpy(np.asarray(render(s)).copy()).permute(2, 0, 1) for s in scenes]).float()
+    x = x / 127.5 - 1
+    y = dino.swap_background(x, torch.Generator().manual_seed(int(rng.integers(100))), p=1.0)
+    assert torch.equal(y[4], x[4])  # pastel's cream background is the style: kept
+    for i in range(4):
+        changed = (y[i] != x[i]).any(dim=0)
+        assert 0.5 < changed.float().mean() < 0.95  # the background, not the object
+        assert torch.equal(y[i, :, 16, 16], x[i, :, 16, 16])  # the star's centre keeps its red
+        new = y[i][:, changed]
+        assert torch.allclose(new, new[:, :1].expand_as(new))  # one new grey for the whole background
+        assert torch.allclose(new[0], new[1]) and torch.allclose(new[1], new[2])
+
+
+def test_channel_permutation_keeps_each_pixels_values():
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    y = dino.permute_channels(x, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values)  # the same three values at every pixel
+    assert all(not torch.equal(y[i], x[i]) for i in range(16))  # never the identity when chosen
+    assert torch.equal(dino.permute_channels(x, torch.Generator().manual_seed(0), p=0.0), x)
 
 
 def test_sinkhorn_targets_are_distributions_using_prototypes_evenly():

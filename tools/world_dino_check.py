@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from fl2t import world
-from fl2t.metrics import ClipEvaluator, DinoEvaluator, concept_accuracy
+from fl2t.metrics import ClipEvaluator, DinoEvaluator, nearest_concepts
 from fl2t.world.concepts import CONCEPTS, WorldConcept, concept_appearances, reference_scenes
 from fl2t.world.generator import random_scene, render
 from fl2t.worldkit import build, dino, train
@@ -38,15 +39,20 @@ def class_renders(c: WorldConcept, k: int, n: int = 10) -> list[Image.Image]:
     return [render(replace(c.scene(rng), style=None)) for _ in range(n)]
 
 
-def separation(embed: Embed, per_concept: int = 10) -> dict[str, float]:
-    """Per concept, the share of its fresh renders nearest its own references (concept accuracy of renders)."""
+def nearest(embed: Embed, per_concept: int = 10) -> dict[str, list[str]]:
+    """Per concept, what each of its fresh renders is nearest (`nearest_concepts`: a concept's name or CLASS)."""
     refs = {c.name: embed([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
     out = {}
     for k, c in enumerate(CONCEPTS):
         rng = np.random.default_rng([777, k])
         fresh = embed([render(c.scene(rng)) for _ in range(per_concept)])
-        out[c.name] = concept_accuracy(fresh, c.name, refs, embed(class_renders(c, k)))
+        out[c.name] = nearest_concepts(fresh, refs, embed(class_renders(c, k)))
     return out
+
+
+def separation(embed: Embed, per_concept: int = 10) -> dict[str, float]:
+    """Per concept, the share of its fresh renders nearest its own references (concept accuracy of renders)."""
+    return {name: float(np.mean([x == name for x in got])) for name, got in nearest(embed, per_concept).items()}
 
 
 def rich_data(n: int, seed: int = build.DEFAULT_SEED) -> train.Dataset:
@@ -65,10 +71,12 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--train", type=int, default=0, help="train this many steps into FOLDER first")
     ap.add_argument("--images", type=int, default=20_000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--local-views", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--local-views", type=int, default=2)
     ap.add_argument("--seed", type=int, default=build.DEFAULT_SEED)
     ap.add_argument("--probe", type=int, default=250, help="measure the teacher every this many steps")
+    ap.add_argument("--channel-permute", type=float, default=0.2)
+    ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -77,7 +85,10 @@ def main() -> None:
         data = rich_data(args.images, args.seed)
         print(f"rendered {args.images} pictures in {time.time() - t0:.0f} s", flush=True)
         t0 = time.time()
-        run = dino.DinoTraining(args.train, build._stage_seed(args.seed, "dino"), args.local_views)
+        run = dino.DinoTraining(
+            args.train, build._stage_seed(args.seed, "dino"), args.local_views, channel_permute=args.channel_permute
+        )
+        dino.LOCAL_SCALE = (args.local_min, dino.LOCAL_SCALE[1])
         rng = np.random.default_rng(build._stage_seed(args.seed, "dino"))
         for step in range(args.train):  # train_dino's loop, with progress and the measure on the way
             loss = run.step(data.batch(rng.integers(len(data.scenes), size=args.batch)))
@@ -95,12 +106,19 @@ def main() -> None:
         encoder.save_pretrained(args.folder, safe_serialization=True)
         processor.save_pretrained(args.folder)
         print(f"trained {args.train} steps (batch {args.batch}) in {time.time() - t0:.0f} s", flush=True)
-    results = {"dino": separation(DinoEvaluator.load(args.folder).image_embeds)}
+    picks = {"dino": nearest(DinoEvaluator.load(args.folder).image_embeds)}
     if not args.no_clip:
-        results["clip"] = separation(ClipEvaluator.load(world.evaluator_path()).image_embeds)
-    print(f"{'concept':14s}" + "".join(f"{k:>8s}" for k in results))
+        picks["clip"] = nearest(ClipEvaluator.load(world.evaluator_path()).image_embeds)
+    results = {k: {c: float(np.mean([x == c for x in got])) for c, got in v.items()} for k, v in picks.items()}
+    print(f"{'concept':14s}" + "".join(f"{k:>8s}" for k in results) + "   dino's wrong picks")
     for c in CONCEPTS:
-        print(f"{c.name:14s}" + "".join(f"{r[c.name]:8.2f}" for r in results.values()))
+        wrong = Counter(x for x in picks["dino"][c.name] if x != c.name)
+        print(
+            f"{c.name:14s}"
+            + "".join(f"{r[c.name]:8.2f}" for r in results.values())
+            + "   "
+            + ", ".join(f"{w} {n}" for w, n in wrong.most_common())
+        )
     print(f"{'mean':14s}" + "".join(f"{np.mean(list(r.values())):8.2f}" for r in results.values()))
     print(f"{'lowest':14s}" + "".join(f"{min(r.values()):8.2f}" for r in results.values()))
 
