@@ -358,6 +358,9 @@ def test_tiny10_scores_three_object_pairs_and_three_object_style_pairs_on_16_ima
     assert kinds.count("object+object") >= 3 and kinds.count("object+style") >= 3
     assert cfg.multi_images >= 16
     assert cfg.multi_prompts["object+object"] == "a {} to the left of a {}"  # as the world's two-object captions
+    from fl2t.worldkit.check import ORACLE_PAIRS  # `fl2t world check --full`'s references: tiny10's object pairs
+
+    assert [tuple(p) for p, k in zip(cfg.multi, kinds) if k == "object+object"] == list(ORACLE_PAIRS)
 
 
 def test_a_methods_settings_come_from_the_config_as_its_typed_model(tmp_path):

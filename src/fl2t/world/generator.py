@@ -370,16 +370,24 @@ def is_held_out_style(style: str, shape: str) -> bool:
     return SHAPES[hashlib.sha256(f"style|{style}".encode()).digest()[0] % len(SHAPES)] == shape
 
 
-def styled_scene(rng: np.random.Generator, held_out: bool | None = False, patterned: float = 0.3) -> Scene:
+def styled_scene(
+    rng: np.random.Generator,
+    held_out: bool | None = False,
+    patterned: float = 0.3,
+    exclude: frozenset[tuple[str, str | None, str | None, str | None]] = frozenset(),
+) -> Scene:
     """A random object in one of GENERIC_STYLES (30% two-colour patterned), position and background drawn as
-    `random_scene` draws them. held_out: as `random_scene`, over the (style, shape) combinations."""
+    `random_scene` draws them. held_out: as `random_scene`, over the (style, shape) combinations; exclude: looks
+    never to draw."""
     while True:
         scene = replace(random_scene(rng, held_out=None), style=GENERIC_STYLES[rng.integers(len(GENERIC_STYLES))])
         if rng.random() < patterned:
             c2 = list(COLOURS)[rng.integers(len(COLOURS))]
             if c2 != scene.colour:
                 scene = replace(scene, pattern=PATTERNS[rng.integers(len(PATTERNS))], colour2=c2)
-        if held_out is None or is_held_out_style(scene.style, scene.shape) == held_out:
+        if held_out is not None and is_held_out_style(scene.style, scene.shape) != held_out:
+            continue
+        if (scene.shape, scene.pattern, scene.colour, scene.colour2) not in exclude:
             return scene
 
 

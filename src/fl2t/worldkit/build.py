@@ -107,10 +107,7 @@ def _mix(
         if u < pair_share:
             out.append(random_pair(pairs, held_out=False, exclude=exclude))
         elif u < pair_share + style_share:
-            s = styled_scene(styled, held_out=False)
-            while (s.shape, s.pattern, s.colour, s.colour2) in exclude:
-                s = styled_scene(styled, held_out=False)
-            out.append(s)
+            out.append(styled_scene(styled, held_out=False, exclude=exclude))
         else:
             out.append(scene)
     return out

@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 
 from fl2t.errors import Fl2tError
-from fl2t.metrics import ClipEvaluator, concept_accuracy, image_alignment, reference_alignment
+from fl2t.metrics import (
+    ClipEvaluator,
+    concept_accuracy,
+    image_alignment,
+    nearest_concepts,
+    reference_alignment,
+)
 from fl2t.sampling import Sampler
 from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
 from fl2t.world.generator import (
@@ -320,13 +326,15 @@ class Step1:
             self._class[name] = self.ctx.evaluator.image_embeds(self.class_pictures[name])
         return self._class[name]
 
-    def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image]]:
-        """(concept accuracy, normalised IA, the images) of `sampler`'s pictures of concept `name`."""
+    def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image], list[bool]]:
+        """(concept accuracy, normalised IA, the images, per image whether CA's rule calls it the concept's own) of
+        `sampler`'s pictures of concept `name`."""
         prompts, seeds = self.prompts(name)
         images = sampler(prompts, seeds, self.ctx.steps, self.ctx.guidance_scale)
         emb = self.ctx.evaluator.image_embeds(images)
-        ca = concept_accuracy(emb, name, self.refs, self.class_images(name))
-        return ca, image_alignment(emb, self.refs[name]) / reference_alignment(self.refs[name]), images
+        own = [label == name for label in nearest_concepts(emb, self.refs, self.class_images(name))]
+        nia = image_alignment(emb, self.refs[name]) / reference_alignment(self.refs[name])
+        return sum(own) / len(own), nia, images, own
 
 
 def gate_step1(ctx: CheckContext) -> list[Row]:
@@ -351,13 +359,13 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
         t0 = time.perf_counter()
         seq.learn(s1.concepts[first])  # task 1 of a sequential LoRA is exactly `fl2t learn` of the concept alone
         seconds = time.perf_counter() - t0
-        ca1, nia1, images = s1.score(first, seq.sampler())
+        ca1, nia1, images, _ = s1.score(first, seq.sampler())
         ctx.samples[first] = images
         emb_class = s1.class_images(first)
         nia_base = image_alignment(emb_class, s1.refs[first]) / reference_alignment(s1.refs[first])
         for name in STEP1_CONCEPTS[1:]:
             seq.learn(s1.concepts[name])
-        ca3, nia3, images3 = s1.score(first, seq.sampler())
+        ca3, nia3, images3, _ = s1.score(first, seq.sampler())
         ctx.samples[f"{first} after {len(STEP1_CONCEPTS)} tasks"] = images3
     n = len(images)
     return [
@@ -383,7 +391,8 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     ]
 
 
-ORACLE_PAIRS = (("splitsquare", "eyering"), ("dottri", "crossbox"), ("stripestar", "bullseye"))  # tiny10's
+# tiny10's object pairs (benchmarks/tiny10.yaml `multi`; a test keeps the two the same)
+ORACLE_PAIRS = (("splitsquare", "eyering"), ("dottri", "crossbox"), ("stripestar", "bullseye"))
 ORACLE_PAIR_IMAGES = 27  # x 3 pairs: 81 images per row
 
 
@@ -421,19 +430,17 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
             span.learn(s1.concepts[c.name])  # the same expert, from the store
         sampler = lookup.sampler()  # a prompt naming one concept: its expert alone (the oracle)
         for c in CONCEPTS:
-            emb_ca, _, images = s1.score(c.name, sampler)
-            cas[c.name] = emb_ca
+            cas[c.name], _, images, own = s1.score(c.name, sampler)
             ctx.samples[f"alone {c.name}"] = images
             if c.kind == "object":
-                own = nearest_own(ctx, s1, c.name, images)
                 found += list(presence([im for im, o in zip(images, own) if o], [c.name])[:, 0])
                 absent += list(~presence(s1.class_pictures[c.name], [c.name])[:, 0])
         for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
-            images, both = [], []
+            images, both, pair_sampler = [], [], m.sampler()
+            seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
             for a, b in ORACLE_PAIRS:
                 prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
-                seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
-                got = m.sampler()([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
+                got = pair_sampler([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
                 both += list(presence(got, [a, b]).all(axis=1))
                 images += got
             ctx.samples[f"oracle pairs {m.name}"] = images
@@ -462,14 +469,6 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
         ),
         *rows,
     ]
-
-
-def nearest_own(ctx: CheckContext, s1: Step1, name: str, images: list[Image.Image]) -> list[bool]:
-    """Per image, whether CA's rule (`fl2t.metrics.nearest_concepts`) calls it the concept's own."""
-    from fl2t.metrics import nearest_concepts
-
-    emb = ctx.evaluator.image_embeds(images)
-    return [label == name for label in nearest_concepts(emb, s1.refs, s1.class_images(name))]
 
 
 def gate_presence(ctx: CheckContext) -> list[Row]:

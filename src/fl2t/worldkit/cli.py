@@ -33,12 +33,10 @@ def build(
     ),
 ) -> None:
     """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
-    from fl2t.worldkit.build import DEFAULT_SEED, WEIGHTS_DIR, BuildSettings
+    from fl2t.worldkit.build import DEFAULT_SEED, V2_MIX, WEIGHTS_DIR, BuildSettings
     from fl2t.worldkit.build import build as run_build
 
     t0 = time.time()
-    from fl2t.worldkit.build import V2_MIX
-
     settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads, **(V2_MIX if v2 else {}))
     manifest = run_build(out or WEIGHTS_DIR, settings, resume, until)
     where = manifest.parent if manifest else (out or WEIGHTS_DIR)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from fl2t.world.generator import SIZE
+from fl2t.worldkit import models
 from fl2t.worldkit.train import Dataset, Tick, _lr, _set_lr
 
 LOCAL_SIZE = 16  # side of the local views (4x4 patches; the position embeddings are interpolated)
@@ -47,18 +48,7 @@ TEACHER_TEMP = 0.05
 
 def new_encoder() -> ViTModel:
     """A ViT on 4x4 patches of the 32x32 picture, the size of the world's CLIP image tower."""
-    config = ViTConfig(
-        image_size=SIZE,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=96,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTModel(config)
+    return ViTModel(ViTConfig(**models.VISION, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
 def image_processor() -> ViTImageProcessor:

@@ -83,18 +83,21 @@ def sample_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULE, set_alpha_to_one=False)
 
 
+# The image towers' shape (the evaluator's CLIP, the DINO-like encoder): a ViT on 4x4 patches of the 32x32 picture.
+VISION = dict(
+    image_size=SIZE,
+    patch_size=4,
+    hidden_size=96,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_channels=3,
+)
+
+
 def new_evaluator() -> CLIPModel:
     """A tiny CLIP: ViT on 4x4 patches of the 32x32 image, and a 2-layer text tower."""
-    vision = dict(
-        image_size=SIZE,
-        patch_size=4,
-        hidden_size=96,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_channels=3,
-    )
-    config = CLIPConfig(text_config=text_config(layers=2).to_dict(), vision_config=vision, projection_dim=64)
+    config = CLIPConfig(text_config=text_config(layers=2).to_dict(), vision_config=VISION, projection_dim=64)
     return CLIPModel(config)
 
 

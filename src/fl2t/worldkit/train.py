@@ -48,8 +48,12 @@ class Dataset:
 
     @property
     def world_v2(self) -> bool:
-        """Whether the pictures include world v2's two-object scenes or generic styles."""
-        return any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in self.scenes)
+        return is_world_v2(self.scenes)
+
+
+def is_world_v2(scenes: Sequence[Scene | PairScene]) -> bool:
+    """Whether the pictures include world v2's two-object scenes or generic styles."""
+    return any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in scenes)
 
 
 def render_dataset(scenes: Sequence[Scene | PairScene], tick: Tick) -> Dataset:
@@ -263,8 +267,7 @@ def train_base(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     unet, text = models.new_unet(), models.new_text_encoder()
-    v2 = any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in scenes)
-    zero_unused_rows(text.get_input_embeddings(), world_token_ids(v2))
+    zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas).clamp(min=1e-8)
