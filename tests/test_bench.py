@@ -314,6 +314,39 @@ def test_a_stopped_run_resumes_where_it_stopped(bench_run, tmp_path, monkeypatch
     assert learned == ["pastel"]  # checkdiamond was learned before the stop; stripestar's task was done
 
 
+def test_kept_task_files_without_the_methods_state_rebuild_the_state_before_the_next_task(
+    bench_run, tmp_path, monkeypatch
+):
+    """A run folder whose task files were committed without the weights (another clone): the rerun learns the kept
+    tasks again to rebuild the continued LoRA, evaluates only the missing task, and scores it as a full run did."""
+    import shutil
+
+    bench, results, cfg_path = bench_run
+    shutil.copytree(bench.out / "sequential", tmp_path / "t3" / "sequential")
+    shutil.copy(bench.out / "run.json", tmp_path / "t3" / "run.json")
+    kept = tmp_path / "t3" / "sequential" / "order0"
+    shutil.rmtree(kept / "state")
+    (kept / "task2.json").unlink()
+    fresh = Benchmark(load_config(cfg_path), tmp_path, ["sequential"])
+    learned, evaluated = [], []
+    original, real = METHODS["sequential"].learn, fresh.evaluate
+    monkeypatch.setattr(METHODS["sequential"], "learn", lambda self, c: (learned.append(c.name), original(self, c)))
+    monkeypatch.setattr(
+        fresh,
+        "evaluate",
+        lambda m, names, done, save_grid=None: (evaluated.append(len(done)), real(m, names, done, save_grid))[1],
+    )
+    again = fresh.run()
+    assert learned == ["stripestar", "checkdiamond", "pastel"] and evaluated == [3]
+
+    def scores(path):  # what was measured, not how long it took
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "_compute"}
+
+    assert scores(kept / "task2.json") == scores(bench.out / "sequential/order0/task2.json")
+    for key in ("average", "forgetting"):
+        assert again["methods"]["sequential"][key] == json.loads(json.dumps(results["methods"]["sequential"][key]))
+
+
 def test_a_rerun_with_other_settings_is_refused_and_leaves_the_results(bench_run):
     bench, _, cfg_path = bench_run
     before = {p: p.read_bytes() for p in bench.out.rglob("task*.json")}

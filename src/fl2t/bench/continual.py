@@ -614,6 +614,11 @@ class Benchmark:
         by_name = {c.name: c for c in self.concepts}
         for t, name in enumerate(order):
             result = folder / f"task{t}.json"
+            if result.is_file() and name not in m.tasks:
+                # Its scores were kept but not the method's state (a run folder whose task files were committed
+                # without the weights, on another clone): rebuild the state, deterministic, keep the scores.
+                self._status(f"{method} order {k}: rebuild its state, {name} ({t + 1}/{len(order)})")
+                counted_task(m, by_name[name], self.out)
             if result.is_file():
                 advance(1)
                 continue
