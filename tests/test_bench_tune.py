@@ -174,11 +174,13 @@ def test_the_shipped_tune_config_has_tiny10s_budget_and_a_valid_grid():
     cfg = make_config(source, {**raw, "variants": {n: v for points in grid.values() for n, v in points.items()}})
     tiny10 = load_config("tiny10")
     assert cfg.learn == tiny10.learn and cfg.consolidate == tiny10.consolidate and cfg.orders == 1
-    assert {"ewc", "lwf", "c-lora", "merge", "magmax", "cidm", "fl2t"} <= set(grid) and all(
+    tuned = {"ewc", "lwf", "c-lora", "merge", "magmax", "magmax-alone", "cidm", "cidm+tokens", "fl2t"}
+    assert tuned <= set(grid) and all(
         len(p) >= 2 for p in grid.values()
     )
     assert cfg.row("ewc@ewc_lambda=5e4").settings.ewc_lambda == 5e4
     assert cfg.row("cidm@ewa_scale=0.5").settings.ewa_scale == 0.5
+    assert cfg.row("magmax-alone@scale=0.5").settings.scale == 0.5
     assert cfg.row("fl2t@lambda_base=0.1").consolidate.lambda_base == 0.1
     with pytest.raises(Fl2tError, match="run it with `fl2t bench tune"):
         load_config("tune")

@@ -15,8 +15,9 @@ encoder fine-tuned in full would be merged too). Cost: the sequential LoRA's; th
 adapted weights at sampling time.
 
 `magmax-alone`, Staniszewski et al.'s variant: each concept's LoRA learned alone from the base (the shared store
-of experts), merged per entry by largest magnitude and added once (scale 1). Kept as its own row because it
-does not learn sequentially: its merge takes independent experts, not a continued model's task vectors.
+of experts), merged per entry by largest magnitude and added once (`scale`, tuned like magmax's). Kept as its
+own row because it does not learn sequentially: its merge takes independent experts, not a continued model's task
+vectors.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class MagMaxAlone(AloneMethod):
     """Staniszewski et al. 2024's variant: the max-magnitude merge of the experts learned alone."""
 
     name = "magmax-alone"
+    settings_model = MagMaxSettings  # its scale is tuned as merge's and magmax's are
+    settings: MagMaxSettings
 
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()
-        return Sampler(magmax_pipeline(self.base_pipeline(experts), experts, 1.0))
+        return Sampler(magmax_pipeline(self.base_pipeline(experts), experts, self.settings.scale))
