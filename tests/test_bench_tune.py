@@ -175,9 +175,7 @@ def test_the_shipped_tune_config_has_tiny10s_budget_and_a_valid_grid():
     tiny10 = load_config("tiny10")
     assert cfg.learn == tiny10.learn and cfg.consolidate == tiny10.consolidate and cfg.orders == 1
     tuned = {"ewc", "lwf", "c-lora", "merge", "magmax", "magmax-alone", "cidm", "cidm+tokens", "fl2t"}
-    assert tuned <= set(grid) and all(
-        len(p) >= 2 for p in grid.values()
-    )
+    assert tuned <= set(grid) and all(len(p) >= 2 for p in grid.values())
     assert cfg.row("ewc@ewc_lambda=5e4").settings.ewc_lambda == 5e4
     assert cfg.row("cidm@ewa_scale=0.5").settings.ewa_scale == 0.5
     assert cfg.row("magmax-alone@scale=0.5").settings.scale == 0.5
