@@ -429,6 +429,16 @@ def test_shipped_configs_load_and_real_data_configs_ask_for_the_data(tmp_path):
         Benchmark(load_config("cifc"), tmp_path, ["merge"])
 
 
+def test_the_seed_config_is_tiny10_at_another_step1_seed_with_the_same_tuned_settings():
+    tiny10, seed1 = load_config("tiny10"), load_config("tiny10-seed1")
+    assert (
+        seed1.learn.seed == 1 and tiny10.learn.seed == 0 and seed1.learn.model_copy(update={"seed": 0}) == tiny10.learn
+    )
+    same = {"name", "orders", "learn"}
+    assert seed1.model_dump(exclude=same) == tiny10.model_dump(exclude=same)
+    assert tiny10.methods["lwf"].lwf_lambda == 0.3  # the tuned settings (results/tune/tuned.yaml)
+
+
 # -- what makes each method what it is ---------------------------------------------------------------------
 def _experts(bench, method):
     from fl2t.library import Library
