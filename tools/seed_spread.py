@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from fl2t.bench.stats import final_samples, interval, mean_interval, paired
+from fl2t.bench.stats import final_samples, interval, paired
 
 
 def tasks(run: Path, method: str, orders: int) -> list[list[dict]] | None:
@@ -45,8 +45,7 @@ def main() -> None:
             sa, sb = final_samples(ra, metric), final_samples(rb, metric)
             cells = []
             for s in (sa, sb):
-                point = interval([list(v.values()) for v in s.values()])[0]
-                lo, hi = mean_interval(s)
+                point, (lo, hi) = interval([list(v.values()) for v in s.values()])
                 cells.append(f"{point:.3f} ({lo:.3f} to {hi:.3f})")
             d = paired(sb, sa)
             diff = f"{d['diff']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})"
