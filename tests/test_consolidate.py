@@ -11,7 +11,9 @@ from PIL import Image
 from conftest import STEP2
 from fl2t.config import ConsolidateSettings
 from fl2t.consolidate import ConsolidatedConfig, ConsolidatedModel, consolidate
+from fl2t.consolidate.common import canonical
 from fl2t.consolidate.pipeline import FL2TPipeline
+from fl2t.consolidate.train import _route_prompts
 from fl2t.errors import Cancelled, Fl2tError
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.library import Library
@@ -256,6 +258,20 @@ def test_a_pair_prompt_gives_both_concepts_their_single_prompt_weight(routed):
     for g, e in enumerate(routed.experts[:2]):
         assert (both[:, g] >= 0.9 * alone[e.name][:, g]).all(), (both[:, g], alone[e.name][:, g])
         assert alone[e.name][:, g].min() > 0.9
+
+
+def test_the_heads_are_taught_concepts_named_beside_other_concepts_class_words(four_experts):
+    """Prompts naming none hold class words, which teaches the heads that a class word means "none"; so half of a
+    concept's own routing prompts hold another concept's class word besides (without them the world's styles, named
+    with an object's noun as in "a red circle in the style of <s-pastel>", ran at about half strength)."""
+    experts = canonical(four_experts)
+    items = _route_prompts(experts, [], torch.Generator().manual_seed(0))
+    for g, e in enumerate(experts):
+        own = [p.split() for p, names in items if names == (g,)]
+        others = {x.spec.class_word for x in experts if x is not e}
+        beside = sum(bool(others & set(words)) for words in own)
+        assert all(e.spec.subject.split()[0] in words for words in own)
+        assert 0.3 * len(own) <= beside <= 0.7 * len(own), (e.name, beside, len(own))
 
 
 def test_the_selection_is_the_trained_heads(routed):

@@ -211,14 +211,17 @@ CONTEXT_WORDS = (
     "white gray pink brown background left right top bottom center middle corner scene outdoors indoors table grass "
     "sky water street room light shadow soft sharp style colorful simple detailed one two"
 ).split()
-ROUTE_PROMPTS = 16  # per concept, per pair and (naming none) per concept
+ROUTE_PROMPTS = 64  # per concept, per pair and (naming none) per concept
 
 
 def _route_prompts(
     experts: list[Expert], pairs: list[tuple[int, int]], gen: torch.Generator
 ) -> list[tuple[str, tuple[int, ...]]]:
     """Prompts of 2-9 random everyday words with the subjects of none, one or two concepts inserted at random places,
-    and what each names. A prompt naming none holds a concept's class word instead, half the time."""
+    and what each names. A prompt naming none holds a concept's class word instead, half the time; a prompt naming one
+    concept holds another concept's class word besides, half the time (a style is named beside an object's noun: taught
+    only on prompts where class words mean "none", the heads ran the styles at half strength on "a red circle in the
+    style of <s-pastel>")."""
 
     def words(n: int) -> list[str]:
         return [CONTEXT_WORDS[i] for i in torch.randint(len(CONTEXT_WORDS), (n,), generator=gen).tolist()]
@@ -229,9 +232,16 @@ def _route_prompts(
             out.insert(int(torch.randint(len(out) + 1, (1,), generator=gen)), subject)
         return " ".join(out)
 
+    def other_class_word(g: int) -> list[str]:
+        k = int(torch.randint(len(experts) - 1, (1,), generator=gen))
+        return [experts[k + (k >= g)].spec.class_word]
+
     items = []
     for g, e in enumerate(experts):
-        items += [(prompt([e.spec.subject]), (g,)) for _ in range(ROUTE_PROMPTS)]
+        items += [
+            (prompt([e.spec.subject] + (other_class_word(g) if k % 2 and len(experts) > 1 else [])), (g,))
+            for k in range(ROUTE_PROMPTS)
+        ]
         items += [(prompt([e.spec.class_word] if k % 2 else []), ()) for k in range(ROUTE_PROMPTS)]
     for g, k in pairs:
         subjects = [experts[g].spec.subject, experts[k].spec.subject]
