@@ -1,6 +1,7 @@
 """The fl2t row's final task of tiny10 under the current Step 2, without the nine tasks before it: the ten experts
 of a run's shared store consolidated once (the library is the same in every order), scored on the final row's
-prompts and seeds and on the pairs, and paired with committed task files (the same samples).
+prompts and seeds and on the pairs, and paired with committed task files (the same samples). First it prints each
+concept's relevance (its weight, mean over layers) on its own evaluation prompts: the mean and the lowest.
 
     python tools/step2_final_row.py OUT [--seed N] [REFERENCE_TASK_JSON ...]
     python tools/step2_final_row.py /tmp/fr results/tiny10/fl2t/order0/task9.json results/tiny10/lookup/order0/task9.json
@@ -17,20 +18,11 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from fl2t.bench.continual import Benchmark, load_config
-from fl2t.bench.stats import interval, paired
+from fl2t.bench.stats import final_samples, interval, multi_samples, paired
+from fl2t.consolidate.pipeline import FL2TPipeline
 
 RUN = Path("results/tiny10")
-
-
-def per_image(task: dict, metric: str) -> dict:
-    return {n: dict(zip(s["samples"]["seed"], s["samples"][metric])) for n, s in task.items() if n[0] != "_"}
-
-
-def per_pair(task: dict, metric: str) -> dict:
-    return {p: dict(zip(s["seed"], s[metric])) for p, s in task["_multi_samples"].items()}
 
 
 def main() -> None:
@@ -38,7 +30,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("references", nargs="*", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     folder = args.out / "tiny10"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("experts", "concepts", "class_images"):
@@ -55,17 +47,21 @@ def main() -> None:
         if name not in method.tasks:
             method.learn(by_name[name])
     method.consolidate()
+    pipe = FL2TPipeline.from_pretrained(bench.base, library=method.library)
+    for g, name in enumerate(pipe.concept_names):
+        weights = [float(pipe.weights_for(p)[0][:, g].mean()) for p in sorted(set(bench.evaluated(name).prompts))]
+        print(f"relevance {name}: mean {sum(weights) / len(weights):.2f}, lowest {min(weights):.2f}")
     scores = bench.evaluate(method, order, order)
     scores["_multi"], scores["_multi_samples"] = bench.multi(method)
     (args.out / "task9.json").write_text(json.dumps(scores))
     references = {r: json.loads(r.read_text()) for r in args.references}
-    for label, get, metrics in (("final", per_image, ("nia", "ca")), ("pairs", per_pair, ("nia", "presence"))):
+    for label, get, metrics in (("final", final_samples, ("nia", "ca")), ("pairs", multi_samples, ("nia", "presence"))):
         for metric in metrics:
-            s = get(scores, metric)
-            mean, (lo, hi) = interval([np.array(list(v.values())) for v in s.values()])
+            s = get([[scores]], metric)
+            mean, (lo, hi) = interval([list(v.values()) for v in s.values()])
             print(f"{label} {metric}: {mean:.3f} ({lo:.3f} to {hi:.3f})")
             for path, ref in references.items():
-                d = paired(s, get(ref, metric))
+                d = paired(s, get([[ref]], metric))
                 print(f"  minus {path}: {d['diff']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})")
 
 
