@@ -18,11 +18,13 @@ TINY = {  # the demo's protocol on two of its concepts, at a budget of seconds
 }
 
 
-def test_the_demo_config_is_tiny10s_full_step1_budget_with_lookup_and_lwf_beside_fl2t():
+def test_the_demo_config_is_tiny10s_budget_with_lookup_and_the_strongest_baseline_beside_fl2t():
     cfg, tiny10 = load_config("demo"), load_config("tiny10")
     assert cfg.learn == tiny10.learn  # 400 steps, 8 anchors: the concepts are learned
+    assert cfg.consolidate == tiny10.consolidate  # Step 2 as in the table
+    assert all(cfg.methods[m] == tiny10.methods[m] for m in cfg.methods)  # the tuned settings
     assert set(cfg.concepts) <= set(tiny10.concepts) and any(len(p) == 2 for p in cfg.multi)
-    assert set(METHODS) == {"oracle", "lookup", "lwf", "fl2t"}
+    assert set(METHODS) == {"oracle", "lookup", "fl2t", "cidm+tokens", "lwf"}
 
 
 def test_the_demo_runs_over_two_processes_and_reports_every_method(tmp_path, capsys):
@@ -34,7 +36,7 @@ def test_the_demo_runs_over_two_processes_and_reports_every_method(tmp_path, cap
     runs = tmp_path / "demo"
     owners = {json.loads(p.read_text())["unit"]: json.loads(p.read_text())["owner"] for p in runs.glob("jobs/*.json")}
     assert owners["run.lwf.order0"] == "shard 1/2"  # the second process
-    assert {owners[f"run.{m}.order0"] for m in ("oracle", "lookup", "fl2t")} == {"shard 0/2"}
+    assert {owners[f"run.{m}.order0"] for m in ("oracle", "lookup", "fl2t", "cidm+tokens")} == {"shard 0/2"}
     assert " ".join(reading(results)) in out  # the reading printed under the tables
     library = runs / "fl2t" / "order0" / "state" / "library"
     assert f"fl2t library with 2 concepts: {library}" in out and (library / "consolidated").is_dir()

@@ -2,11 +2,12 @@
 
 Three tiny-world concepts (two objects, one style) learned one task at a time at tiny10's full Step-1 budget, by
 `oracle` (each concept's own expert: the ceiling), `lookup` (the same experts chosen by trigger word, no Step 2),
-`lwf` (one LoRA continued task after task, tiny10's strongest baseline) and `fl2t`; every concept learned so far is
-generated and scored after every task, the report is written, and a short reading of the numbers is printed.
+`fl2t`, `cidm+tokens` (CIDM with token-driven aggregation, tiny10's strongest baseline) and `lwf` (one LoRA continued
+task after task, the strongest plain continual LoRA: it shows forgetting); every concept learned so far is generated
+and scored after every task, the report is written, and a short reading of the numbers is printed.
 
 The work runs as two processes of one thread each (the benchmark's shards, claiming units through the run
-folder): lwf, the longest unit, in a second process, the shared experts and the other three methods in this one.
+folder): lwf, the longest unit, in a second process, the shared experts and the other four methods in this one.
 On two cores that is what fits the demo into its 10 minutes (two one-thread processes did the old demo in 41%
 less time than one process of two threads, BENCHMARKS.md). One thread per process also makes the numbers the same
 whether one process or two do the work.
@@ -24,7 +25,7 @@ from typing import Any
 
 from fl2t.errors import Fl2tError
 
-PARTS = (("oracle", "lookup", "fl2t"), ("lwf",))  # this process's methods, the second process's
+PARTS = (("oracle", "lookup", "fl2t", "cidm+tokens"), ("lwf",))  # this process's methods, the second process's
 METHODS = tuple(m for part in PARTS for m in part)
 
 
