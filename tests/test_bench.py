@@ -612,6 +612,49 @@ def test_lookup_applies_the_named_experts_at_full_weight_and_equals_the_oracle_o
         assert diff <= 2, (e.name, diff)  # the same update; hooks and peft's layers differ only in rounding
 
 
+def test_lookup_routed_is_lookup_on_one_concept_and_puts_each_expert_where_its_tokens_attend(bench_run):
+    import numpy as np
+    import torch
+
+    from fl2t.consolidate.pairs import AttentionProbe, routed_prediction
+    from fl2t.fusion import AggregatedLoRA, stack_experts
+    from fl2t.methods.lookup import LookupRouted
+    from fl2t.span import SpanKV, prompt_ids
+
+    bench, _, _ = bench_run
+    lookup = bench.method("lookup", 0)
+    routed = LookupRouted(lookup.ctx)  # the same experts
+    experts = lookup.experts()
+    a, b, _ = (e.spec.subject for e in experts)
+    prompts, seeds = [f"a photo of {a}", f"a photo of {a} and {b}", "a photo of a star"], [0, 1, 2]
+    mine, ref = routed.sampler()(prompts, seeds, steps=3), lookup.sampler()(prompts, seeds, steps=3)
+    assert mine[0].tobytes() == ref[0].tobytes() and mine[2].tobytes() == ref[2].tobytes()  # one concept, none
+    assert mine[1].tobytes() != ref[1].tobytes()  # two concepts: routed, not summed
+
+    # One step of the routed prediction for a prompt naming expert 0 alone: base + M (eps_0 - base), M in [0, 1] per
+    # pixel (the same over channels), 1 where the attention on its tokens is largest, less elsewhere.
+    pipe = lookup.base_pipeline(experts)
+    stack = stack_experts(experts, pipe.unet)
+    agg, probe = AggregatedLoRA(pipe.unet, stack), AttentionProbe(pipe.unet)
+    span = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+    cond = pipe.encode_prompt(prompts[0], "cpu", 1, False)[0]
+    size = pipe.unet.config.sample_size
+    x, t = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)), 500
+    with torch.no_grad():
+        base = pipe.unet(x, t, cond).sample
+        agg.set(torch.tensor([[[1.0, 0.0, 0.0]]]).expand(1, len(stack.modules), 3))
+        alone = pipe.unet(x, t, cond).sample
+        agg.off()
+        out = routed_prediction(
+            pipe.unet, agg, probe, x, t, cond, span.spans(prompt_ids(pipe.tokenizer, prompts[:1])), [(0,)]
+        )
+    gap = alone - base
+    share = ((out - base) * gap).sum(1) / (gap * gap).sum(1)  # (1, h, w): the mask, by least squares over channels
+    assert torch.allclose(out, base + share[:, None] * gap, atol=1e-4)  # one mask for every channel
+    assert float(share.min()) >= -1e-4 and abs(float(share.max()) - 1) < 1e-3 and float(share.min()) < 0.9
+    assert np.isfinite(share.numpy()).all()
+
+
 def test_compute_is_counted_per_task_and_the_shared_experts_charged_to_the_methods_that_use_them(bench_run):
     bench, results, _ = bench_run
     steps, n = CONFIG["learn"]["steps"], len(CONFIG["concepts"])

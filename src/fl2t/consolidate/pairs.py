@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from fl2t.config import ConsolidateSettings
@@ -182,18 +183,20 @@ def routed_prediction(
     t: torch.Tensor,
     states: torch.Tensor,
     spans: torch.Tensor,
-    pairs: list[tuple[int, int]],
+    pairs: list[tuple[int, ...]],
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The routed teacher's prediction for rows x (B, C, h, w) naming the pairs (expert indices of `agg`'s stack),
-    spans (B, G, T): where each expert's tokens are."""
+    """The routed teacher's prediction for rows x (B, C, h, w) naming the pairs (expert indices of `agg`'s stack;
+    any number of experts per row, the same for every row), spans (B, G, T): where each expert's tokens are.
+    alpha (B, L, G): each expert's weight per layer in its own pass (None: 1 on every layer)."""
     base = unet(x, t, states).sample
     L, G = len(agg.stack.modules), agg.stack.n_experts
     rows = torch.arange(len(pairs))
     masks, preds = [], []
-    for j in (0, 1):
+    for j in range(len(pairs[0])):
         g = torch.tensor([p[j] for p in pairs])
         one = torch.zeros(len(pairs), L, G, device=x.device)
-        one[rows, :, g] = 1.0
+        one[rows, :, g] = 1.0 if alpha is None else alpha[rows, :, g].to(x.device)
         agg.set(one)
         try:
             with probe.recording():
@@ -201,8 +204,54 @@ def routed_prediction(
         finally:
             agg.off()
         masks.append(probe.mass(spans[rows, g].to(x.device), tuple(x.shape[-2:])))
-    total = (masks[0] + masks[1]).clamp(min=1.0)
+    total = sum(masks).clamp(min=1.0)
     return base + sum(m / total * (p - base) for m, p in zip(masks, preds))
+
+
+@torch.no_grad()
+def routed_image(
+    pipe: ExpertPipeline,
+    agg: AggregatedLoRA,
+    span: SpanKV,
+    probe: AttentionProbe,
+    prompt: str,
+    group: tuple[int, ...],
+    generator: torch.Generator | None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    alpha: torch.Tensor | None = None,
+    output_type: str = "pil",
+    callback_on_step_end: Callable[..., object] | None = None,
+) -> object:
+    """One image of a prompt naming the experts `group` (indices of `agg`'s stack), routed in space: at every step the
+    conditional prediction is `routed_prediction` (each expert alone where its own tokens' cross-attention falls, the
+    base model elsewhere), the unconditional one the base model's, with classifier-free guidance. The latents are drawn
+    from the generator as diffusers' pipeline draws one image's. alpha (L, G): each expert's weight per layer in its
+    own pass (None: 1). `callback_on_step_end(pipe, i, t, {})` after each step, as diffusers calls it (progress).
+    Costs len(group) + 2 UNet passes per step."""
+    unet, sched, device = pipe.unet, pipe.scheduler, pipe.device
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    h, w = (height or size) // pipe.vae_scale_factor, (width or size) // pipe.vae_scale_factor
+    cond, uncond = pipe.encode_prompt(prompt, device, 1, True, "")[:2]
+    spans = span.spans(prompt_ids(pipe.tokenizer, [prompt]))
+    x = randn_tensor((1, unet.config.in_channels, h, w), generator=generator, device=device, dtype=cond.dtype)
+    x = x * sched.init_noise_sigma
+    sched.set_timesteps(num_inference_steps, device=device)
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    weights = None if alpha is None else alpha[None]
+    for i, t in enumerate(sched.timesteps):
+        xi = sched.scale_model_input(x, t)
+        eu = unet(xi, t, uncond).sample
+        ec = routed_prediction(unet, agg, probe, xi, t, cond, spans, [group], weights)
+        x = sched.step(eu + guidance_scale * (ec - eu), t, x, **extra).prev_sample
+        if callback_on_step_end is not None:
+            callback_on_step_end(pipe, i, t, {})
+    if output_type == "latent":
+        return x[0]
+    image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(image, output_type=output_type)[0]
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from fl2t.methods.cidm import CIDM, CIDMTokens
 from fl2t.methods.clora import CLoRA
 from fl2t.methods.ewc import EWC
 from fl2t.methods.fl2t import FL2T
-from fl2t.methods.lookup import Lookup, LookupSpan
+from fl2t.methods.lookup import Lookup, LookupRouted, LookupSpan
 from fl2t.methods.lwf import LwF
 from fl2t.methods.magmax import MagMax, MagMaxAlone
 from fl2t.methods.merge import Merge
@@ -26,6 +26,7 @@ METHODS: dict[str, type[Method]] = {
         Oracle,
         Lookup,
         LookupSpan,
+        LookupRouted,
         Sequential,
         EWC,
         LwF,

@@ -4,12 +4,19 @@ every concept whose token(s) it contains (two named concepts: both experts, each
 prompt naming one concept it is the oracle (that expert alone, with its own tokens).
 
 `lookup+span`: the same experts at the same weights, with each one's update on the cross-attention keys and values
-restricted to its own tokens (`fl2t.span`)."""
+restricted to its own tokens (`fl2t.span`).
+
+`lookup+routed`: on a prompt naming two or more concepts, each named expert where its own tokens' cross-attention
+falls and the base model elsewhere (the routed composition teacher of `fl2t.consolidate.pairs`, used to generate);
+on any other prompt, `lookup`."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from fl2t.consolidate.pairs import AttentionProbe, routed_image
 from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
 from fl2t.methods.base import AloneMethod, mixed_sampler
@@ -57,6 +64,49 @@ class LookupSpan(AloneMethod):
             span.off()
 
         return Sampler(pipe, arm=arm, disarm=disarm)
+
+
+class LookupRouted(AloneMethod):
+    """`lookup` whose experts, on a prompt naming k >= 2 concepts, are routed in space instead of summed: at every
+    denoising step the conditional prediction is eps_base + sum_g M_g (eps_g - eps_base), eps_g the UNet with expert g
+    alone at full weight, M_g the cross-attention mass on g's own tokens in that pass (mean over layers and heads,
+    upsampled to the latent, divided by its maximum; where the masks sum above 1 they are scaled to sum to 1), and the
+    unconditional prediction the base model's. It is what regional multi-concept samplers do (Mix-of-Show's regional
+    sampling routes each concept's LoRA to a region the user draws; here the region is where the concept's own
+    tokens attend), with no user input and no Step 2.
+
+    A reference row for composition at generation time, not a continual method of its own: on a prompt naming one
+    concept (or none) it is `lookup`, image for image. Its cost on a k-concept prompt: k + 2 UNet passes per step
+    instead of 2 (CFG)."""
+
+    name = "lookup+routed"
+
+    def sampler(self, concept: str | None = None) -> Sampler:
+        experts = self.experts()
+        pipe = self.base_pipeline(experts)
+        stack = stack_experts(experts, pipe.unet)
+        agg = AggregatedLoRA(pipe.unet, stack)
+        span = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+        probe = AttentionProbe(pipe.unet)
+        n_layers = len(stack.modules)
+
+        def call(prompts: list[str], generator: list[torch.Generator], **kw: object) -> SimpleNamespace:
+            weights = [named(pipe, experts, p) for p in prompts]
+            alone = [i for i, w in enumerate(weights) if w.sum() < 2]
+            images: dict[int, object] = {}
+            if alone:
+                agg.set(torch.stack([weights[i].expand(n_layers, -1) for i in alone]))
+                try:
+                    out = pipe([prompts[i] for i in alone], generator=[generator[i] for i in alone], **kw).images
+                finally:
+                    agg.off()
+                images.update(zip(alone, out))
+            for i in sorted(set(range(len(prompts))) - set(alone)):
+                group = tuple(weights[i].nonzero()[:, 0].tolist())
+                images[i] = routed_image(pipe, agg, span, probe, prompts[i], group, generator[i], **kw)
+            return SimpleNamespace(images=[images[i] for i in range(len(prompts))])
+
+        return Sampler(pipe, call=call)
 
 
 def named(pipe: ExpertPipeline, experts: list[Expert], prompt: str) -> torch.Tensor:
