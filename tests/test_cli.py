@@ -111,18 +111,6 @@ def test_generate_is_reproducible_for_a_seed(tmp_path, learned_library, capsys):
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
 
 
-def test_generate_routed_composes_two_concepts_and_refuses_experts_alone(tmp_path, consolidated_library, capsys):
-    prompt = "a photo of <c-stripes> ball and <c-checks> box"
-    args = ["generate", prompt, "-l", consolidated_library, "--steps", "2", "--num-images", "2", "--json"]
-    code, out, _ = run([*args, "--routed", "-o", tmp_path / "r.png"], capsys)
-    assert code == 0 and [Path(p).name for p in json.loads(out)["images"]] == ["r-0.png", "r-1.png"]
-    assert run([*args, "-o", tmp_path / "f.png"], capsys)[0] == 0
-    routed, fused = (Image.open(tmp_path / f"{x}-0.png").tobytes() for x in "rf")
-    assert routed != fused  # the same seed: routed, not fused
-    code, _, err = run([*args, "--routed", "--concept", "c-stripes", "-o", tmp_path / "x.png"], capsys)
-    assert code != 0 and "leave out --concept" in err and not (tmp_path / "x-0.png").exists()
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -110,31 +110,6 @@ def test_one_hot_weights_reproduce_the_expert_alone(four_experts, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_routed_generation_routes_a_two_concept_prompt_and_leaves_one_concept_prompts_as_they_were(
-    consolidated_library,
-):
-    routed = FL2TPipeline.from_pretrained(library=consolidated_library, routed=True)
-    plain = FL2TPipeline.from_pretrained(library=consolidated_library)
-    g = {n: i for i, n in enumerate(routed.concept_names)}
-    one, pair = "a photo of <c-stripes> ball", "a photo of <c-stripes> ball and <c-checks> box"
-    assert routed.routed_group(one) is None and plain.routed_group(pair) is None
-    assert routed.routed_group(pair) == tuple(sorted((g["c-stripes"], g["c-checks"])))
-
-    def call(pipe, prompt, seeds, **kw):
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(prompt, num_inference_steps=3, output_type="np", generator=gens, **kw).images
-
-    assert np.array_equal(call(routed, one, [0]), call(plain, one, [0]))  # one concept: fused, as before
-    both = call(routed, pair, [0, 1], num_images_per_prompt=2)
-    assert np.array_equal(both[1], call(routed, pair, [1])[0])  # one generator per image, as diffusers takes them
-    fused = call(plain, pair, [0])[0]
-    # routed, not the fused sum of both experts (the same seed gives the fused image exactly; the test experts are
-    # 4-step ones, so the difference is small; routed_prediction's masks are checked in test_bench.py)
-    assert np.abs(both[0] - fused).max() > 1e-3
-    with pytest.raises(Fl2tError, match="negative_prompt"):
-        call(routed, pair, [0], negative_prompt="blurry")
-
-
 def test_consolidated_library_generates_and_explains_its_choice(consolidated_library):
     lib = Library(consolidated_library)
     config = saved_config(consolidated_library)

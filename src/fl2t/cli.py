@@ -254,13 +254,6 @@ def generate(
     num_images: Annotated[int, typer.Option(min=1, metavar="N")] = 1,
     size: Annotated[Optional[int], typer.Option(help="Image size (default: the base model's).", metavar="N")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(metavar="TEXT")] = None,
-    routed: Annotated[
-        bool,
-        typer.Option(
-            help="A prompt that selects two or more concepts: each expert where its tokens' cross-attention falls, "
-            "the base model elsewhere (k + 2 UNet passes a step instead of 2; no negative prompt)."
-        ),
-    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Generate images with a library: its consolidated model, or named experts alone."""
@@ -271,13 +264,11 @@ def generate(
 
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise Fl2tError(f"-o {output}: give an image file name ending in .png, .jpg or .webp")
-    if routed and concept:
-        raise Fl2tError("--routed composes the consolidated model's concepts; leave out --concept")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if concept:  # the named experts alone, as plain LoRAs
         pipe = ExpertPipeline.from_library(library, concept, base=base, device=device)
     else:  # the consolidated model: every concept of the library, chosen by the prompt
-        pipe = FL2TPipeline.from_pretrained(base, library=library, device=device, routed=routed)
+        pipe = FL2TPipeline.from_pretrained(base, library=library, device=device)
     with console.track("generate", steps * num_images) as update:
         images = pipe(
             prompt,

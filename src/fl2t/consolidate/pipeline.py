@@ -5,10 +5,6 @@ is fused into the UNet weights once, the whole sampling loop (conditional and un
 classifier-free guidance alike) runs on the fused weights, and the UNet gets its exact weights back afterwards.
 With span restriction (the consolidated model's `span` setting, or `span=True`) the experts of the concepts a prompt
 names update the cross-attention keys and values of their own tokens only (`fl2t.span`); the rest is fused as above.
-With `routed=True` a prompt whose relevance selects two or more concepts is generated routed in space instead
-(`fl2t.consolidate.pairs.routed_image`: each selected expert, at its own per-layer weights, where its tokens'
-cross-attention falls, the base model elsewhere; len(selected) + 2 UNet passes per step instead of 2); any other
-prompt as above.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from fl2t.consolidate.common import canonical, concepts_named, prompt_states, set_hash
 from fl2t.consolidate.model import ConsolidatedModel
-from fl2t.consolidate.pairs import AttentionProbe, routed_image
 from fl2t.errors import Fl2tError
 from fl2t.expert import Expert
 from fl2t.fusion import AggregatedLoRA, stack_experts
@@ -49,7 +44,6 @@ class FL2TPipeline(ExpertPipeline):
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype = torch.float32,
         span: bool | None = None,
-        routed: bool = False,
     ) -> FL2TPipeline:
         self, lib = cls.for_library(library, pretrained_model_name_or_path, torch_dtype)
         self.experts = canonical(lib.experts())
@@ -62,9 +56,6 @@ class FL2TPipeline(ExpertPipeline):
         if span is None:  # as Step 2 trained it
             span = self.consolidated.config.settings.span
         self.span = SpanKV(self.unet, self.aggregated.stack, token_ids) if span else None
-        self.routed = routed
-        self._kv = SpanKV(self.unet, self.aggregated.stack, token_ids)  # where each concept's tokens are
-        self._probe = AttentionProbe(self.unet)
         return self
 
     @property
@@ -86,25 +77,6 @@ class FL2TPipeline(ExpertPipeline):
         for name, row in zip(self.aggregated.stack.modules, alpha.tolist()):
             out[name] = {**dict(zip(self.concept_names, row)), "none": float(torch.prod(1 - torch.tensor(row)))}
         return out
-
-    def routed_group(self, prompt: str) -> tuple[int, ...] | None:
-        """With `routed`: the concepts a prompt selects (mean weight over layers above 0.5) when there are two or
-        more, which are then generated routed; None otherwise."""
-        if not self.routed:
-            return None
-        chosen = (self.weights_for(prompt)[0].mean(0) > 0.5).nonzero()[:, 0].tolist()
-        return tuple(chosen) if len(chosen) >= 2 else None
-
-    def generate_routed(self, prompt: str, generator: torch.Generator | None, **kwargs: Any) -> Any:
-        """One image of a prompt naming two or more concepts, routed (`routed_image`), each expert at its per-layer
-        weights; gates and the shared LoRA (both off by default) are not applied in the experts' own passes."""
-        group = self.routed_group(prompt)
-        if group is None:
-            raise Fl2tError(f"routed generation needs a prompt that selects two or more concepts: {prompt!r}")
-        alpha = self.weights_for(prompt)[0]
-        return routed_image(
-            self, self.aggregated, self._kv, self._probe, prompt, group, generator, alpha=alpha, **kwargs
-        )
 
     def arm(self, prompts: list[str]) -> None:
         """Arm the per-sample hooks (and span restriction) for a batch of prompts, conditional passes only or with
@@ -139,10 +111,6 @@ class FL2TPipeline(ExpertPipeline):
         images: list = [None] * len(prompts)
         for p in dict.fromkeys(prompts):  # one fuse per distinct prompt
             idx = [i for i, q in enumerate(prompts) if q == p]
-            if self.routed_group(p) is not None:
-                for i in idx:
-                    images[i] = self._routed_images(p, i, n, negatives[i], kwargs)
-                continue
             alpha, gamma = self.weights_for(p)
             if self.span is not None:
                 guided = kwargs.get("guidance_scale", 7.5) > 1  # diffusers' default; 1 or less: no unconditional half
@@ -167,22 +135,6 @@ class FL2TPipeline(ExpertPipeline):
         if not return_dict:
             return (flat, None)
         return StableDiffusionPipelineOutput(images=flat, nsfw_content_detected=None)
-
-    def _routed_images(self, prompt: str, i: int, n: int, negative: str | None, kwargs: dict[str, Any]) -> list:
-        """The n images of prompt i (of the call's batch) generated routed; diffusers' generator convention: one for
-        all, or one per image in prompt-major order."""
-        passed = ("num_inference_steps", "guidance_scale", "height", "width", "callback_on_step_end")
-        allowed = {*passed, "generator", "num_images_per_prompt"}
-        other = sorted(k for k, v in kwargs.items() if k not in allowed | {"output_type"} and v is not None)
-        if other or negative is not None:
-            raise Fl2tError(f"routed generation does not take {', '.join(other) or 'negative_prompt'}")
-        gen = kwargs.get("generator")
-        args = {k: kwargs[k] for k in passed if k in kwargs}
-        out = []
-        for j in range(n):
-            g = gen[i * n + j] if isinstance(gen, list) else gen
-            out.append(self.generate_routed(prompt, g, output_type=kwargs.get("output_type") or "pil", **args))
-        return out
 
 
 def _load_consolidated(

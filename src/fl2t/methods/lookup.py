@@ -77,7 +77,14 @@ class LookupRouted(AloneMethod):
 
     A reference row for composition at generation time, not a continual method of its own: on a prompt naming one
     concept (or none) it is `lookup`, image for image. Its cost on a k-concept prompt: k + 2 UNet passes per step
-    instead of 2 (CFG)."""
+    instead of 2 (CFG).
+
+    Measured on tiny10 (v1 world, BENCHMARKS.md): its two-concept nIA is the table's highest, but its largest gain,
+    stripestar + pastel, comes with routed images that lose the star (a style's tokens attend everywhere, and guidance
+    against the base model's unconditional prediction amplifies the style's shift: a pastel background alone is near
+    pastel's references), and the presence score finds both concepts no more often than with `lookup`. A style is not
+    a region; routing suits object concepts, two of which the v1 base cannot draw. So FL2T does not route (an option
+    for it was built and removed before it was measured); the row stays as the reference for world v2."""
 
     name = "lookup+routed"
 
