@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 
 from fl2t.bench.continual import Benchmark, load_config
 from fl2t.methods.lookup import Lookup
+from fl2t.sampling import Sampler
 from fl2t.world import get_concept
 
 SCALE = 3
 
 
-def main(out: str, n: int = 4) -> None:
-    torch.set_num_threads(1)
+def tiny10_samplers() -> tuple[Any, dict[str, Sampler]]:
+    """tiny10's config and the samplers of `lookup` and `lookup+routed` over order 0's experts (the same ones)."""
     cfg = load_config("tiny10", orders=1)
-    bench = Benchmark(cfg, Path("results"), ["lookup", "lookup+routed"])
-    routed = bench.method("lookup+routed", 0)
+    routed = Benchmark(cfg, Path("results"), ["lookup+routed"]).method("lookup+routed", 0)
     if len(routed.tasks) < len(cfg.concepts):
         raise SystemExit(f"lookup+routed: run tiny10 first (its order 0 has {len(routed.tasks)} tasks)")
-    samplers = {"lookup": Lookup(routed.ctx).sampler(), "lookup+routed": routed.sampler()}  # the same experts
+    return cfg, {"lookup": Lookup(routed.ctx).sampler(), "lookup+routed": routed.sampler()}
+
+
+def main(out: str, n: int = 4) -> None:
+    torch.set_num_threads(1)
+    cfg, samplers = tiny10_samplers()
     seeds = [cfg.seed + 90_000 + i for i in range(n)]  # the benchmark's multi-concept seeds
     rows: list[tuple[str, list[Image.Image]]] = []
     for pair in cfg.multi:

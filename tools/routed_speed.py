@@ -13,23 +13,16 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from routed_pairs_grid import tiny10_samplers
 
-from fl2t.bench.continual import Benchmark, load_config
-from fl2t.methods.lookup import Lookup
 from fl2t.world import get_concept
 
 
 def main(rounds: int = 5) -> None:
     torch.set_num_threads(1)
-    cfg = load_config("tiny10", orders=1)
-    bench = Benchmark(cfg, Path("results"), ["lookup", "lookup+routed"])
-    routed = bench.method("lookup+routed", 0)
-    if len(routed.tasks) < len(cfg.concepts):
-        raise SystemExit(f"lookup+routed: run tiny10 first (its order 0 has {len(routed.tasks)} tasks)")
-    samplers = {"lookup": Lookup(routed.ctx).sampler(), "lookup+routed": routed.sampler()}  # the same experts
+    cfg, samplers = tiny10_samplers()
     a, b = next(p for p in cfg.multi if all(get_concept(n).kind == "object" for n in p))
     prompt = cfg.multi_prompts["object+object"].format(get_concept(a).subject, get_concept(b).subject)
     times: dict[str, list[float]] = {k: [] for k in samplers}

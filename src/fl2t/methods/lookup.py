@@ -18,7 +18,7 @@ import torch
 
 from fl2t.consolidate.pairs import AttentionProbe, routed_image
 from fl2t.expert import Expert
-from fl2t.fusion import AggregatedLoRA, stack_experts
+from fl2t.fusion import AggregatedLoRA, ExpertStack, stack_experts
 from fl2t.methods.base import AloneMethod, mixed_sampler
 from fl2t.pipeline import ExpertPipeline
 from fl2t.sampling import Sampler
@@ -50,10 +50,7 @@ class LookupSpan(AloneMethod):
 
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()
-        pipe = self.base_pipeline(experts)
-        stack = stack_experts(experts, pipe.unet)
-        aggregated = AggregatedLoRA(pipe.unet, stack)
-        span = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+        pipe, stack, aggregated, span = _armable(self, experts)
 
         def arm(prompts: list[str]) -> None:
             alpha = torch.stack([named(pipe, experts, p).expand(len(stack.modules), -1) for p in prompts])
@@ -90,10 +87,7 @@ class LookupRouted(AloneMethod):
 
     def sampler(self, concept: str | None = None) -> Sampler:
         experts = self.experts()
-        pipe = self.base_pipeline(experts)
-        stack = stack_experts(experts, pipe.unet)
-        agg = AggregatedLoRA(pipe.unet, stack)
-        span = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+        pipe, stack, agg, span = _armable(self, experts)
         probe = AttentionProbe(pipe.unet)
         n_layers = len(stack.modules)
 
@@ -114,6 +108,14 @@ class LookupRouted(AloneMethod):
             return SimpleNamespace(images=[images[i] for i in range(len(prompts))])
 
         return Sampler(pipe, call=call)
+
+
+def _armable(method: AloneMethod, experts: list[Expert]) -> tuple[ExpertPipeline, ExpertStack, AggregatedLoRA, SpanKV]:
+    """The base pipeline with the experts' tokens, their stack, its per-sample hooks and where each one's tokens are."""
+    pipe = method.base_pipeline(experts)
+    stack = stack_experts(experts, pipe.unet)
+    span = SpanKV(pipe.unet, stack, [pipe.tokenizer.convert_tokens_to_ids(e.spec.tokens) for e in experts])
+    return pipe, stack, AggregatedLoRA(pipe.unet, stack), span
 
 
 def named(pipe: ExpertPipeline, experts: list[Expert], prompt: str) -> torch.Tensor:
