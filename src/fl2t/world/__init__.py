@@ -32,6 +32,17 @@ def base_path() -> Path:
     return _shipped("base", "model_index.json")
 
 
+def picture_side(base: Path | None = None) -> int:
+    """The side in pixels of the pictures a world's base pipeline makes (default: the shipped world's), read from
+    its configs: the UNet's latent side times the VAE's downscale factor. Concept references are drawn at it."""
+    import json
+
+    base = Path(base) if base is not None else base_path()
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def evaluator_path() -> Path:
     """The shipped evaluator folder: `CLIPModel.from_pretrained(...)`, `CLIPProcessor.from_pretrained(...)`."""
     return _shipped("evaluator", "config.json")
@@ -46,5 +57,6 @@ __all__ = [
     "base_path",
     "evaluator_path",
     "get_concept",
+    "picture_side",
     "write_concepts",
 ]

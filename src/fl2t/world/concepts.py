@@ -172,12 +172,16 @@ def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> 
     return [concept.scene(rng) for _ in range(n)]
 
 
-def write_concept(concept: WorldConcept, out_dir: Path) -> Path:
-    """Write one concept folder: NN.png, NN.txt (caption with the token) and concept.yaml."""
+def write_concept(concept: WorldConcept, out_dir: Path, side: int | None = None) -> Path:
+    """Write one concept folder: NN.png, NN.txt (caption with the token) and concept.yaml. The pictures are
+    `side` px (default: the shipped world's picture side)."""
+    from fl2t.world import picture_side
+
+    side = side or picture_side()
     folder = Path(out_dir) / concept.name
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(reference_scenes(concept)):
-        render(scene).save(folder / f"{i:02d}.png")
+        render(scene, side).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
     (folder / "concept.yaml").write_text(
         f"name: {concept.name}\ntokens: ['{concept.token}']\nclass_word: {concept.class_word}\nkind: {concept.kind}\n"
@@ -185,8 +189,9 @@ def write_concept(concept: WorldConcept, out_dir: Path) -> Path:
     return folder
 
 
-def write_concepts(out_dir: str | Path) -> list[Path]:
-    """Write every world concept's folder under `out_dir`; returns the folders in CONCEPTS order."""
+def write_concepts(out_dir: str | Path, side: int | None = None) -> list[Path]:
+    """Write every world concept's folder under `out_dir` (pictures `side` px, default the shipped world's); returns
+    the folders in CONCEPTS order."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise Fl2tError(f"{out} is a file; give a directory to write the concept folders into")
@@ -194,4 +199,4 @@ def write_concepts(out_dir: str | Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Fl2tError(f"cannot create {out}: {e.strerror}; choose a writable directory") from e
-    return [write_concept(c, out) for c in CONCEPTS]
+    return [write_concept(c, out, side) for c in CONCEPTS]

@@ -1,6 +1,6 @@
 """The tiny world's pictures: one object (shape, colour, size, position, optional pattern) on a plain
-background, drawn at 32x32 with anti-aliased edges, and the caption that says what is in it; world v2 adds
-generic renderings ("..., in the style of neon") and two-object scenes ("a red star to the left of a blue ring on
+background, drawn at 32x32 (or any side, every length scaled) with anti-aliased edges, and the caption that says
+what is in it; world v2 adds generic renderings ("..., in the style of neon") and two-object scenes ("a red star to the left of a blue ring on
 a black background", `PairScene`).
 
 Colours are few and far apart in RGB, shapes are large (radius >= 8 px), because the tiny base model's
@@ -118,7 +118,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarra
 def _pattern_mask(pattern: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
     """Boolean (n, n) mask of where the second colour shows inside the object."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
-    s = n / SIZE  # pixels of the grid per output pixel
+    s = n / SIZE  # pixels of the grid per pixel of a SIZE-px picture
     if pattern == "striped":
         return ((y - cy) // (3 * s)) % 2 == 0
     if pattern == "checkered":
@@ -155,16 +155,20 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~inner
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw `scene` as a SIZE x SIZE RGB image. Pure function of the scene (jitter included)."""
+def render(scene: Scene, side: int = SIZE) -> Image.Image:
+    """Draw `scene` as a `side` x `side` RGB image. Pure function of the scene (jitter included) and the side.
+
+    Every length (radius, jitter, pattern period, outline, blocks) is given for a SIZE-px picture and scaled by
+    side / SIZE, so a larger world's picture is the same picture at a finer resolution (world v2 is 48 px)."""
     rng = np.random.default_rng(scene.jitter)
-    n = SIZE * SUPERSAMPLE
+    k = side / SIZE
+    n = side * SUPERSAMPLE
     r = SIZES[scene.size] * (1 + rng.uniform(-0.06, 0.06))
     fx, fy = POSITIONS[scene.position]
     lo, hi = r + 1.0, SIZE - r - 1.0  # keep the object inside the picture
     cx = lo + fx * (hi - lo) + rng.uniform(-1.0, 1.0)
     cy = lo + fy * (hi - lo) + rng.uniform(-1.0, 1.0)
-    cx, cy, rs = cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE
+    cx, cy, rs = cx * k * SUPERSAMPLE, cy * k * SUPERSAMPLE, r * k * SUPERSAMPLE
 
     def tint(rgb: tuple[int, int, int]) -> np.ndarray:
         return np.clip(np.array(rgb, np.float32) + rng.uniform(-10, 10, 3), 0, 255)
@@ -182,13 +186,13 @@ def render(scene: Scene) -> Image.Image:
         bg = np.array(NEON_BACKGROUND, np.float32)
     mask = _shape_mask(scene.shape, cx, cy, rs, n)
     if scene.style == "outline":
-        mask = _outline(mask, width=int(1.6 * SUPERSAMPLE))
+        mask = _outline(mask, width=int(1.6 * SUPERSAMPLE * k))
     img = np.broadcast_to(bg, (n, n, 3)).copy()
     if scene.style in GENERIC_STYLES:
-        return _generic(scene, img, mask, cx, cy, rs, c1, c2)
+        return _generic(scene, img, mask, cx, cy, rs, c1, c2, k)
     if scene.style == "echo":
         # A faded copy of the object (half-way to the background) 3 pixels down and right, behind it.
-        d = 3 * SUPERSAMPLE
+        d = round(3 * SUPERSAMPLE * k)
         img[_shape_mask(scene.shape, cx + d, cy + d, rs, n)] = 0.5 * (bg + c1)
     img[mask] = c1
     if scene.pattern:
@@ -196,51 +200,58 @@ def render(scene: Scene) -> Image.Image:
         if scene.pattern != "centre-dot":  # a centre dot also fills a ring's hole
             second &= mask
         img[second] = c2
-    # (n, n, 3) -> (SIZE, SIZE, 3): average each SUPERSAMPLE x SUPERSAMPLE block.
-    img = img.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    if scene.style == "mosaic":
-        # 4x4-pixel blocks, each the mean colour of its block.
-        b = 4
-        img = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean(axis=(1, 3))
-        img = img.repeat(b, axis=0).repeat(b, axis=1)
+    img = _downsample(img)
+    if scene.style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
+        img = _blocks(img, round(4 * k))
     return Image.fromarray(np.round(img).astype(np.uint8), "RGB")
 
 
 def _downsample(img: np.ndarray) -> np.ndarray:
-    """(n, n, 3) -> (SIZE, SIZE, 3): the mean of each SUPERSAMPLE x SUPERSAMPLE block."""
-    return img.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    """(n, n, 3) -> (n / SUPERSAMPLE, n / SUPERSAMPLE, 3): the mean of each SUPERSAMPLE x SUPERSAMPLE block."""
+    m = img.shape[0] // SUPERSAMPLE
+    return img.reshape(m, SUPERSAMPLE, m, SUPERSAMPLE, 3).mean(axis=(1, 3))
 
 
 def _blocks(img: np.ndarray, b: int) -> np.ndarray:
-    """Each b x b block of a (SIZE, SIZE, 3) picture filled with its mean colour."""
-    img = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean(axis=(1, 3))
+    """Each b x b block of an (m, m, 3) picture filled with its mean colour."""
+    m = img.shape[0]
+    img = img.reshape(m // b, b, m // b, b, 3).mean(axis=(1, 3))
     return img.repeat(b, axis=0).repeat(b, axis=1)
 
 
 def _box_blur(img: np.ndarray) -> np.ndarray:
     """A 3 x 3 box blur with edge padding."""
+    m = img.shape[0]
     p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    return sum(p[i : i + SIZE, j : j + SIZE] for i in range(3) for j in range(3)) / 9.0
+    return sum(p[i : i + m, j : j + m] for i in range(3) for j in range(3)) / 9.0
 
 
 def _generic(
-    scene: Scene, img: np.ndarray, mask: np.ndarray, cx: float, cy: float, rs: float, c1: np.ndarray, c2: np.ndarray
+    scene: Scene,
+    img: np.ndarray,
+    mask: np.ndarray,
+    cx: float,
+    cy: float,
+    rs: float,
+    c1: np.ndarray,
+    c2: np.ndarray,
+    k: float = 1.0,
 ) -> Image.Image:
-    """Draw the object on `img` (n x n, the background) in one of GENERIC_STYLES."""
+    """Draw the object on `img` (n x n, the background) in one of GENERIC_STYLES; `k` scales lengths (side / SIZE)."""
     fill = mask
     second = None
     if scene.pattern:
         second = _pattern_mask(scene.pattern, cx, cy, rs, img.shape[0]) & mask
     if scene.style == "neon":  # a dim fill inside a bright, whitened edge on near-black
-        edge = _outline(mask, width=SUPERSAMPLE)
+        edge = _outline(mask, width=round(SUPERSAMPLE * k))
         img[mask] = 0.35 * c1
         if second is not None:
             img[second & ~edge] = 0.35 * c2
         img[edge] = 0.6 * c1 + 0.4 * 255
     elif scene.style == "sketchy":  # a thin edge and diagonal hatching, the background showing between
         y, x = np.mgrid[0 : img.shape[0], 0 : img.shape[0]]
-        hatch = ((x + y) // SUPERSAMPLE) % 3 == 0
-        fill = (mask & hatch) | _outline(mask, width=SUPERSAMPLE // 2 + 1)
+        hatch = ((x + y) // round(SUPERSAMPLE * k)) % 3 == 0
+        fill = (mask & hatch) | _outline(mask, width=round((SUPERSAMPLE // 2 + 1) * k))
         img[fill] = c1
         if second is not None:
             img[second & fill] = c2
@@ -251,12 +262,13 @@ def _generic(
     out = _downsample(img)
     if scene.style == "inverted":
         out = 255.0 - out
-    elif scene.style == "blurry":
-        out = _box_blur(_box_blur(out))
+    elif scene.style == "blurry":  # two 3 x 3 box blurs at SIZE px (the same spread in SIZE-px units)
+        for _ in range(round(2 * k * k)):
+            out = _box_blur(out)
     elif scene.style == "faded":  # low contrast, towards a light grey
         out = 0.4 * out + 0.6 * 170.0
     elif scene.style == "chunky":  # 2 x 2 blocks (the style concept mosaic has 4 x 4)
-        out = _blocks(out, 2)
+        out = _blocks(out, round(2 * k))
     return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "RGB")
 
 
@@ -407,7 +419,7 @@ class PairScene:
 
 
 def pair_centres(jitter: int) -> tuple[tuple[float, float], tuple[float, float], float, float, np.random.Generator]:
-    """The two objects' centres in output pixels, their radii, and the rng the colours are tinted with."""
+    """The two objects' centres and radii in pixels of a SIZE-px picture, and the rng the colours are tinted with."""
     rng = np.random.default_rng(jitter)
     r1, r2 = (PAIR_RADIUS * (1 + rng.uniform(-0.06, 0.06)) for _ in range(2))
     lo = [r + 1.0 for r in (r1, r2)]
@@ -417,15 +429,17 @@ def pair_centres(jitter: int) -> tuple[tuple[float, float], tuple[float, float],
     return left, right, r1, r2, rng
 
 
-def render_pair(pair: PairScene) -> Image.Image:
-    """Draw a two-object scene as a SIZE x SIZE RGB image. Pure function of the scene."""
-    n = SIZE * SUPERSAMPLE
+def render_pair(pair: PairScene, side: int = SIZE) -> Image.Image:
+    """Draw a two-object scene as a `side` x `side` RGB image (lengths scaled as `render` scales them). Pure
+    function of the scene and the side."""
+    k = side / SIZE
+    n = side * SUPERSAMPLE
     left, right, r1, r2, rng = pair_centres(pair.jitter)
     bg = np.clip(np.array(BACKGROUNDS[pair.background], np.float32) + rng.uniform(-10, 10), 0, 255)
     img = np.broadcast_to(bg, (n, n, 3)).copy()
     for obj, (cx, cy), r in ((pair.left, left, r1), (pair.right, right, r2)):
         c1 = np.clip(np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
-        cx, cy, rs = cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE
+        cx, cy, rs = cx * k * SUPERSAMPLE, cy * k * SUPERSAMPLE, r * k * SUPERSAMPLE
         mask = _shape_mask(obj.shape, cx, cy, rs, n)
         img[mask] = c1
         if obj.pattern:
@@ -486,5 +500,5 @@ def random_pair(
         return pair
 
 
-def render_any(scene: Scene | PairScene) -> Image.Image:
-    return render_pair(scene) if isinstance(scene, PairScene) else render(scene)
+def render_any(scene: Scene | PairScene, side: int = SIZE) -> Image.Image:
+    return render_pair(scene, side) if isinstance(scene, PairScene) else render(scene, side)

@@ -97,7 +97,10 @@ def enlarge_half(image: Image.Image, side: int, scale: float = 1.5) -> Image.Ima
     """The left (side 0) or right (1) half of a two-object picture as a single-object picture: the half's object,
     cut around its centre of mass (pixels unlike the half's border colour), enlarged `scale` times (a pair's object
     is radius 6.5 px, a single one's 8-10.5) and pasted in the middle of a canvas of the border colour."""
-    a = np.asarray(image.convert("RGB")).astype(np.float32)
+    image = image.convert("RGB")
+    if image.size != (SIZE, SIZE):  # a larger world's picture, read as the evaluator reads it
+        image = image.resize((SIZE, SIZE), Image.BILINEAR)
+    a = np.asarray(image).astype(np.float32)
     half = a[:, side * SIZE // 2 : (side + 1) * SIZE // 2]
     border = np.concatenate([half[0], half[-1], half[:, 0], half[:, -1]])
     bg = np.median(border, axis=0)
@@ -107,7 +110,7 @@ def enlarge_half(image: Image.Image, side: int, scale: float = 1.5) -> Image.Ima
     r = SIZE / (2 * scale)  # the window that fills the canvas after enlarging
     box = (cx - r, cy - r, cx + r, cy + r)
     canvas = Image.new("RGB", (SIZE * 3, SIZE * 3), tuple(int(v) for v in bg))
-    canvas.paste(image.convert("RGB"), (SIZE, SIZE))
+    canvas.paste(image, (SIZE, SIZE))
     # Pixels of the other half would show in the window: cover them with the background.
     other = Image.new("RGB", (SIZE // 2, SIZE), tuple(int(v) for v in bg))
     canvas.paste(other, (SIZE + (1 - side) * SIZE // 2, SIZE))
@@ -140,6 +143,13 @@ class CheckContext:
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
 
     @cached_property
+    def side(self) -> int:
+        """The world's picture side: fresh renders and concept references are drawn at it."""
+        from fl2t.world import picture_side
+
+        return picture_side(self.weights / "base")
+
+    @cached_property
     def evaluator(self) -> WorldEvaluator:
         return WorldEvaluator(self.weights / "evaluator")
 
@@ -166,7 +176,7 @@ def gate_evaluator(ctx: CheckContext) -> list[Row]:
     """Zero-shot attribute accuracy on fresh plain world pictures (a seed no build uses)."""
     rng = np.random.default_rng(CHECK_SEED)
     scenes = [random_scene(rng, rich=False, held_out=None) for _ in range(EVALUATOR_IMAGES)]
-    read = ctx.evaluator.read([render(s) for s in scenes])
+    read = ctx.evaluator.read([render(s, ctx.side) for s in scenes])
     rows = []
     for k, attr in enumerate(("shape", "colour", "background")):
         acc = float(np.mean([r[k] == getattr(s, attr) for r, s in zip(read, scenes)]))
@@ -277,7 +287,7 @@ def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_imag
     """Concept accuracy of fresh renders of each concept: the ceiling a learned concept can reach, and
     proof that the evaluator tells each concept apart from the others and from its plain class."""
     ev = ctx.evaluator
-    refs = {c.name: ev.image_embeds([render(s) for s in reference_scenes(c)]) for c in CONCEPTS}
+    refs = {c.name: ev.image_embeds([render(s, ctx.side) for s in reference_scenes(c)]) for c in CONCEPTS}
     accs = []
     cache: dict[tuple[str, ...], torch.Tensor] = {}
     for k, c in enumerate(CONCEPTS):
@@ -286,7 +296,7 @@ def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_imag
             seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
             cache[prompts] = ev.image_embeds(ctx.base_images(prompts, seeds))
         rng = np.random.default_rng([CHECK_SEED, k])
-        fresh = ev.image_embeds([render(c.scene(rng)) for _ in range(per_concept)])
+        fresh = ev.image_embeds([render(c.scene(rng), ctx.side) for _ in range(per_concept)])
         accs.append(concept_accuracy(fresh, c.name, refs, cache[prompts]))
     worst = CONCEPTS[int(np.argmin(accs))].name
     detail = f"{per_concept * len(CONCEPTS)} renders, {len(CONCEPTS)} concepts; lowest {worst} {min(accs):.2f}"
@@ -307,7 +317,7 @@ class Step1:
 
         self.ctx = ctx
         ev = ctx.evaluator
-        self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts")) for c in CONCEPTS}
+        self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts", ctx.side)) for c in CONCEPTS}
         self.refs = {n: ev.image_embeds(c.images) for n, c in self.concepts.items()}
         self._class: dict[str, torch.Tensor] = {}
         self.class_pictures: dict[str, list[Image.Image]] = {}  # the base model's images of the class word

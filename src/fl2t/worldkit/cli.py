@@ -29,7 +29,9 @@ def build(
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
     v2: bool = typer.Option(
-        False, "--v2", help="World v2's pictures: two-object scenes and generic styles in every stage's mix."
+        False,
+        "--v2",
+        help="World v2: a 48 x 48 base model, two-object scenes and generic styles in every stage's mix.",
     ),
 ) -> None:
     """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""

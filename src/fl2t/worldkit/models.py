@@ -55,9 +55,10 @@ def new_vae() -> AutoencoderKL:
     )
 
 
-def new_unet() -> UNet2DConditionModel:
+def new_unet(latent_size: int = LATENT_SIZE) -> UNet2DConditionModel:
+    """The base UNet for latents of `latent_size` (half the picture's side: 16 for the 32 px world, 24 for 48 px)."""
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(64, 96, 96),

@@ -37,13 +37,13 @@ Tick = Callable[[int], None]  # advances a progress bar by n steps
 
 @dataclass
 class Dataset:
-    """Rendered pictures as uint8 (N, 3, 32, 32) and the scenes they show."""
+    """Rendered pictures as uint8 (N, 3, side, side) and the scenes they show."""
 
     scenes: list[Scene | PairScene]
     pixels: np.ndarray
 
     def batch(self, idx: np.ndarray) -> torch.Tensor:
-        """(B, 3, 32, 32) float in [-1, 1]."""
+        """(B, 3, side, side) float in [-1, 1]."""
         return torch.from_numpy(self.pixels[idx].astype(np.float32) / 127.5 - 1.0)
 
     @property
@@ -56,10 +56,10 @@ def is_world_v2(scenes: Sequence[Scene | PairScene]) -> bool:
     return any(isinstance(s, PairScene) or s.style in GENERIC_STYLES for s in scenes)
 
 
-def render_dataset(scenes: Sequence[Scene | PairScene], tick: Tick) -> Dataset:
-    pixels = np.empty((len(scenes), 3, models.SIZE, models.SIZE), np.uint8)
+def render_dataset(scenes: Sequence[Scene | PairScene], tick: Tick, side: int = models.SIZE) -> Dataset:
+    pixels = np.empty((len(scenes), 3, side, side), np.uint8)
     for i, s in enumerate(scenes):
-        pixels[i] = np.asarray(render_any(s)).transpose(2, 0, 1)
+        pixels[i] = np.asarray(render_any(s, side)).transpose(2, 0, 1)
         if i % 500 == 499:
             tick(500)
     return Dataset(list(scenes), pixels)
@@ -149,7 +149,7 @@ def train_vae(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 64)
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, data: Dataset, tick: Tick, batch: int = 256) -> torch.Tensor:
-    """(N, 4, 16, 16) scaled latent means of every picture."""
+    """(N, 4, side / 2, side / 2) scaled latent means of every picture."""
     out = []
     for i in range(0, len(data.scenes), batch):
         x = data.batch(np.arange(i, min(i + batch, len(data.scenes))))
@@ -266,7 +266,7 @@ def train_base(
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    unet, text = models.new_unet(), models.new_text_encoder()
+    unet, text = models.new_unet(latents.shape[-1]), models.new_text_encoder()
     zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
@@ -286,7 +286,7 @@ def train_base(
         _set_lr(opt, _lr(step, None, 1e-3))
         idx = rng.integers(len(scenes), size=batch)
         texts = ["" if rng.random() < caption_dropout else random_caption(scenes[i], rng) for i in idx]
-        x0 = latents[idx]  # (B, 4, 16, 16)
+        x0 = latents[idx]  # (B, 4, side / 2, side / 2)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
