@@ -30,9 +30,9 @@ for spec in sys.argv[2:]:
     t0 = time.perf_counter()
     seq.learn(s1.concepts["stripestar"])
     sec = time.perf_counter() - t0
-    ca, nia, ims = s1.score("stripestar", seq.sampler())
+    ca, nia, _, _ = s1.score("stripestar", seq.sampler())
     print(spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f}", flush=True)
     for name in ("checkdiamond", "bullseye"):
         seq.learn(s1.concepts[name])
-    ca3, nia3, _ = s1.score("stripestar", seq.sampler())
+    ca3, nia3, _, _ = s1.score("stripestar", seq.sampler())
     print(spec, f"after 3 tasks: CA {ca3:.3f} nIA {nia3:.3f} (drop {100 * (ca - ca3):.1f} points)", flush=True)
