@@ -170,3 +170,15 @@ def test_the_world_reports_its_picture_side_and_writes_references_at_it(tmp_path
     assert {im.size for im in concept.images} == {(48, 48)}
     concept = load_concept(write_concept(CONCEPTS[0], tmp_path / "b"))
     assert {im.size for im in concept.images} == {(SIZE, SIZE)}
+
+
+def test_the_learn_time_gate_scales_with_the_measured_cost_of_a_larger_world():
+    import pytest
+
+    from fl2t.errors import Fl2tError
+    from fl2t.worldkit.check import learn_seconds_gate
+
+    assert learn_seconds_gate(SIZE) == 60.0
+    assert learn_seconds_gate(48) == pytest.approx(93.6)
+    with pytest.raises(Fl2tError, match="no measured time scale"):
+        learn_seconds_gate(64)
