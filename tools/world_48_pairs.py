@@ -1,14 +1,14 @@
 """Does a 48 x 48 base model draw both objects of a held-out two-object prompt? (issue 14: the pair gate at the size
 it approves when two objects cannot be told apart at 32 x 32). A base trained from scratch on the world's pretraining
-pictures rendered at 48 px (every radius x 1.5: objects 12 / 15.75 px, pairs 9.75 px) with a share of two-object
-scenes and no generic styles, on the shipped VAE (it reconstructs 48 px renders as well as 32 px ones:
-tools/world_48_probe.py) and the shipped text encoder's architecture; then `fl2t world check`'s pair and
-single-object gates, read by the shipped evaluator after resizing the pictures to 32 px (as real CLIP resizes).
+pictures rendered at 48 px (`render(scene, 48)`: every length x 1.5) with a share of two-object scenes and no generic
+styles, on the shipped VAE (it reconstructs 48 px renders as well as 32 px ones: tools/world_48_probe.py); then
+`fl2t world check`'s pair and single-object gates, read by the shipped evaluator (which resizes to 32 px, as real CLIP
+resizes). `fl2t world build --v2` now builds a whole 48 px world; this is the quicker base-only experiment.
 
     python tools/world_48_pairs.py OUT [STEPS] [PAIR_SHARE]
 
-OUT gets the base pipeline (diffusers folder) and OUT/pairs.png (the first 28 pair images). Nothing here touches the
-shipped world: the size is changed in this process only.
+OUT gets the base pipeline (diffusers folder) and OUT/pairs.png (the first 28 pair images). The 2400-step figure in
+docs/world.md was measured with this tool at commit c64388d, which scaled the radii but not the pattern periods.
 """
 
 from __future__ import annotations
@@ -25,31 +25,21 @@ from PIL import Image
 from fl2t.models import build_pipeline
 from fl2t.sampling import Sampler
 from fl2t.world import base_path, evaluator_path
-from fl2t.world import generator as gen
 from fl2t.world.generator import pair_caption
 from fl2t.worldkit import build, check, models, train
 
 SIZE = 48
 
 
-def use_size(size: int) -> None:
-    """Render and build at `size` px in this process: the generator's side and radii, the models' sample sizes."""
-    scale = size / gen.SIZE
-    gen.SIZES.update({k: v * scale for k, v in gen.SIZES.items()})
-    gen.PAIR_RADIUS *= scale
-    gen.SIZE, models.SIZE, models.LATENT_SIZE = size, size, size // 2
-
-
 def main(out: str, steps: int = 2000, pair_share: float = 0.4) -> None:
     torch.set_num_threads(2)
     folder = Path(out)
     seed = build.DEFAULT_SEED
-    evaluator = check.WorldEvaluator(evaluator_path())  # before the size changes: it reads 32 px pictures
-    use_size(SIZE)
+    evaluator = check.WorldEvaluator(evaluator_path())
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(base_path() / "vae").eval()
     scenes = build.pretraining_scenes(seed, build.BuildSettings().plain_images, pair_share, 0.0)
-    data = train.render_dataset(scenes, lambda n: None)
+    data = train.render_dataset(scenes, lambda n: None, SIZE)
     latents = train.encode_latents(vae, data, lambda n: None)
     print(
         f"rendered and encoded {len(scenes)} pictures at {SIZE} px ({latents.shape[-1]}^2 latents): {time.time() - t0:.0f} s"
@@ -64,13 +54,10 @@ def main(out: str, steps: int = 2000, pair_share: float = 0.4) -> None:
     pipe.set_progress_bar_config(disable=True)
     sample = Sampler(pipe, batch=check.CHECK_BATCH)
 
-    def small(images: list[Image.Image]) -> list[Image.Image]:
-        return [im.resize((32, 32), Image.BILINEAR, reducing_gap=None) for im in images]
-
     pairs = check.pair_prompts()
     prompts = [pair_caption(p) for p in pairs]
     images = sample(prompts, [check.CHECK_SEED + 40_000 + i for i in range(len(prompts))], 25, 5.0)
-    read = evaluator.read_halves(small(images))
+    read = evaluator.read_halves(images)
     both = np.mean([{a[0], b[0]} == set(p.shapes) for (a, b), p in zip(read, pairs)])
     order = np.mean([(a[0], b[0]) == p.shapes for (a, b), p in zip(read, pairs)])
     print(
@@ -78,7 +65,7 @@ def main(out: str, steps: int = 2000, pair_share: float = 0.4) -> None:
     )
     single, scenes1 = check.base_prompts()
     images1 = sample(single, [check.CHECK_SEED + i for i in range(len(single))], 25, 5.0)
-    read1 = evaluator.read(small(images1))
+    read1 = evaluator.read(images1)
     for k, attr in enumerate(("shape", "colour")):
         acc = np.mean([r[k] == getattr(s, attr) for r, s in zip(read1, scenes1)])
         print(f"single objects: requested {attr} read back {acc:.3f} ({len(images1)} images)")

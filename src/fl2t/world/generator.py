@@ -1,7 +1,7 @@
 """The tiny world's pictures: one object (shape, colour, size, position, optional pattern) on a plain
 background, drawn at 32x32 (or any side, every length scaled) with anti-aliased edges, and the caption that says
-what is in it; world v2 adds generic renderings ("..., in the style of neon") and two-object scenes ("a red star to the left of a blue ring on
-a black background", `PairScene`).
+what is in it; world v2 adds generic renderings ("..., in the style of neon") and two-object scenes ("a red star to
+the left of a blue ring on a black background", `PairScene`).
 
 Colours are few and far apart in RGB, shapes are large (radius >= 8 px), because the tiny base model's
 hardest job is binding the right colour to the object (issue 3, measured facts).
@@ -235,7 +235,7 @@ def _generic(
     rs: float,
     c1: np.ndarray,
     c2: np.ndarray,
-    k: float = 1.0,
+    k: float,
 ) -> Image.Image:
     """Draw the object on `img` (n x n, the background) in one of GENERIC_STYLES; `k` scales lengths (side / SIZE)."""
     fill = mask

@@ -63,8 +63,9 @@ class BuildSettings:
 
 
 # World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
-# at the radius that fits the 32 px base drew blobs (docs/world.md); a 48 px base step costs 1.8x a 32 px one
-# (0.62 vs 0.35 s on 2 cores), so base_steps fills what the 90-minute build leaves after the VAE and the evaluator.
+# at the radius that fits the 32 px base drew blobs (docs/world.md); a 48 px UNet forward costs 1.56x a 32 px one
+# (tools/world_48_probe.py), and base_steps fills what the 90-minute build leaves after the VAE and the evaluator
+# (4000 steps took 2580 s of a 66.8-minute build on 2 cores: docs/world.md).
 V2_MIX = {
     "pair_share": 0.35,
     "style_share": 0.20,
