@@ -30,7 +30,7 @@ from fl2t.models import build_pipeline, clip_tokenizer
 from fl2t.world import MANIFEST, WEIGHTS_DIR
 from fl2t.world.concepts import concept_appearances, tuning_appearances
 from fl2t.world.generator import SIZE, PairScene, Scene, random_pair, random_scene, styled_scene
-from fl2t.worldkit import models, train
+from fl2t.worldkit import models, train, vocab
 
 DEFAULT_SEED = 1234
 
@@ -60,6 +60,9 @@ class BuildSettings:
     # convolutional and reconstructs 48 px renders as well as 32 px ones; the evaluator resizes what it reads to
     # SIZE, as real CLIP resizes to 224).
     side: int = SIZE
+    # Keep only the token rows the world uses, in both text towers and their shared tokenizer (`vocab.py`): world
+    # v2's shipped weights must stay <= 45 MB. Off for v1, whose rebuild reproduces the shipped files.
+    compact_vocabulary: bool = False
 
 
 # World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
@@ -73,6 +76,7 @@ V2_MIX = {
     "rich_style_share": 0.15,
     "side": 48,
     "base_steps": 4_000,
+    "compact_vocabulary": True,
 }
 
 
@@ -169,6 +173,8 @@ def build(
         if until == "base":
             return None
         stages.evaluator()
+    if settings.compact_vocabulary:
+        vocab.compact_vocabulary(out / "base", out / "evaluator", train.world_words(v2=True))
     _check_no_pickle(out)
     s, seconds = settings, stages.seconds
     if "base_steps_trained" in seconds:  # a rebuild with these settings reproduces the weights

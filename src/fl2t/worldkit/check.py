@@ -166,10 +166,18 @@ class CheckContext:
         return Sampler(self.pipeline, batch=CHECK_BATCH)(prompts, seeds, self.steps, self.guidance_scale)
 
 
+SHIPPED_MB = 45  # issue 14: the working tree must stay small enough to travel to a GPU machine
+
+
 def gate_manifest(ctx: CheckContext) -> list[Row]:
     bad = verify_manifest(ctx.weights)
     detail = "all files match" if not bad else "differ: " + ", ".join(bad[:3])
-    return [Row("shipped files match manifest.json sha256", float(not bad), 1.0, detail)]
+    files = [p for p in ctx.weights.rglob("*") if p.is_file()]
+    mb = sum(p.stat().st_size for p in files) / 2**20
+    return [
+        Row("shipped files match manifest.json sha256", float(not bad), 1.0, detail),
+        Row("weights on disk (MB)", mb, SHIPPED_MB, f"{len(files)} files", at_most=True),
+    ]
 
 
 def gate_evaluator(ctx: CheckContext) -> list[Row]:

@@ -92,6 +92,11 @@ def zero_unused_rows(embedding: torch.nn.Embedding, used: set[int]) -> None:
 def world_token_ids(v2: bool = False) -> set[int]:
     """Every token id of every word the world's captions and prompts use; `v2` adds world v2's words (two-object
     captions, generic styles), left out otherwise so that a rebuild of the shipped v1 world stays byte-identical."""
+    return {i for w in world_words(v2) for i in _ids(w)}
+
+
+def world_words(v2: bool = False) -> list[str]:
+    """The words of the world's captions and prompts (`world_token_ids`)."""
     from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES
     from fl2t.world.generator import PATTERN_WORDS, SIZES, STYLE_WORDS
 
@@ -102,7 +107,7 @@ def world_token_ids(v2: bool = False) -> set[int]:
     words += ["a on a background, of the", ""]
     if v2:
         words += ["to the left of", "to the right of", *GENERIC_STYLES]
-    return {i for w in words for i in _ids(w)}
+    return words
 
 
 def _lr(step: int, total: int | None, peak: float, warmup: int = 200) -> float:

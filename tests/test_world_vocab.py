@@ -1,0 +1,93 @@
+"""The world's compact vocabulary (issue 14: shipped weights <= 45 MB): only the token rows the world uses, the same
+texts the same way, in both text towers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fl2t.metrics import ClipEvaluator
+from fl2t.text import add_tokens
+from fl2t.world import base_path, evaluator_path
+from fl2t.worldkit.train import world_words
+from fl2t.worldkit.vocab import TOKENIZER_FILE, compact_vocabulary
+
+TEXTS = [
+    "a small red and blue striped star on a black background, top left",
+    "a blue ring to the right of a red star on a gray background",
+    "a circle in the style of neon",
+    "a large purple diamond, in the center",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory) -> tuple[Path, Path, int]:
+    """A copy of the shipped world's text encoder, tokenizer and evaluator, compacted."""
+    root = tmp_path_factory.mktemp("compact")
+    base, evaluator = root / "base", root / "evaluator"
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(base_path() / sub, base / sub)
+    shutil.copytree(evaluator_path(), evaluator)
+    return base, evaluator, compact_vocabulary(base, evaluator, world_words(v2=True))
+
+
+def test_the_compact_vocabulary_keeps_the_world_words_and_shrinks_both_towers(compact):
+    base, evaluator, size = compact
+    assert 600 < size < 1000  # 512 single bytes, the world's tokens and their merges, start and end of text
+    full_tok, tok = (
+        CLIPTokenizer.from_pretrained(base_path() / "tokenizer"),
+        CLIPTokenizer.from_pretrained(base / "tokenizer"),
+    )
+    assert len(tok) == size and len(full_tok) == 49408
+    for text in TEXTS + world_words(v2=True):
+        assert tok.tokenize(text) == full_tok.tokenize(text)
+    assert (base / "text_encoder" / "model.safetensors").stat().st_size < 1 * 2**20  # 12.5 MB before
+    assert (evaluator / "model.safetensors").stat().st_size < 3 * 2**20  # 14.3 MB before
+    assert (evaluator / TOKENIZER_FILE).read_bytes() == (base / "tokenizer" / TOKENIZER_FILE).read_bytes()
+
+
+def test_the_compact_towers_embed_world_texts_as_the_full_ones_do(compact):
+    base, evaluator, _ = compact
+    full_enc, enc = (
+        CLIPTextModel.from_pretrained(base_path() / "text_encoder"),
+        CLIPTextModel.from_pretrained(base / "text_encoder"),
+    )
+    full_tok, tok = (
+        CLIPTokenizer.from_pretrained(base_path() / "tokenizer"),
+        CLIPTokenizer.from_pretrained(base / "tokenizer"),
+    )
+    pad = dict(padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        for text in TEXTS:
+            a, b = full_enc(full_tok(text, **pad).input_ids), enc(tok(text, **pad).input_ids)
+            torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.pooler_output, a.pooler_output, rtol=0, atol=1e-5)  # pooled at end of text
+    full_clip, clip = ClipEvaluator.load(evaluator_path()), ClipEvaluator.load(evaluator)
+    torch.testing.assert_close(clip.text_embeds(TEXTS), full_clip.text_embeds(TEXTS), rtol=0, atol=1e-5)
+
+
+def test_compacting_again_changes_nothing_and_a_new_concept_token_gets_the_next_row(compact):
+    base, evaluator, size = compact
+    before = (base / "tokenizer" / TOKENIZER_FILE).read_bytes()
+    assert compact_vocabulary(base, evaluator, world_words(v2=True)) == size
+    assert (base / "tokenizer" / TOKENIZER_FILE).read_bytes() == before
+    tok, enc = CLIPTokenizer.from_pretrained(base / "tokenizer"), CLIPTextModel.from_pretrained(base / "text_encoder")
+    ids = add_tokens(tok, enc, ["<c-new>"])  # as `fl2t learn` adds a concept's token
+    assert ids == [size] and enc.get_input_embeddings().num_embeddings == size + 1
+
+
+def test_a_word_the_world_never_uses_still_tokenizes_into_kept_pieces(compact):
+    base, _, size = compact
+    full_tok, tok = (
+        CLIPTokenizer.from_pretrained(base_path() / "tokenizer"),
+        CLIPTokenizer.from_pretrained(base / "tokenizer"),
+    )
+    assert full_tok.tokenize("zebra") == ["zebra</w>"]
+    pieces = tok.tokenize("zebra")
+    assert len(pieces) > 1 and "".join(pieces) == "zebra</w>"
+    assert all(i < size for i in tok("a zebra").input_ids)
