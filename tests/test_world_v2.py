@@ -23,7 +23,9 @@ from fl2t.world.generator import (
     is_held_out,
     is_held_out_pair,
     is_held_out_style,
+    object_phrase,
     pair_caption,
+    random_caption,
     random_pair,
     render,
     render_pair,
@@ -115,6 +117,25 @@ def test_a_two_object_scene_draws_each_object_in_its_half_and_names_them_in_eith
         assert pair_caption(p, left_first=False, with_background=False) == f"a {b} to the right of a {a}"
         assert p.left.shape != p.right.shape and p.left.colour != p.right.colour
     assert np.array_equal(np.asarray(render_pair(p)), np.asarray(render_pair(p)))
+
+
+def test_v2_captions_name_a_pair_left_first_and_draw_more_patterned_single_objects():
+    rng = np.random.default_rng(3)
+    pairs = [random_pair(rng) for _ in range(30)]
+    either = {random_caption(p, np.random.default_rng(i)).split(" to the ")[1][:4] for i, p in enumerate(pairs)}
+    assert either == {"left", "righ"}
+    for i, p in enumerate(pairs):
+        text = random_caption(p, np.random.default_rng(i), pairs_left_first=True)
+        assert text.split(" to the left of ")[0] == f"a {object_phrase(p.left, with_size=False)}"
+
+    def patterned(share: float) -> float:
+        scenes = pretraining_scenes(0, 2000, 0.0, 0.0, share)
+        looks = concept_appearances()
+        assert all((s.shape, s.pattern, s.colour, s.colour2) not in looks and not s.style for s in scenes)
+        return np.mean([s.pattern is not None for s in scenes])
+
+    v1, v2 = patterned(0.35), patterned(V2_MIX["patterned_share"])
+    assert 0.24 < v1 < 0.32 and v2 > v1 + 0.15  # 0.35 and 0.6, less the draws whose second colour is the first
 
 
 def test_held_out_pairs_are_a_fifth_to_a_third_and_never_drawn_for_pretraining():

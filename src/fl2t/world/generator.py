@@ -299,11 +299,12 @@ def caption(scene: Scene, with_size: bool = True, with_background: bool = True, 
     return text
 
 
-def random_caption(scene: Scene | PairScene, rng: np.random.Generator) -> str:
+def random_caption(scene: Scene | PairScene, rng: np.random.Generator, pairs_left_first: bool = False) -> str:
     """A caption with size, background or position sometimes left out, as people write them; a two-object scene's
-    names its objects in either order."""
+    names its objects in either order, or always left first ("a red star to the left of a blue ring")."""
     if isinstance(scene, PairScene):
-        return pair_caption(scene, left_first=rng.random() < 0.5, with_background=rng.random() < 0.85)
+        left_first = rng.random() < 0.5
+        return pair_caption(scene, left_first=left_first or pairs_left_first, with_background=rng.random() < 0.85)
     return caption(
         scene,
         with_size=rng.random() < 0.6,
@@ -336,8 +337,10 @@ def random_scene(
     held_out: bool | None = False,
     styles: bool = True,
     exclude: frozenset[tuple[str, str | None, str | None, str | None]] = frozenset(),
+    patterned: float = 0.35,
 ) -> Scene:
-    """One random scene. `rich` adds two-colour patterns and (with `styles`) renderings.
+    """One random scene. `rich` adds two-colour patterns (drawn with probability `patterned`, kept when the second
+    colour differs) and (with `styles`) renderings.
 
     held_out: False draws only pretraining combinations, True only held-out ones, None any.
     exclude: (shape, pattern, colour, colour2) appearances never to draw (the concepts' own looks).
@@ -354,11 +357,11 @@ def random_scene(
         )
         if rich:
             u = rng.random()
-            if u < 0.35:
+            if u < patterned:
                 c2 = colours[rng.integers(len(colours))]
                 if c2 != scene.colour:
                     scene = replace(scene, pattern=PATTERNS[rng.integers(len(PATTERNS))], colour2=c2)
-            elif u < 0.55 and styles:
+            elif u < patterned + 0.2 and styles:
                 scene = replace(scene, style=STYLES[rng.integers(len(STYLES))])
         if held_out is not None and is_held_out(scene.combo) != held_out:
             continue

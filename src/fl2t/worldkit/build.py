@@ -63,6 +63,12 @@ class BuildSettings:
     # Keep only the token rows the world uses, in both text towers and their shared tokenizer (`vocab.py`): world
     # v2's shipped weights must stay <= 45 MB. Off for v1, whose rebuild reproduces the shipped files.
     compact_vocabulary: bool = False
+    # The base model's shape and captions (v1: 2 text layers, 1 attention layer per cross-attention block, pairs
+    # named in either order).
+    text_layers: int = 2
+    transformer_layers: int = 1
+    pairs_left_first: bool = False
+    patterned_share: float = 0.35  # of the base model's single-object pictures, drawn with a two-colour pattern
 
 
 # World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
@@ -77,6 +83,10 @@ V2_MIX = {
     "side": 48,
     "base_steps": 4_000,
     "compact_vocabulary": True,
+    "text_layers": 4,
+    "transformer_layers": 2,
+    "pairs_left_first": True,
+    "patterned_share": 0.6,
 }
 
 
@@ -132,14 +142,19 @@ def _mix(
     return out
 
 
-def pretraining_scenes(seed: int, n: int, pair_share: float = 0.0, style_share: float = 0.0) -> list[Scene | PairScene]:
+def pretraining_scenes(
+    seed: int, n: int, pair_share: float = 0.0, style_share: float = 0.0, patterned: float = 0.35
+) -> list[Scene | PairScene]:
     """The base model's pictures: plain objects and two-colour patterns (as a real base model has seen striped
     things), only pretraining combinations, never a concept's look nor a style concept's rendering. (With plain
     objects only, a LoRA learned the concepts' colours but not their patterns: stripestar concept accuracy 0.31.)
     Nor a tuning concept's look (the shipped world's 24000 pictures, seed 1234, never drew one: the same pictures)."""
     rng = np.random.default_rng(_stage_seed(seed, "plain"))
     exclude = concept_appearances() | tuning_appearances()
-    scenes = [random_scene(rng, rich=True, styles=False, held_out=False, exclude=exclude) for _ in range(n)]
+    scenes = [
+        random_scene(rng, rich=True, styles=False, held_out=False, exclude=exclude, patterned=patterned)
+        for _ in range(n)
+    ]
     return _mix(seed, "plain", scenes, pair_share, style_share, exclude)
 
 
@@ -229,7 +244,7 @@ class _Stages:
         if self.resume and (self.base_dir / "model_index.json").is_file():
             return
         t0, s = time.time(), self.s
-        plain_scenes = pretraining_scenes(s.seed, s.plain_images, s.pair_share, s.style_share)
+        plain_scenes = pretraining_scenes(s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share)
         plain = train.render_dataset(plain_scenes, self.bar("render (plain)", s.plain_images), s.side)
         latents = train.encode_latents(vae, plain, self.bar("encode latents", s.plain_images))
         self.record("render_plain", t0)
@@ -243,6 +258,9 @@ class _Stages:
             batch=s.base_batch,
             log=console.console.log,
             stop=lambda: (self.out / STOP_FILE).is_file(),
+            text_layers=s.text_layers,
+            transformer_layers=s.transformer_layers,
+            pairs_left_first=s.pairs_left_first,
         )
         if done < s.base_steps:  # stopped early: the manifest records the steps trained
             (self.out / STOP_FILE).unlink()

@@ -55,8 +55,9 @@ def new_vae() -> AutoencoderKL:
     )
 
 
-def new_unet(latent_size: int = LATENT_SIZE) -> UNet2DConditionModel:
-    """The base UNet for latents of `latent_size` (half the picture's side: 16 for the 32 px world, 24 for 48 px)."""
+def new_unet(latent_size: int = LATENT_SIZE, transformer_layers: int = 1) -> UNet2DConditionModel:
+    """The base UNet for latents of `latent_size` (half the picture's side: 16 for the 32 px world, 24 for 48 px),
+    with `transformer_layers` attention layers in each cross-attention block."""
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
@@ -68,11 +69,12 @@ def new_unet(latent_size: int = LATENT_SIZE) -> UNet2DConditionModel:
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=4,  # diffusers reads this as the number of heads
         norm_num_groups=16,
+        transformer_layers_per_block=transformer_layers,
     )
 
 
-def new_text_encoder() -> CLIPTextModel:
-    return CLIPTextModel(text_config(layers=2))
+def new_text_encoder(layers: int = 2) -> CLIPTextModel:
+    return CLIPTextModel(text_config(layers=layers))
 
 
 def train_scheduler() -> DDPMScheduler:

@@ -259,6 +259,9 @@ def train_base(
     min_snr_gamma: float = 5.0,
     log: Callable[[str], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    text_layers: int = 2,
+    transformer_layers: int = 1,
+    pairs_left_first: bool = False,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies and the
     number of steps trained.
@@ -271,7 +274,8 @@ def train_base(
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    unet, text = models.new_unet(latents.shape[-1]), models.new_text_encoder()
+    unet = models.new_unet(latents.shape[-1], transformer_layers)
+    text = models.new_text_encoder(text_layers)
     zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
@@ -290,7 +294,9 @@ def train_base(
             break
         _set_lr(opt, _lr(step, None, 1e-3))
         idx = rng.integers(len(scenes), size=batch)
-        texts = ["" if rng.random() < caption_dropout else random_caption(scenes[i], rng) for i in idx]
+        texts = [
+            "" if rng.random() < caption_dropout else random_caption(scenes[i], rng, pairs_left_first) for i in idx
+        ]
         x0 = latents[idx]  # (B, 4, side / 2, side / 2)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
