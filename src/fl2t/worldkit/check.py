@@ -6,6 +6,7 @@ accuracy after `fl2t learn`, forgetting under a sequential LoRA) are added as fu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -141,6 +142,7 @@ class CheckContext:
     guidance_scale: float = 5.0
     steps: int = 25
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
+    seconds: dict[str, float] = field(default_factory=dict)  # each gate's wall time (the check's budgets)
 
     @cached_property
     def side(self) -> int:
@@ -372,7 +374,6 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     model's for the class word); then one LoRA continued through two more concepts, and the first concept's
     concept accuracy again: the forgetting FL2T exists to cure."""
     import tempfile
-    import time
 
     from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
@@ -434,7 +435,6 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     references of the multi-concept score: tiny10's object pairs with both experts at full weight (`lookup`), and
     with each expert's cross-attention keys and values restricted to its own tokens (`lookup+span`)."""
     import tempfile
-    import time
 
     from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
@@ -550,5 +550,7 @@ def run_checks(
     ctx = CheckContext(weights, guidance_scale=guidance_scale, steps=steps)
     rows: list[Row] = []
     for gate in FULL_GATES if full else GATES:
+        t0 = time.perf_counter()
         rows += gate(ctx)
+        ctx.seconds[gate.__name__.removeprefix("gate_")] = time.perf_counter() - t0
     return rows, ctx

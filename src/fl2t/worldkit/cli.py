@@ -89,6 +89,7 @@ def check(
         mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
         table.add_row(r.gate, f"{r.value:.3f}", r.needs, mark, r.detail)
     console.print(table)
+    console.print("seconds per gate: " + ", ".join(f"{k} {v:.0f}" for k, v in ctx.seconds.items()))
     if grid:
         grid.mkdir(parents=True, exist_ok=True)
         for key, images in ctx.samples.items():
