@@ -83,8 +83,6 @@ V2_MIX = {
     "side": 48,
     "base_steps": 4_000,
     "compact_vocabulary": True,
-    "text_layers": 4,
-    "transformer_layers": 2,
     "pairs_left_first": True,
     "patterned_share": 0.6,
 }
