@@ -4,6 +4,7 @@ stripestar's concept accuracy again (the forgetting gate). Usage: python tools/t
 WORLD_DIR: a built world (src/fl2t/world/weights)."""
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))  # THREADS=1 beside another job
 from fl2t.config import LearnSettings
 from fl2t.methods import METHODS, MethodContext
 from fl2t.worldkit.check import CheckContext, Step1
