@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fl2t.errors import Fl2tError
 from fl2t.metrics import ClipEvaluator
 from fl2t.text import add_tokens
 from fl2t.world import base_path, evaluator_path
@@ -91,3 +92,12 @@ def test_a_word_the_world_never_uses_still_tokenizes_into_kept_pieces(compact):
     pieces = tok.tokenize("zebra")
     assert len(pieces) > 1 and "".join(pieces) == "zebra</w>"
     assert all(i < size for i in tok("a zebra").input_ids)
+
+
+def test_a_half_compacted_folder_is_refused_with_a_message_not_an_index_error(compact, tmp_path):
+    base, evaluator, _ = compact
+    half = tmp_path / "base"
+    shutil.copytree(base, half)
+    shutil.copy(base_path() / "tokenizer" / TOKENIZER_FILE, half / "tokenizer" / TOKENIZER_FILE)  # full tokenizer
+    with pytest.raises(Fl2tError, match="rebuild"):
+        compact_vocabulary(half, evaluator, world_words(v2=True))

@@ -91,8 +91,13 @@ def _special_ids(tokenizer: dict) -> dict[str, int]:
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
 
 
-def _rows_by_token(embedding: torch.nn.Embedding, tokenizer: dict) -> dict[str, torch.Tensor]:
+def _rows_by_token(embedding: torch.nn.Embedding, tokenizer: dict, where: Path) -> dict[str, torch.Tensor]:
     """Each token string of `tokenizer` with its row of `embedding`."""
+    if len(tokenizer["model"]["vocab"]) != embedding.num_embeddings:  # e.g. a compaction killed half-way
+        raise Fl2tError(
+            f"{where}: the tokenizer has {len(tokenizer['model']['vocab'])} tokens and the text model "
+            f"{embedding.num_embeddings} rows; delete that stage's folder and rebuild it with `fl2t world build --resume`"
+        )
     weight = embedding.weight.detach()
     return {t: weight[i] for t, i in tokenizer["model"]["vocab"].items()}
 
@@ -109,7 +114,7 @@ def compact_vocabulary(base: Path, evaluator: Path, words: Iterable[str]) -> int
     folders = [base / "tokenizer", evaluator]
     models = (text_encoder, clip.text_model)  # the CLIPModel's text tower holds its token table
     rows = [
-        _rows_by_token(m.get_input_embeddings(), json.loads((f / TOKENIZER_FILE).read_text()))
+        _rows_by_token(m.get_input_embeddings(), json.loads((f / TOKENIZER_FILE).read_text()), f)
         for m, f in zip(models, folders)
     ]
     used = {full["model"]["vocab"][t] for r in rows for t, row in r.items() if bool(row.abs().sum() > 0)}
