@@ -115,6 +115,12 @@ def test_token_that_is_a_word_is_refused(tiny_base, concepts_root):
         learn_expert(concept, str(tiny_base), FAST)
 
 
+def test_a_lora_target_that_matches_no_attention_layer_is_refused_not_ignored(tiny_base, concepts_root):
+    settings = FAST.model_copy(update={"lora_targets": ["to_q", "conv1"]})  # conv1 is a ResNet layer
+    with pytest.raises(Fl2tError, match="'conv1' matches no UNet layer"):
+        learn_expert(load_concept(concepts_root / "c-stripeball"), str(tiny_base), settings)
+
+
 def test_sd15_architecture_runs_a_training_step_at_64px(concepts_root):
     pipe = sd15_random_pipeline(seed=0)
     assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,15 @@ def _add_lora(
 ) -> list[nn.Parameter]:
     """A rank-r peft LoRA on the chosen UNet layers (from `init_lora` if given); its parameters, in float32."""
     target = lora_target_regex(settings)
+    names = [n for n, _ in unet.named_modules()]
+    for t in settings.lora_targets:  # a name that matches nothing would be silently left out by peft
+        if not any(
+            re.fullmatch(lora_target_regex(settings.model_copy(update={"lora_targets": [t]})), n) for n in names
+        ):
+            raise Fl2tError(
+                f"lora_targets {t!r} matches no UNet layer in {settings.lora_attention} attention; experts adapt "
+                "attention projections (to_q, to_k, to_v, to_out.0)"
+            )
     r = settings.rank
     unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights=True, target_modules=target))
     if init_lora is not None:
