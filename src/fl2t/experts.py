@@ -330,11 +330,9 @@ def _add_lora(
 ) -> list[nn.Parameter]:
     """A rank-r peft LoRA on the chosen UNet layers (from `init_lora` if given); its parameters, in float32."""
     target = lora_target_regex(settings)
-    names = [n for n, _ in unet.named_modules()]
+    found = {m.group(1) for n, _ in unet.named_modules() if (m := re.fullmatch(target, n))}
     for t in settings.lora_targets:  # a name that matches nothing would be silently left out by peft
-        if not any(
-            re.fullmatch(lora_target_regex(settings.model_copy(update={"lora_targets": [t]})), n) for n in names
-        ):
+        if t not in found:
             raise Fl2tError(
                 f"lora_targets {t!r} matches no UNet layer in {settings.lora_attention} attention; experts adapt "
                 "attention projections (to_q, to_k, to_v, to_out.0)"

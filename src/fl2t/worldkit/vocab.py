@@ -18,6 +18,7 @@ compacts to 671 rows: base text encoder 12.5 -> 0.6 MB, evaluator 14.3 -> 2.4 MB
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,18 +38,15 @@ def _merge(pair: str | list[str]) -> tuple[str, str]:
     return a, b
 
 
-def kept_tokens(tokenizer: dict, rows: Iterable[int], words: Iterable[str]) -> set[str]:
-    """Token strings to keep: those of `rows` (ids), the pieces `words` tokenize into, every token no merge makes
-    (single bytes, special tokens), and the merge tree under each of them."""
+def kept_tokens(tokenizer: dict, tokens: Iterable[str]) -> set[str]:
+    """Token strings to keep: `tokens`, every token no merge makes (single bytes, special tokens), and the merge
+    tree under each of them."""
     vocab: dict[str, int] = tokenizer["model"]["vocab"]
-    by_id = {i: t for t, i in vocab.items()}
     made_of = {}
     for pair in tokenizer["model"]["merges"]:
         a, b = _merge(pair)
         made_of.setdefault(a + b, (a, b))
-    tok = _tokenizer_from(tokenizer)
-    todo = [by_id[i] for i in rows] + [p for w in words for p in tok.tokenize(w)]
-    todo += [t for t in vocab if t not in made_of] + list(SPECIAL)
+    todo = [*tokens, *(t for t in vocab if t not in made_of), *SPECIAL]
     keep: set[str] = set()
     while todo:
         t = todo.pop()
@@ -74,7 +72,7 @@ def compacted(tokenizer: dict, keep: set[str]) -> dict:
     vocab: dict[str, int] = tokenizer["model"]["vocab"]
     old_ids = sorted(vocab[t] for t in keep)
     new_id = {old: new for new, old in enumerate(old_ids)}
-    out = json.loads(json.dumps(tokenizer))
+    out = copy.deepcopy(tokenizer)
     out["model"]["vocab"] = {t: new_id[i] for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i in new_id}
     out["model"]["merges"] = [m for m in tokenizer["model"]["merges"] if {*_merge(m), "".join(_merge(m))} <= keep]
     for added in out["added_tokens"]:
@@ -91,15 +89,16 @@ def _special_ids(tokenizer: dict) -> dict[str, int]:
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
 
 
-def _rows_by_token(embedding: torch.nn.Embedding, tokenizer: dict, where: Path) -> dict[str, torch.Tensor]:
-    """Each token string of `tokenizer` with its row of `embedding`."""
-    if len(tokenizer["model"]["vocab"]) != embedding.num_embeddings:  # e.g. a compaction killed half-way
+def _token_table(model: torch.nn.Module, folder: Path) -> tuple[dict[str, int], torch.Tensor]:
+    """The token ids of the tokenizer in `folder` and the token table of `model` that they index."""
+    vocab: dict[str, int] = json.loads((folder / TOKENIZER_FILE).read_text())["model"]["vocab"]
+    weight = model.get_input_embeddings().weight.detach()
+    if len(vocab) != len(weight):  # e.g. a compaction killed half-way
         raise Fl2tError(
-            f"{where}: the tokenizer has {len(tokenizer['model']['vocab'])} tokens and the text model "
-            f"{embedding.num_embeddings} rows; delete that stage's folder and rebuild it with `fl2t world build --resume`"
+            f"{folder}: the tokenizer has {len(vocab)} tokens and the text model {len(weight)} rows; delete that "
+            "stage's folder and rebuild it with `fl2t world build --resume`"
         )
-    weight = embedding.weight.detach()
-    return {t: weight[i] for t, i in tokenizer["model"]["vocab"].items()}
+    return vocab, weight
 
 
 def compact_vocabulary(base: Path, evaluator: Path, words: Iterable[str]) -> int:
@@ -108,27 +107,29 @@ def compact_vocabulary(base: Path, evaluator: Path, words: Iterable[str]) -> int
     its size. Either may already be compact (a stage rebuilt alone): rows are matched by token string.
     Idempotent. Raises when a world word would tokenize differently from the real CLIP tokenizer."""
     words = list(words)
-    full = json.loads(clip_tokenizer().backend_tokenizer.to_str())
+    full_tok = clip_tokenizer()
+    full = json.loads(full_tok.backend_tokenizer.to_str())
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
     clip = CLIPModel.from_pretrained(evaluator)
     folders = [base / "tokenizer", evaluator]
     models = (text_encoder, clip.text_model)  # the CLIPModel's text tower holds its token table
-    rows = [
-        _rows_by_token(m.get_input_embeddings(), json.loads((f / TOKENIZER_FILE).read_text()), f)
-        for m, f in zip(models, folders)
-    ]
-    used = {full["model"]["vocab"][t] for r in rows for t, row in r.items() if bool(row.abs().sum() > 0)}
-    new = compacted(full, kept_tokens(full, used, words))
-    before, after = _tokenizer_from(full), _tokenizer_from(new)
+    tables = [_token_table(m, f) for m, f in zip(models, folders)]
+    used = set()
+    for vocab, weight in tables:
+        nonzero = (weight.abs().sum(dim=1) > 0).tolist()
+        used |= {t for t, i in vocab.items() if nonzero[i]}
+    new = compacted(full, kept_tokens(full, used | {p for w in words for p in full_tok.tokenize(w)}))
+    after = _tokenizer_from(new)
     for w in words:
-        if before.tokenize(w) != after.tokenize(w):
+        if full_tok.tokenize(w) != after.tokenize(w):
             raise Fl2tError(f"compacting the vocabulary would change how {w!r} tokenizes")
     tokens = sorted(new["model"]["vocab"], key=new["model"]["vocab"].get)
     ids = {"vocab_size": len(tokens), **_special_ids(new)}
-    for model, by_token in zip(models, rows):
-        width = model.get_input_embeddings().embedding_dim
-        weight = torch.stack([by_token.get(t, torch.zeros(width)) for t in tokens])
-        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight, freeze=False))
+    for model, (vocab, weight) in zip(models, tables):
+        rows = torch.zeros(len(tokens), weight.shape[1])
+        have = [k for k, t in enumerate(tokens) if t in vocab]
+        rows[have] = weight[[vocab[tokens[k]] for k in have]]
+        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(rows, freeze=False))
     for config in (text_encoder.config, clip.config.text_config):  # read again when the folders are loaded
         for k, v in ids.items():
             setattr(config, k, v)
