@@ -97,6 +97,21 @@ def test_generic_styles_change_the_picture_and_are_captioned_in_the_style_slot()
             assert np.abs(looks[a] - other).mean() > 5, f"{a} looks like {concept_style}"
 
 
+def test_chunky_is_hard_edged_blocks_of_the_pictures_own_colours_where_blurry_and_mosaic_are_soft():
+    scene = Scene("star", "red", "gray", "in the center", "large", jitter=3, pattern="striped", colour2="yellow")
+    for side in (SIZE, 48):
+        img = np.asarray(render(replace(scene, style="chunky"), side)).astype(int)
+        b = side // 16  # 2 x 2 blocks at 32 px
+        assert (img == img[::b, ::b].repeat(b, axis=0).repeat(b, axis=1)).all()
+        # the background, red and yellow (each jittered slightly), no colour in between: no soft edge
+        assert len({tuple(p) for p in img.reshape(-1, 3)}) == 3
+        plain = np.asarray(render(replace(scene, pattern=None, colour2=None, style="chunky"), side))
+        assert len({tuple(p) for p in plain.reshape(-1, 3)}) == 2
+        for soft in ("blurry", "mosaic"):
+            other = np.asarray(render(replace(scene, style=soft), side)).astype(int)
+            assert len({tuple(p) for p in other.reshape(-1, 3)}) > 10, soft
+
+
 def _colour_centre(img: np.ndarray, colour: str) -> tuple[float, int]:
     near = np.abs(img - np.array(COLOURS[colour])).max(axis=2) <= 14
     return float(np.nonzero(near)[1].mean()), int(near.sum())

@@ -7,7 +7,8 @@ WORLD is a built v2 world (its VAE and evaluator are used as they are); OUT gets
 evaluator, pairs.png (the first 32 held-out pair images) and result.json. The pretraining pictures are `V2_MIX`'s
 with the JSON's overrides (any `BuildSettings` field the base stage reads). Printed: the single-object, pair and
 generic-style gates, both shapes of pairs pretraining did show (84 images; the held-out gate's generalisation gap),
-and the Step-1 gates (stripestar learned alone, then two more tasks). One thread per run, so two can share 2 cores.
+and the Step-1 gates (stripestar learned alone, then two more tasks). One thread per run (THREADS=N for more), so
+two can share 2 cores.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def seen_pairs(n: int = 84) -> list[PairScene]:
 
 
 def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     world_dir, folder = Path(world), Path(out)
     s = build.BuildSettings(**{**build.V2_MIX, "base_steps": int(steps), **json.loads(overrides)})
     t0 = time.time()
