@@ -6,6 +6,7 @@ accuracy after `fl2t learn`, forgetting under a sequential LoRA) are added as fu
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -162,6 +163,13 @@ class CheckContext:
         pipe = StableDiffusionPipeline.from_pretrained(self.weights / "base")
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @cached_property
+    def step1(self) -> Step1:
+        """The Step-1 gates' concepts, references and class images, made once for both gates (`gate_step1` and
+        `--full`'s `gate_concepts_alone`), the concepts written to a folder that lives as long as the context."""
+        self._folder = tempfile.TemporaryDirectory()
+        return Step1(self, Path(self._folder.name))
 
     def base_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """The base model's images of the prompts, one seed each, at the check's steps and guidance."""
@@ -341,7 +349,7 @@ class Step1:
         ev = ctx.evaluator
         self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts", ctx.side)) for c in CONCEPTS}
         self.refs = {n: ev.image_embeds(c.images) for n, c in self.concepts.items()}
-        self._class: dict[str, torch.Tensor] = {}
+        self._class: dict[tuple[str, ...], tuple[list[Image.Image], torch.Tensor]] = {}
         self.class_pictures: dict[str, list[Image.Image]] = {}  # the base model's images of the class word
 
     def prompts(self, name: str) -> tuple[list[str], list[int]]:
@@ -350,13 +358,15 @@ class Step1:
         return prompts, [CHECK_SEED + 20_000 + i for i in range(len(prompts))]
 
     def class_images(self, name: str) -> torch.Tensor:
-        if name not in self._class:
-            c = get_concept(name)
-            texts = [t for t in class_prompts(c) for _ in range(STEP1_SEEDS_PER_PROMPT)]
+        """The evaluator's embeddings of the base model's images of the concept's class prompts (made once per
+        distinct prompts: the three styles share theirs, as splitsquare and crossbox share "square")."""
+        texts = tuple(t for t in class_prompts(get_concept(name)) for _ in range(STEP1_SEEDS_PER_PROMPT))
+        if texts not in self._class:
             seeds = [CHECK_SEED + 30_000 + i for i in range(len(texts))]
-            self.class_pictures[name] = self.ctx.base_images(texts, seeds)
-            self._class[name] = self.ctx.evaluator.image_embeds(self.class_pictures[name])
-        return self._class[name]
+            pictures = self.ctx.base_images(list(texts), seeds)
+            self._class[texts] = (pictures, self.ctx.evaluator.image_embeds(pictures))
+        self.class_pictures[name] = self._class[texts][0]
+        return self._class[texts][1]
 
     def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image], list[bool]]:
         """(concept accuracy, normalised IA, the images, per image whether CA's rule calls it the concept's own) of
@@ -373,14 +383,12 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     """One concept learned with `fl2t learn`'s defaults (time, concept accuracy, normalised IA against the base
     model's for the class word); then one LoRA continued through two more concepts, and the first concept's
     concept accuracy again: the forgetting FL2T exists to cure."""
-    import tempfile
-
     from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
 
+    s1 = ctx.step1
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        s1 = Step1(ctx, folder)
         first = STEP1_CONCEPTS[0]
         settings = LearnSettings(checkpoint_every=0)  # fl2t learn's defaults (checkpoints only cost disk here)
         seq_ctx = MethodContext(
@@ -434,8 +442,6 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     CA calls its own; reported absent in the base model's images of its class word), and the oracle pairs, the
     references of the multi-concept score: tiny10's object pairs with both experts at full weight (`lookup`), and
     with each expert's cross-attention keys and values restricted to its own tokens (`lookup+span`)."""
-    import tempfile
-
     from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
     from fl2t.world.presence import Presence
@@ -444,9 +450,9 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     cas, secs, found, absent = {}, {}, [], []
     presence = Presence(ctx.evaluator)
     rows = []
+    s1 = ctx.step1
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        s1 = Step1(ctx, folder)
 
         def method(name: str) -> Method:
             store = folder / "store"
