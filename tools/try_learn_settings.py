@@ -29,9 +29,13 @@ if "TIMESTEPS" in os.environ:
 
     def _narrowed(latents, noise_scheduler, noise_offset, gen):  # fl2t.experts._noised, timesteps in [lo, hi)
         noise = torch.randn(latents.shape, generator=gen)
+        if noise_offset:
+            noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         timesteps = torch.randint(lo, hi, (len(latents),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        return noisy, timesteps, noise_scheduler.get_velocity(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            return noisy, timesteps, noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, noise
 
     fl2t.experts._noised = _narrowed
 

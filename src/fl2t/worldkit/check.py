@@ -144,6 +144,7 @@ class CheckContext:
     steps: int = 25
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
     seconds: dict[str, float] = field(default_factory=dict)  # each gate's wall time (the check's budgets)
+    _folder: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)  # `step1`'s concepts
 
     @cached_property
     def side(self) -> int:
