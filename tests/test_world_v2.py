@@ -218,3 +218,21 @@ def test_the_learn_time_gate_scales_with_the_measured_cost_of_a_larger_world():
     assert learn_seconds_gate(48) == pytest.approx(93.6)
     with pytest.raises(Fl2tError, match="no measured time scale"):
         learn_seconds_gate(64)
+
+
+def test_the_step1_gates_learn_with_the_settings_tiny10_learns_with(tmp_path, monkeypatch):
+    """Issue 14's Step-1 gates are 'with tiny10's Step-1 settings': the check reads them from the benchmark's own
+    config, so a change there moves the gates with it."""
+    from pathlib import Path
+
+    import fl2t.worldkit.check as check
+    from fl2t.bench.continual import load_config
+
+    assert check.CheckContext(Path("unused")).learn == load_config("tiny10").learn.model_copy(
+        update={"checkpoint_every": 0}
+    )
+    changed = tmp_path / "tiny10.yaml"
+    changed.write_text(check.TINY10.read_text().replace("learn: {", "learn: {lora_attention: cross, "))
+    monkeypatch.setattr(check, "TINY10", changed)
+    learn = check.CheckContext(Path("unused")).learn
+    assert (learn.lora_attention, learn.steps, learn.checkpoint_every) == ("cross", 400, 0)

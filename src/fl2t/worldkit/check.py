@@ -49,12 +49,14 @@ from fl2t.worldkit.build import verify_manifest
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
+    from fl2t.config import LearnSettings
     from fl2t.methods import Method
 
 CHECK_SEED = 777
 CHECK_BATCH = 64  # images per pipeline call for the base model's samples
 EVALUATOR_IMAGES = 300
 BASE_SEEDS_PER_PROMPT = 1
+TINY10 = Path(__file__).resolve().parent.parent / "benchmarks" / "tiny10.yaml"  # the Step-1 gates' settings
 
 
 class WorldEvaluator(ClipEvaluator):
@@ -164,6 +166,17 @@ class CheckContext:
         pipe = StableDiffusionPipeline.from_pretrained(self.weights / "base")
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @cached_property
+    def learn(self) -> LearnSettings:
+        """The Step-1 gates' settings: tiny10's Step 1 (`benchmarks/tiny10.yaml` `learn`, the settings every method
+        of the benchmark learns its experts with), checkpoints off (they only cost disk here)."""
+        import yaml
+
+        from fl2t.config import LearnSettings
+
+        config = yaml.safe_load(TINY10.read_text())
+        return LearnSettings(**{**config.get("learn", {}), "checkpoint_every": 0})
 
     @cached_property
     def step1(self) -> Step1:
@@ -381,17 +394,16 @@ class Step1:
 
 
 def gate_step1(ctx: CheckContext) -> list[Row]:
-    """One concept learned with `fl2t learn`'s defaults (time, concept accuracy, normalised IA against the base
+    """One concept learned with tiny10's Step-1 settings (time, concept accuracy, normalised IA against the base
     model's for the class word); then one LoRA continued through two more concepts, and the first concept's
     concept accuracy again: the forgetting FL2T exists to cure."""
-    from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
 
     s1 = ctx.step1
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         first = STEP1_CONCEPTS[0]
-        settings = LearnSettings(checkpoint_every=0)  # fl2t learn's defaults (checkpoints only cost disk here)
+        settings = ctx.learn
         seq_ctx = MethodContext(
             base=str(ctx.weights / "base"), learn=settings, workdir=folder / "seq", store=folder / "store"
         )
@@ -410,10 +422,10 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
     n = len(images)
     return [
         Row(
-            f"learn {first} with fl2t learn's defaults (s)",
+            f"learn {first} with tiny10's Step-1 settings (s)",
             seconds,
             learn_seconds_gate(ctx.side),
-            f"{settings.steps} steps + {settings.num_anchors} anchors",
+            f"{settings.steps} steps, LoRA on {settings.lora_attention} attention, + {settings.num_anchors} anchors",
             at_most=True,
         ),
         Row(
@@ -437,17 +449,16 @@ ORACLE_PAIR_IMAGES = 27  # x 3 pairs: 81 images per row
 
 
 def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
-    """Every concept (styles included) learned alone with `fl2t learn`'s defaults (tiny10's Step 1): its concept
+    """Every concept (styles included) learned alone with tiny10's Step-1 settings: its concept
     accuracy on 80 images and its seconds (the rows give the lowest and the slowest, the detail every concept).
     On the same experts: the presence score on generations (each object concept found in its expert's images that
     CA calls its own; reported absent in the base model's images of its class word), and the oracle pairs, the
     references of the multi-concept score: tiny10's object pairs with both experts at full weight (`lookup`), and
     with each expert's cross-attention keys and values restricted to its own tokens (`lookup+span`)."""
-    from fl2t.config import LearnSettings
     from fl2t.methods import METHODS, MethodContext
     from fl2t.world.presence import Presence
 
-    settings = LearnSettings(checkpoint_every=0)
+    settings = ctx.learn
     cas, secs, found, absent = {}, {}, [], []
     presence = Presence(ctx.evaluator)
     rows = []
