@@ -10,7 +10,7 @@ from fl2t.errors import Fl2tError
 from fl2t.metrics import ClipEvaluator
 from fl2t.world.concepts import CONCEPTS, get_concept
 from fl2t.world.generator import BACKGROUNDS, PairScene, Scene, render, render_pair
-from fl2t.world.presence import Presence
+from fl2t.world.presence import Presence, validation
 
 OBJECTS = [c for c in CONCEPTS if c.kind == "object"]
 
@@ -83,3 +83,21 @@ def test_deterministic_and_empty(evaluator):
 def test_unknown_name_is_a_clear_error(presence):
     with pytest.raises(Fl2tError, match="no world concept named 'zebra'.*stripestar"):
         presence([render(OBJECTS[0].scene(np.random.default_rng(0)))], ["stripestar", "zebra"])
+
+
+def test_validation_leaves_out_only_pictures_equal_to_their_plain_object_picture():
+    """Bullseye in outline is drawn exactly as a plain purple circle in outline: no score can find it there and
+    report the plain circle's picture without it, so the validation leaves that combination out, and only it."""
+    shown: list[int] = []
+
+    def every_concept_present(images, names):
+        shown.append(len(images))
+        return np.ones((len(images), len(names)), dtype=bool)
+
+    v = validation(None, seeds=0, style_seeds=2, presence=every_concept_present)
+    objects, styles = len(OBJECTS), len(CONCEPTS) - len(OBJECTS)
+    assert v["n/styled/invisible"] == 2  # bullseye + outline, both seeds
+    assert v["n/styled/both"] == objects * styles * 2 - 2
+    assert "styled/object_absent/bullseye+outline" not in v
+    assert v["n/styled/object_absent/bullseye+pastel"] == 2 and v["n/styled/object_absent/checkdiamond+outline"] == 2
+    assert len(shown) == objects * styles * 2 - 2

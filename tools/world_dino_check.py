@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--channel-permute", type=float, default=0.2)
     ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.train:
@@ -89,6 +90,10 @@ def main() -> None:
             args.train, build._stage_seed(args.seed, "dino"), args.local_views, channel_permute=args.channel_permute
         )
         dino.LOCAL_SCALE = (args.local_min, dino.LOCAL_SCALE[1])
+        if args.no_positions:  # the CLS feature becomes a function of the set of patches, not of their layout
+            for model in (run.student, run.teacher):
+                model.encoder.embeddings.position_embeddings.data.zero_()
+                model.encoder.embeddings.position_embeddings.requires_grad_(False)
         rng = np.random.default_rng(build._stage_seed(args.seed, "dino"))
         for step in range(args.train):  # train_dino's loop, with progress and the measure on the way
             loss = run.step(data.batch(rng.integers(len(data.scenes), size=args.batch)))

@@ -384,8 +384,9 @@ class Step1:
 
     def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image], list[bool]]:
         """(concept accuracy, normalised IA, the images, per image whether CA's rule calls it the concept's own) of
-        `sampler`'s pictures of concept `name`."""
+        `sampler`'s pictures of concept `name`, made CHECK_BATCH at a time (the sampler's batch is set to it)."""
         prompts, seeds = self.prompts(name)
+        sampler.batch = CHECK_BATCH
         images = sampler(prompts, seeds, self.ctx.steps, self.ctx.guidance_scale)
         emb = self.ctx.evaluator.image_embeds(images)
         own = [label == name for label in nearest_concepts(emb, self.refs, self.class_images(name))]
@@ -485,6 +486,7 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
                 absent += list(~presence(s1.class_pictures[c.name], [c.name])[:, 0])
         for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
             images, both, pair_sampler = [], [], m.sampler()
+            pair_sampler.batch = CHECK_BATCH
             seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
             for a, b in ORACLE_PAIRS:
                 prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
@@ -537,7 +539,8 @@ def gate_presence(ctx: CheckContext) -> list[Row]:
     detail = (
         f"object pairs {v['pairs/both']:.3f} / {min(v['pairs/left_absent'], v['pairs/right_absent']):.3f}; "
         f"object+style {v['styled/both']:.3f} / object {v['styled/object_absent']:.3f}, "
-        f"style {v['styled/style_absent']:.3f}"
+        f"style {v['styled/style_absent']:.3f}; "
+        f"{v.get('n/styled/invisible', 0)} object+style pictures left out, equal to their plain-object picture"
     )
     return [
         Row("presence score on ground truth: both found", both, 0.90, detail),
