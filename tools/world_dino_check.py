@@ -78,7 +78,9 @@ def main() -> None:
     ap.add_argument("--channel-permute", type=float, default=0.2)
     ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
-    ap.add_argument("--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)")
+    ap.add_argument(
+        "--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.train:
