@@ -112,3 +112,35 @@ def test_sinkhorn_targets_are_distributions_using_prototypes_evenly():
     assert use.max() / use.min() < 5  # softmax alone would give nearly everything to the last prototypes
     soft = torch.softmax(scores / dino.TEACHER_TEMP, dim=1).mean(dim=0)
     assert soft.max() / soft.min() > 100
+
+
+def test_patch_objective_reads_only_masked_patches_and_the_saved_encoder_has_no_mask_token(data, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 6, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    loss = dino.masked_patch_loss(student, teacher, mask)
+    moved = student.clone()
+    moved[:, 2:] += 5.0  # unmasked patches: not part of the objective
+    assert torch.allclose(dino.masked_patch_loss(moved, teacher, mask), loss)
+    moved[:, :2] += torch.randn(4, 2, 8, generator=gen)
+    assert not torch.allclose(dino.masked_patch_loss(moved, teacher, mask), loss)
+
+    run = dino.DinoTraining(steps=2, seed=0, local_views=1, patch_loss=1.0)
+    masks = run.masks(64)
+    assert masks.shape == (64, 64) and 0.05 < masks.float().mean() < 0.55
+    before = run.student.patch_head.out.weight.clone()
+    assert np.isfinite(run.step(data.batch(np.arange(8))))
+    assert not torch.equal(run.student.patch_head.out.weight, before)  # the patch objective trains its head
+    encoder = run.encoder()
+    assert run.teacher.encoder.embeddings.mask_token is not None
+    assert not any("mask_token" in k for k in encoder.state_dict())
+    encoder.save_pretrained(tmp_path, safe_serialization=True)
+    dino.image_processor().save_pretrained(tmp_path)
+    images = [render(s) for s in data.scenes[:3]]
+    a = DinoEvaluator.load(tmp_path).image_embeds(images)
+    with torch.no_grad():
+        own = torch.nn.functional.normalize(
+            encoder(pixel_values=data.batch(np.arange(3))).last_hidden_state[:, 0], dim=-1
+        )
+    assert torch.allclose(a, own, atol=1e-4)

@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--channel-permute", type=float, default=0.2)
     ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--patch-loss", type=float, default=0.0, help="weight of iBOT's masked-patch objective")
     ap.add_argument(
         "--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)"
     )
@@ -89,7 +90,11 @@ def main() -> None:
         print(f"rendered {args.images} pictures in {time.time() - t0:.0f} s", flush=True)
         t0 = time.time()
         run = dino.DinoTraining(
-            args.train, build._stage_seed(args.seed, "dino"), args.local_views, channel_permute=args.channel_permute
+            args.train,
+            build._stage_seed(args.seed, "dino"),
+            args.local_views,
+            channel_permute=args.channel_permute,
+            patch_loss=args.patch_loss,
         )
         dino.LOCAL_SCALE = (args.local_min, dino.LOCAL_SCALE[1])
         if args.no_positions:  # the CLS feature becomes a function of the set of patches, not of their layout
@@ -109,7 +114,7 @@ def main() -> None:
                     + " ".join(f"{k} {v:.1f}" for k, v in acc.items()),
                     flush=True,
                 )
-        encoder, processor = run.teacher.encoder.eval(), dino.image_processor()
+        encoder, processor = run.encoder(), dino.image_processor()
         encoder.save_pretrained(args.folder, safe_serialization=True)
         processor.save_pretrained(args.folder)
         print(f"trained {args.train} steps (batch {args.batch}) in {time.time() - t0:.0f} s", flush=True)

@@ -46,9 +46,11 @@ STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.05
 
 
-def new_encoder() -> ViTModel:
-    """A ViT on 4x4 patches of the 32x32 picture, the size of the world's CLIP image tower."""
-    return ViTModel(ViTConfig(**models.VISION, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+def new_encoder(mask_token: bool = False) -> ViTModel:
+    """A ViT on 4x4 patches of the 32x32 picture, the size of the world's CLIP image tower; `mask_token`: with the
+    learned token that stands in for masked patches (the patch objective's student)."""
+    config = ViTConfig(**models.VISION, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTModel(config, use_mask_token=mask_token)
 
 
 def image_processor() -> ViTImageProcessor:
@@ -81,17 +83,23 @@ class Head(torch.nn.Module):
 
 
 class Dino(torch.nn.Module):
-    """Encoder and head; the student and (as its EMA) the teacher."""
+    """Encoder and heads (the CLS token's, and with `patch_head` the patch tokens' own, as iBOT); the student and
+    (as its EMA) the teacher."""
 
-    def __init__(self, encoder: ViTModel):
+    def __init__(self, encoder: ViTModel, patch_head: bool = False):
         super().__init__()
         self.encoder = encoder
         self.head = Head(encoder.config.hidden_size)
+        self.patch_head = Head(encoder.config.hidden_size) if patch_head else None
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """(B, 3, s, s) views in [-1, 1] -> (B, K) prototype cosines of their CLS tokens."""
-        out = self.encoder(pixel_values=views, interpolate_pos_encoding=views.shape[-1] != SIZE)
-        return self.head(out.last_hidden_state[:, 0])
+    def forward(
+        self, views: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, s, s) views in [-1, 1], optionally (B, P) masked patches -> (B, K) prototype cosines of the CLS
+        tokens and, with a patch head, (B, P, K) of the patch tokens."""
+        out = self.encoder(pixel_values=views, bool_masked_pos=mask, interpolate_pos_encoding=views.shape[-1] != SIZE)
+        h = out.last_hidden_state
+        return self.head(h[:, 0]), self.patch_head(h[:, 1:]) if self.patch_head is not None else None
 
 
 def random_crops(
@@ -166,6 +174,14 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
         t.lerp_(s, 1 - momentum)
 
 
+def masked_patch_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """iBOT's objective: at each masked patch, the student's softmax against the teacher's balanced target for the
+    same patch unmasked. student, teacher: (B, P, K) cosines; mask: (B, P)."""
+    targets = sinkhorn(teacher.flatten(0, 1), TEACHER_TEMP).view_as(teacher)
+    logp = F.log_softmax(student / STUDENT_TEMP, dim=-1)
+    return -(targets * logp).sum(-1)[mask].mean()
+
+
 def dino_loss(student: torch.Tensor, targets: torch.Tensor, n_global: int) -> torch.Tensor:
     """Mean cross-entropy of each student view's softmax against the teacher's target of every other global view.
 
@@ -187,14 +203,15 @@ class DinoTraining:
         lr: float = 1e-3,
         background_swap: bool = True,
         channel_permute: float = 0.2,
+        patch_loss: float = 0.0,
     ):
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        self.student = Dino(new_encoder()).train()
+        self.student = Dino(new_encoder(mask_token=patch_loss > 0), patch_head=patch_loss > 0).train()
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=0.04)
         self.steps, self.local_views, self.lr = steps, local_views, lr
-        self.background_swap, self.channel_permute = background_swap, channel_permute
+        self.background_swap, self.channel_permute, self.patch_loss = background_swap, channel_permute, patch_loss
         self.done = 0
 
     def step(self, x: torch.Tensor) -> float:
@@ -203,12 +220,17 @@ class DinoTraining:
         _set_lr(self.opt, _lr(self.done, self.steps, self.lr, warmup=min(200, self.steps // 10)))
         glob = torch.cat([random_crops(self.swap(x), SIZE, GLOBAL_SCALE, self.gen) for _ in range(2)])
         with torch.no_grad():
-            targets = torch.cat([sinkhorn(t, TEACHER_TEMP) for t in self.teacher(glob).chunk(2)])
-        out = [self.student(glob)]
+            teacher_cls, teacher_patches = self.teacher(glob)
+            targets = torch.cat([sinkhorn(t, TEACHER_TEMP) for t in teacher_cls.chunk(2)])
+        mask = self.masks(len(glob)) if self.patch_loss else None
+        student_cls, student_patches = self.student(glob, mask)
+        out = [student_cls]
         if self.local_views:
             crops = [random_crops(self.swap(x), LOCAL_SIZE, LOCAL_SCALE, self.gen) for _ in range(self.local_views)]
-            out.append(self.student(torch.cat(crops)))
+            out.append(self.student(torch.cat(crops))[0])
         loss = dino_loss(torch.cat(out), targets, n_global=2)
+        if mask is not None:
+            loss = loss + self.patch_loss * masked_patch_loss(student_patches, teacher_patches, mask)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 3.0)
@@ -216,6 +238,17 @@ class DinoTraining:
         ema_update(self.teacher, self.student, self.momentum())
         self.done += 1
         return float(loss.detach())
+
+    def masks(self, n: int) -> torch.Tensor:
+        """(n, P) patches to mask, each picture a share drawn from [0.1, 0.5] of its patches (iBOT's range)."""
+        p = self.student.encoder.embeddings.patch_embeddings.num_patches
+        return torch.rand(n, p, generator=self.gen) < 0.1 + 0.4 * torch.rand(n, 1, generator=self.gen)
+
+    def encoder(self) -> ViTModel:
+        """The teacher's encoder, which DINO keeps, without the student's mask token (it is never used to read)."""
+        encoder = copy.deepcopy(self.teacher.encoder).eval()
+        encoder.embeddings.mask_token = None
+        return encoder
 
     def swap(self, x: torch.Tensor) -> torch.Tensor:
         """A view's colour changes before its crop: a swapped grey background, permuted channels (each optional)."""
@@ -253,12 +286,13 @@ def train_dino(
     local_views: int = 2,
     lr: float = 1e-3,
     channel_permute: float = 0.2,
+    patch_loss: float = 0.0,
 ) -> tuple[ViTModel, ViTImageProcessor]:
     """Self-distillation on `data`'s pictures (no captions, no labels); returns the teacher's encoder, which DINO
     keeps, and its image processor (save both with `save_pretrained` for `DinoEvaluator.load`)."""
     rng = np.random.default_rng(seed)
-    run = DinoTraining(steps, seed, local_views, lr, channel_permute=channel_permute)
+    run = DinoTraining(steps, seed, local_views, lr, channel_permute=channel_permute, patch_loss=patch_loss)
     for _ in range(steps):
         run.step(data.batch(rng.integers(len(data.scenes), size=batch)))
         tick(1)
-    return run.teacher.encoder.eval(), image_processor()
+    return run.encoder(), image_processor()
