@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--channel-permute", type=float, default=0.2)
     ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--grayscale", type=float, default=0.0, help="share of views turned grey (DINO's own 0.2)")
     ap.add_argument("--patch-loss", type=float, default=0.0, help="weight of iBOT's masked-patch objective")
     ap.add_argument(
         "--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)"
@@ -97,6 +98,15 @@ def main() -> None:
             patch_loss=args.patch_loss,
         )
         dino.LOCAL_SCALE = (args.local_min, dino.LOCAL_SCALE[1])
+        if args.grayscale:  # DINO's RandomGrayscale, after the view's other colour changes
+            swap, gen = run.swap, run.gen
+
+            def grey_views(x: torch.Tensor) -> torch.Tensor:
+                x = swap(x)
+                grey = x.mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+                return torch.where((torch.rand(len(x), 1, 1, 1, generator=gen) < args.grayscale), grey, x)
+
+            run.swap = grey_views
         if args.no_positions:  # the CLS feature becomes a function of the set of patches, not of their layout
             for model in (run.student, run.teacher):
                 model.encoder.embeddings.position_embeddings.data.zero_()
