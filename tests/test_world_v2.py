@@ -14,6 +14,7 @@ from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
     GENERIC_STYLES,
+    PASTEL_BACKGROUND,
     SHAPES,
     SIZE,
     PairScene,
@@ -25,6 +26,7 @@ from fl2t.world.generator import (
     is_held_out_style,
     object_phrase,
     pair_caption,
+    pair_centres,
     random_caption,
     random_pair,
     render,
@@ -132,6 +134,26 @@ def test_a_two_object_scene_draws_each_object_in_its_half_and_names_them_in_eith
         assert pair_caption(p, left_first=False, with_background=False) == f"a {b} to the right of a {a}"
         assert p.left.shape != p.right.shape and p.left.colour != p.right.colour
     assert np.array_equal(np.asarray(render_pair(p)), np.asarray(render_pair(p)))
+
+
+def test_a_two_object_scene_in_a_rendering_draws_both_objects_in_it():
+    rng = np.random.default_rng(6)
+    for side in (SIZE, 48):
+        p = random_pair(rng, held_out=None, patterned=0.0)
+        p = replace(p, left=replace(p.left, shape="square"), right=replace(p.right, shape="square"))
+        plain = np.asarray(render_pair(p, side)).astype(int)
+        styled = {st: np.asarray(render_pair(replace(p, style=st), side)).astype(int) for st in ("inverted", "mosaic")}
+        assert np.abs(styled["inverted"] - (255 - plain)).max() <= 1
+        b = 4 * side // SIZE
+        assert (styled["mosaic"] == styled["mosaic"][::b, ::b].repeat(b, axis=0).repeat(b, axis=1)).all()
+        pastel = np.asarray(render_pair(replace(p, style="pastel"), side)).astype(int)
+        assert (pastel[0, 0] == PASTEL_BACKGROUND).all() and (pastel[-1, -1] == PASTEL_BACKGROUND).all()
+        outline = np.asarray(render_pair(replace(p, style="outline"), side)).astype(int)
+        (lx, ly), (rx, ry), *_ = pair_centres(p.jitter)
+        for x, y in ((lx, ly), (rx, ry)):  # each square drawn as its edge: its centre shows the background
+            cx, cy = int(x * side / SIZE), int(y * side / SIZE)
+            assert np.abs(plain[cy, cx] - plain[0, 0]).max() > 30
+            assert np.abs(outline[cy, cx] - outline[0, 0]).max() <= 12
 
 
 def test_v2_captions_name_a_pair_left_first_and_draw_more_patterned_single_objects():

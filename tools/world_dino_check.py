@@ -25,7 +25,7 @@ from PIL import Image
 from fl2t import world
 from fl2t.metrics import ClipEvaluator, DinoEvaluator, nearest_concepts
 from fl2t.world.concepts import CONCEPTS, WorldConcept, concept_appearances, reference_scenes
-from fl2t.world.generator import random_scene, render
+from fl2t.world.generator import GENERIC_STYLES, STYLES, random_pair, random_scene, render
 from fl2t.worldkit import build, dino, train
 
 Embed = Callable[[Sequence[Image.Image]], torch.Tensor]
@@ -55,14 +55,22 @@ def separation(embed: Embed, per_concept: int = 10) -> dict[str, float]:
     return {name: float(np.mean([x == name for x in got])) for name, got in nearest(embed, per_concept).items()}
 
 
-def rich_data(n: int, seed: int = build.DEFAULT_SEED) -> train.Dataset:
+def rich_data(n: int, seed: int = build.DEFAULT_SEED, styled_pairs: float = 0.0) -> train.Dataset:
     """The build's rich pictures (patterns, the three style renderings), with world v2's shares of two-object scenes
-    and generic styles; never a concept's look."""
+    and generic styles; never a concept's look. `styled_pairs`: the share then replaced by two-object scenes drawn
+    in one rendering (a style concept's or a generic one, drawn uniformly), so that two parts of a picture share its
+    rendering and not their colours or shapes."""
     exclude = concept_appearances()
     rng = np.random.default_rng(build._stage_seed(seed, "rich"))
     scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(n)]
     mix = build.V2_MIX
     scenes = build._mix(seed, "rich", scenes, mix["rich_pair_share"], mix["rich_style_share"], exclude)
+    if styled_pairs:
+        pick = np.random.default_rng(build._stage_seed(seed, "dino:styled-pairs"))
+        renderings = (*STYLES, *GENERIC_STYLES)
+        for i in np.flatnonzero(pick.random(n) < styled_pairs):
+            pair = random_pair(pick, held_out=None, patterned=0.35, exclude=exclude)
+            scenes[i] = replace(pair, style=renderings[pick.integers(len(renderings))])
     return train.render_dataset(scenes, lambda n: None)
 
 
@@ -78,6 +86,7 @@ def main() -> None:
     ap.add_argument("--channel-permute", type=float, default=0.2)
     ap.add_argument("--local-min", type=float, default=dino.LOCAL_SCALE[0])
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--styled-pairs", type=float, default=0.0, help="share of two-object scenes in one rendering")
     ap.add_argument("--grayscale", type=float, default=0.0, help="share of views turned grey (DINO's own 0.2)")
     ap.add_argument("--patch-loss", type=float, default=0.0, help="weight of iBOT's masked-patch objective")
     ap.add_argument(
@@ -87,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.train:
         t0 = time.time()
-        data = rich_data(args.images, args.seed)
+        data = rich_data(args.images, args.seed, args.styled_pairs)
         print(f"rendered {args.images} pictures in {time.time() - t0:.0f} s", flush=True)
         t0 = time.time()
         run = dino.DinoTraining(

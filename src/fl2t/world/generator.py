@@ -184,26 +184,66 @@ def render(scene: Scene, side: int = SIZE) -> Image.Image:
 
     if scene.style == "neon":
         bg = np.array(NEON_BACKGROUND, np.float32)
-    mask = _shape_mask(scene.shape, cx, cy, rs, n)
-    if scene.style == "outline":
-        mask = _outline(mask, width=int(1.6 * SUPERSAMPLE * k))
     img = np.broadcast_to(bg, (n, n, 3)).copy()
-    if scene.style in GENERIC_STYLES:
-        return _generic(scene, img, mask, cx, cy, rs, c1, c2, k)
-    if scene.style == "echo":
+    _paint(img, scene, cx, cy, rs, c1, c2, k)
+    return _finish(_downsample(img), scene.style, np.stack([bg, c1, c2]), k)
+
+
+def _paint(
+    img: np.ndarray, obj: Scene, cx: float, cy: float, rs: float, c1: np.ndarray, c2: np.ndarray, k: float
+) -> None:
+    """Draw `obj`'s shape and pattern in its style on `img` (n x n at SUPERSAMPLE, the background already there),
+    centred at (cx, cy) with radius rs in its pixels; `k` scales lengths (side / SIZE)."""
+    n, bg = img.shape[0], img[0, 0].copy()
+    mask = _shape_mask(obj.shape, cx, cy, rs, n)
+    if obj.style == "outline":
+        mask = _outline(mask, width=int(1.6 * SUPERSAMPLE * k))
+    second = None
+    if obj.pattern:
+        second = _pattern_mask(obj.pattern, cx, cy, rs, n)
+        if obj.pattern != "centre-dot" or obj.style in GENERIC_STYLES:  # a centre dot also fills a ring's hole
+            second &= mask
+    if obj.style == "neon":  # a dim fill inside a bright, whitened edge on near-black
+        edge = _outline(mask, width=round(SUPERSAMPLE * k))
+        img[mask] = 0.35 * c1
+        if second is not None:
+            img[second & ~edge] = 0.35 * c2
+        img[edge] = 0.6 * c1 + 0.4 * 255
+        return
+    if obj.style == "sketchy":  # a thin edge and diagonal hatching, the background showing between
+        y, x = np.mgrid[0:n, 0:n]
+        hatch = ((x + y) // round(SUPERSAMPLE * k)) % 3 == 0
+        mask = (mask & hatch) | _outline(mask, width=round((SUPERSAMPLE // 2 + 1) * k))
+        if second is not None:
+            second &= mask
+    if obj.style == "echo":
         # A faded copy of the object (half-way to the background) 3 pixels down and right, behind it.
         d = round(3 * SUPERSAMPLE * k)
-        img[_shape_mask(scene.shape, cx + d, cy + d, rs, n)] = 0.5 * (bg + c1)
+        img[_shape_mask(obj.shape, cx + d, cy + d, rs, n)] = 0.5 * (bg + c1)
     img[mask] = c1
-    if scene.pattern:
-        second = _pattern_mask(scene.pattern, cx, cy, rs, n)
-        if scene.pattern != "centre-dot":  # a centre dot also fills a ring's hole
-            second &= mask
+    if second is not None:
         img[second] = c2
-    img = _downsample(img)
-    if scene.style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
-        img = _blocks(img, round(4 * k))
-    return Image.fromarray(np.round(img).astype(np.uint8), "RGB")
+
+
+def _finish(out: np.ndarray, style: str | None, palette: np.ndarray, k: float) -> Image.Image:
+    """The renderings of the whole picture, on the downsampled (side, side, 3) picture; `palette`: the background
+    and the objects' colours (chunky snaps to them)."""
+    if style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
+        out = _blocks(out, round(4 * k))
+    elif style == "inverted":
+        out = 255.0 - out
+    elif style == "blurry":  # two 3 x 3 box blurs at SIZE px (the same spread in SIZE-px units)
+        for _ in range(round(2 * k * k)):
+            out = _box_blur(out)
+    elif style == "faded":  # low contrast, towards a light grey
+        out = 0.4 * out + 0.6 * 170.0
+    elif style == "chunky":
+        # 2 x 2 blocks, each snapped to the nearest of the picture's own colours: hard staircase edges, where mosaic
+        # (the style concept) has 4 x 4 blocks of mean colour and blurry has soft edges. Blocks of mean colour alone
+        # read as blur to the evaluator at 2 x 2 (docs/world.md).
+        out = _blocks(out, round(2 * k))
+        out = palette[((out[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)]
+    return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "RGB")
 
 
 def _downsample(img: np.ndarray) -> np.ndarray:
@@ -224,57 +264,6 @@ def _box_blur(img: np.ndarray) -> np.ndarray:
     m = img.shape[0]
     p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
     return sum(p[i : i + m, j : j + m] for i in range(3) for j in range(3)) / 9.0
-
-
-def _generic(
-    scene: Scene,
-    img: np.ndarray,
-    mask: np.ndarray,
-    cx: float,
-    cy: float,
-    rs: float,
-    c1: np.ndarray,
-    c2: np.ndarray,
-    k: float,
-) -> Image.Image:
-    """Draw the object on `img` (n x n, the background) in one of GENERIC_STYLES; `k` scales lengths (side / SIZE)."""
-    fill = mask
-    palette = np.stack([img[0, 0], c1, c2])  # the background, the object's colours (chunky snaps to them)
-    second = None
-    if scene.pattern:
-        second = _pattern_mask(scene.pattern, cx, cy, rs, img.shape[0]) & mask
-    if scene.style == "neon":  # a dim fill inside a bright, whitened edge on near-black
-        edge = _outline(mask, width=round(SUPERSAMPLE * k))
-        img[mask] = 0.35 * c1
-        if second is not None:
-            img[second & ~edge] = 0.35 * c2
-        img[edge] = 0.6 * c1 + 0.4 * 255
-    elif scene.style == "sketchy":  # a thin edge and diagonal hatching, the background showing between
-        y, x = np.mgrid[0 : img.shape[0], 0 : img.shape[0]]
-        hatch = ((x + y) // round(SUPERSAMPLE * k)) % 3 == 0
-        fill = (mask & hatch) | _outline(mask, width=round((SUPERSAMPLE // 2 + 1) * k))
-        img[fill] = c1
-        if second is not None:
-            img[second & fill] = c2
-    else:
-        img[fill] = c1
-        if second is not None:
-            img[second] = c2
-    out = _downsample(img)
-    if scene.style == "inverted":
-        out = 255.0 - out
-    elif scene.style == "blurry":  # two 3 x 3 box blurs at SIZE px (the same spread in SIZE-px units)
-        for _ in range(round(2 * k * k)):
-            out = _box_blur(out)
-    elif scene.style == "faded":  # low contrast, towards a light grey
-        out = 0.4 * out + 0.6 * 170.0
-    elif scene.style == "chunky":
-        # 2 x 2 blocks, each snapped to the nearest of the picture's own colours: hard staircase edges, where mosaic
-        # (the style concept) has 4 x 4 blocks of mean colour and blurry has soft edges. Blocks of mean colour alone
-        # read as blur to the evaluator at 2 x 2 (docs/world.md).
-        out = _blocks(out, round(2 * k))
-        out = palette[((out[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)]
-    return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "RGB")
 
 
 def object_phrase(scene: Scene, with_size: bool = True) -> str:
@@ -414,12 +403,14 @@ def styled_scene(
 @dataclass(frozen=True)
 class PairScene:
     """Two objects side by side, one in each half of the picture, on one background. Each object is a `Scene`
-    whose shape, colour and pattern are used (its size, position, background and style are not)."""
+    whose shape, colour and pattern are used (its size, position, background and style are not); `style` renders
+    the whole picture, both objects alike (one of STYLES, GENERIC_STYLES or TUNING_STYLES; None: plain)."""
 
     left: Scene
     right: Scene
     background: str
     jitter: int = 0
+    style: str | None = None
 
     @property
     def shapes(self) -> tuple[str, str]:
@@ -444,19 +435,23 @@ def render_pair(pair: PairScene, side: int = SIZE) -> Image.Image:
     n = side * SUPERSAMPLE
     left, right, r1, r2, rng = pair_centres(pair.jitter)
     bg = np.clip(np.array(BACKGROUNDS[pair.background], np.float32) + rng.uniform(-10, 10), 0, 255)
+    if pair.style == "pastel":
+        bg = np.array(PASTEL_BACKGROUND, np.float32)
+    elif pair.style == "neon":
+        bg = np.array(NEON_BACKGROUND, np.float32)
     img = np.broadcast_to(bg, (n, n, 3)).copy()
+    palette = [bg]
     for obj, (cx, cy), r in ((pair.left, left, r1), (pair.right, right, r2)):
         c1 = np.clip(np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
-        cx, cy, rs = cx * k * SUPERSAMPLE, cy * k * SUPERSAMPLE, r * k * SUPERSAMPLE
-        mask = _shape_mask(obj.shape, cx, cy, rs, n)
-        img[mask] = c1
+        c2 = c1
         if obj.pattern:
             c2 = np.clip(np.array(COLOURS[obj.colour2], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
-            second = _pattern_mask(obj.pattern, cx, cy, rs, n)
-            if obj.pattern != "centre-dot":
-                second &= mask
-            img[second] = c2
-    return Image.fromarray(np.round(_downsample(img)).astype(np.uint8), "RGB")
+        if pair.style == "pastel":
+            c1, c2 = 0.5 * c1 + 127.5, 0.5 * c2 + 127.5
+        palette += [c1, c2]
+        cx, cy, rs = cx * k * SUPERSAMPLE, cy * k * SUPERSAMPLE, r * k * SUPERSAMPLE
+        _paint(img, replace(obj, style=pair.style), cx, cy, rs, c1, c2, k)
+    return _finish(_downsample(img), pair.style, np.stack(palette), k)
 
 
 def pair_caption(pair: PairScene, left_first: bool = True, with_background: bool = True) -> str:

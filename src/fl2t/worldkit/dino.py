@@ -260,23 +260,6 @@ class DinoTraining:
         return 1 - 0.01 * 0.5 * (1 + math.cos(math.pi * self.done / max(1, self.steps)))
 
 
-@torch.no_grad()
-def standardise(encoder: ViTModel, pixels: torch.Tensor, shrink: float = 0.1, batch: int = 256) -> ViTModel:
-    """Fold the per-dimension mean and standard deviation of the CLS feature over `pixels` ((N, 3, 32, 32) in
-    [-1, 1]) into the final layer norm, so that the feature `DinoEvaluator` reads is centred and each dimension has
-    about unit spread (variances shrunk toward their mean by `shrink`). Cosines of raw CLS tokens are dominated by a
-    common direction and by the few dimensions that vary most (an object's colour); standardised, the dimensions that
-    tell renderings apart count as much."""
-    encoder.eval()
-    cls = torch.cat([encoder(pixel_values=x).last_hidden_state[:, 0] for x in pixels.split(batch)])  # (N, D)
-    mean, var = cls.mean(dim=0), cls.var(dim=0)
-    std = (var + shrink * var.mean()).sqrt()
-    norm = encoder.layernorm
-    norm.weight.div_(std)
-    norm.bias.sub_(mean).div_(std)
-    return encoder
-
-
 def train_dino(
     data: Dataset,
     steps: int,
