@@ -258,3 +258,17 @@ def test_the_step1_gates_learn_with_the_settings_tiny10_learns_with(tmp_path, mo
     monkeypatch.setattr(check, "TINY10", changed)
     learn = check.CheckContext(Path("unused")).learn
     assert (learn.lora_attention, learn.steps, learn.checkpoint_every) == ("cross", 400, 0)
+
+
+def test_summary_dropout_replaces_the_end_token_and_the_padding_and_keeps_the_words():
+    import torch
+
+    from fl2t.worldkit.train import drop_summaries, token_ids
+
+    ids = token_ids(["a red star to the left of a blue ring", "a green circle"])
+    states, empty = torch.randn(2, 77, 8), torch.randn(1, 77, 8)
+    out = drop_summaries(ids, states, empty, torch.tensor([True, False]))
+    end = int((ids[0] == ids[0, -1]).nonzero()[0, 0])  # the padding is the end token
+    assert end == 11  # start, ten words
+    assert torch.equal(out[0, :end], states[0, :end]) and torch.equal(out[0, end:], empty[0, end:])
+    assert torch.equal(out[1], states[1])

@@ -6,7 +6,8 @@
 The measure, per concept: 10 fresh renders (`c.scene(np.random.default_rng([777, k]))`), each labelled by
 `fl2t.metrics.nearest_concepts` against the 10 concepts' 5 reference renders and a class option (objects: plain
 renders of the concept's shape in its main colour; styles: the same kind of content rendered plainly); the share
-that picks its own concept. The shipped CLIP evaluator's image features are measured the same way as a reference.
+that picks its own concept. The shipped CLIP evaluator's image features are measured the same way as a reference. "refs cos": the mean cosine
+between two of a concept's references in the DINO-like features.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def nearest(embed: Embed, per_concept: int = 10) -> dict[str, list[str]]:
         rng = np.random.default_rng([777, k])
         fresh = embed([render(c.scene(rng)) for _ in range(per_concept)])
         out[c.name] = nearest_concepts(fresh, refs, embed(class_renders(c, k)))
+    return out
+
+
+def within(embed: Embed) -> dict[str, float]:
+    """Per concept, the mean cosine between two of its references: how alike the features see them."""
+    out = {}
+    for c in CONCEPTS:
+        r = embed([render(s) for s in reference_scenes(c)])
+        out[c.name] = float(((r @ r.T).sum() - len(r)) / (len(r) * (len(r) - 1)))
     return out
 
 
@@ -137,17 +147,18 @@ def main() -> None:
         encoder.save_pretrained(args.folder, safe_serialization=True)
         processor.save_pretrained(args.folder)
         print(f"trained {args.train} steps (batch {args.batch}) in {time.time() - t0:.0f} s", flush=True)
-    picks = {"dino": nearest(DinoEvaluator.load(args.folder).image_embeds)}
+    dino_embed = DinoEvaluator.load(args.folder).image_embeds
+    picks, alike = {"dino": nearest(dino_embed)}, within(dino_embed)
     if not args.no_clip:
         picks["clip"] = nearest(ClipEvaluator.load(world.evaluator_path()).image_embeds)
     results = {k: {c: float(np.mean([x == c for x in got])) for c, got in v.items()} for k, v in picks.items()}
-    print(f"{'concept':14s}" + "".join(f"{k:>8s}" for k in results) + "   dino's wrong picks")
+    print(f"{'concept':14s}" + "".join(f"{k:>8s}" for k in results) + " refs cos   dino's wrong picks")
     for c in CONCEPTS:
         wrong = Counter(x for x in picks["dino"][c.name] if x != c.name)
         print(
             f"{c.name:14s}"
             + "".join(f"{r[c.name]:8.2f}" for r in results.values())
-            + "   "
+            + f"{alike[c.name]:9.2f}   "
             + ", ".join(f"{w} {n}" for w, n in wrong.most_common())
         )
     print(f"{'mean':14s}" + "".join(f"{np.mean(list(r.values())):8.2f}" for r in results.values()))

@@ -80,6 +80,14 @@ def token_ids(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([_ids(t) for t in texts])
 
 
+def drop_summaries(ids: torch.Tensor, states: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """`states` (B, 77, W) of captions `ids` (B, 77) with, in the rows where `drop` (B,) is True, the end token and
+    every position after it replaced by the empty caption's states there (`empty`, (1, 77, W))."""
+    end = (ids == _tok().eos_token_id).int().argmax(dim=1)  # (B,) the first end token
+    summary = drop[:, None] & (torch.arange(ids.shape[1])[None, :] >= end[:, None])  # (B, 77)
+    return torch.where(summary[..., None], empty, states)
+
+
 def zero_unused_rows(embedding: torch.nn.Embedding, used: set[int]) -> None:
     """Zero the token rows the world never uses. They get no gradient and stay zero, so the shipped
     file compresses well and a word the world never taught maps to the same neutral vector."""
@@ -262,6 +270,8 @@ def train_base(
     text_layers: int = 2,
     transformer_layers: int = 1,
     pairs_left_first: bool = False,
+    init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
+    summary_dropout: float = 0.0,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies and the
     number of steps trained.
@@ -271,12 +281,19 @@ def train_base(
     training early, and a build with `steps` set to the returned count reproduces it.
     v-prediction loss with min-SNR weighting (weight min(SNR, gamma) / (SNR + 1)), which trains the
     tiny model several times faster than uniform weighting.
+    init: continue from these models (an experiment's starting point) instead of new ones.
+    summary_dropout: the share of captions whose end token and the padding after it (each a summary of the whole
+    caption in a causal text encoder) are replaced by the empty caption's, so that the UNet must read the words'
+    own tokens; the sampling pipeline is unchanged (an experiment, off in every build).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    unet = models.new_unet(latents.shape[-1], transformer_layers)
-    text = models.new_text_encoder(text_layers)
-    zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
+    if init:
+        unet, text = init
+    else:
+        unet = models.new_unet(latents.shape[-1], transformer_layers)
+        text = models.new_text_encoder(text_layers)
+        zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas).clamp(min=1e-8)
@@ -302,7 +319,11 @@ def train_base(
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
-        cond = text(token_ids(texts)).last_hidden_state  # (B, 77, TEXT_WIDTH)
+        ids = token_ids(texts)
+        cond = text(ids).last_hidden_state  # (B, 77, TEXT_WIDTH)
+        if summary_dropout:
+            drop = torch.rand(batch, generator=gen) < summary_dropout
+            cond = drop_summaries(ids, cond, text(token_ids([""])).last_hidden_state, drop)
         pred = unet(xt, t, cond).sample
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         loss = (weight[t] * per_sample).mean()
