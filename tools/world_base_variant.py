@@ -8,7 +8,8 @@ evaluator, pairs.png (the first 32 held-out pair images) and result.json. The pr
 with the JSON's overrides (any `BuildSettings` field the base stage reads). Printed: the single-object, pair and
 generic-style gates, both shapes of pairs pretraining did show (84 images; the held-out gate's generalisation gap),
 and the Step-1 gates (stripestar learned alone, then two more tasks). One thread per run (THREADS=N for more), so
-two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS instead of training a new one; QUICK=1:
+two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS instead of training a new one (a base whose vocabulary is
+not compacted: `fl2t world build --v2 --until base`); QUICK=1:
 only the single-object and pair gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too.
 """
 
@@ -60,6 +61,8 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     init = None
     if os.environ.get("FROM_WORLD"):  # continue WORLD's base model instead of training a new one
         pipe = StableDiffusionPipeline.from_pretrained(world_dir / "base")
+        if pipe.text_encoder.config.vocab_size != train.clip_tokenizer().vocab_size:
+            sys.exit(f"{world}: its vocabulary is compacted; continue a base built with --until base")
         init = (pipe.unet, pipe.text_encoder)
     unet, text, done = train.train_base(
         latents,

@@ -273,8 +273,8 @@ def train_base(
     init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
     summary_dropout: float = 0.0,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
-    """UNet and text encoder from scratch on (latent, caption) pairs; returns their EMA copies and the
-    number of steps trained.
+    """UNet and text encoder from scratch (or from `init`) on (latent, caption) pairs; returns their EMA copies
+    and the number of steps trained.
 
     The learning rate is constant after warm-up and the EMA does the annealing, so the model after N
     steps of a longer run equals the model of an N-step run: `stop()` (checked every step) may end
