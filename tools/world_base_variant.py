@@ -8,9 +8,9 @@ evaluator, pairs.png (the first 32 held-out pair images) and result.json. The pr
 with the JSON's overrides (any `BuildSettings` field the base stage reads). Printed: the single-object, pair and
 generic-style gates, both shapes of pairs pretraining did show (84 images; the held-out gate's generalisation gap),
 and the Step-1 gates (stripestar learned alone, then two more tasks). One thread per run (THREADS=N for more), so
-two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS instead of training a new one (a base whose vocabulary is
-not compacted: `fl2t world build --v2 --until base`); QUICK=1:
-only the single-object and pair gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too.
+two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS instead of training a new one (a base
+whose vocabulary is not compacted: `fl2t world build --v2 --until base`); QUICK=1: only the single-object and pair
+gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too.
 """
 
 from __future__ import annotations
@@ -83,16 +83,8 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     if not (folder / "evaluator").exists():
         os.symlink((world_dir / "evaluator").resolve(), folder / "evaluator")
     ctx = check.CheckContext(folder)
-    gates = (
-        (check.gate_base, check.gate_base_pairs)
-        if os.environ.get("QUICK")
-        else (
-            check.gate_base,
-            check.gate_base_pairs,
-            check.gate_base_styles,
-        )
-    )
-    for gate in gates:
+    quick = bool(os.environ.get("QUICK"))
+    for gate in (check.gate_base, check.gate_base_pairs) + (() if quick else (check.gate_base_styles,)):
         for r in gate(ctx):
             print(f"{r.gate}: {r.value:.3f} ({r.detail})", flush=True)
             result[r.gate] = r.value
@@ -107,7 +99,7 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
         np.mean([{a[1], b[1]} == {p.left.colour, p.right.colour} for (a, b), p in zip(read, pairs)])
     )
     print({k: round(v, 3) for k, v in result.items() if k.startswith("seen")}, flush=True)
-    for r in [] if os.environ.get("QUICK") else check.gate_step1(ctx):
+    for r in [] if quick else check.gate_step1(ctx):
         print(f"{r.gate}: {r.value:.3f} ({r.detail})", flush=True)
         result[r.gate] = r.value
     side = s.side * 2

@@ -6,8 +6,8 @@
 The measure, per concept: 10 fresh renders (`c.scene(np.random.default_rng([777, k]))`), each labelled by
 `fl2t.metrics.nearest_concepts` against the 10 concepts' 5 reference renders and a class option (objects: plain
 renders of the concept's shape in its main colour; styles: the same kind of content rendered plainly); the share
-that picks its own concept. The shipped CLIP evaluator's image features are measured the same way as a reference. "refs cos": the mean cosine
-between two of a concept's references in the DINO-like features.
+that picks its own concept. The shipped CLIP evaluator's image features are measured the same way as a reference.
+"refs cos": the mean cosine between two of a concept's references in the DINO-like features.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ GROUPS = ("first shape", "second shape", "colours", "other words", "start", "end
 
 class Probe:
     """A cross-attention processor (diffusers' AttnProcessor's arithmetic) that masks key positions (`keep`, a
-    (rows, 77) bool per call, False: masked) and, with `record`, adds each query half's attention mass per token
-    group of the conditional rows."""
+    (rows, 77) bool per call, False: masked) and, while `groups` is set, adds each query half's attention mass per
+    token group of the conditional rows into `mass[(third of the steps, half)]`."""
 
     def __init__(self) -> None:
         self.keep: torch.Tensor | None = None
@@ -125,13 +125,11 @@ def main(world: str, n_prompts: int = 21) -> None:
     # Part 1: three prompts per held-out shape pair (the gate's prompts come 12 per pair)
     pick = [i for i in range(len(held)) if i % check.PAIR_PROMPTS_PER_PAIR < 3][:n_prompts]
     scenes = [held[i] for i in pick]
-    state = {}
+    queued = iter(scenes)
 
-    def arm(chunk: list[str]) -> None:
-        probe.groups = token_groups(pipe.tokenizer, [state["scenes"][state["at"] + j] for j in range(len(chunk))])
-        state["at"] += len(chunk)
+    def arm(chunk: list[str]) -> None:  # the token groups of this call's prompts
+        probe.groups = token_groups(pipe.tokenizer, [next(queued) for _ in chunk])
 
-    state.update(scenes=scenes, at=0)
     Sampler(pipe, arm=arm, batch=check.CHECK_BATCH)(
         [pair_caption(p) for p in scenes], [held_seeds[i] for i in pick], steps, ctx.guidance_scale
     )
@@ -143,11 +141,12 @@ def main(world: str, n_prompts: int = 21) -> None:
             m = probe.mass[(b, half)]
             print(f"{name:12s} {half:6s} " + " ".join(f"{x / m.sum():14.3f}" for x in m))
     # Part 2: the pair reads with the padding (and the end token) masked out of cross-attention
+    seen = seen_pairs()
     for label, group, seeds in (
         ("held out", held, held_seeds),
-        ("seen in pretraining", seen_pairs(), None),
+        ("seen in pretraining", seen, [999 + i for i in range(len(seen))]),
     ):
-        prompts, seeds = [pair_caption(p) for p in group], seeds or [999 + i for i in range(len(group))]
+        prompts = [pair_caption(p) for p in group]
         row = []
         for mode in ("as is", "padding masked", "end + padding masked"):
 
