@@ -4,9 +4,11 @@ fused+span (the rest fused, span K/V hooks: FL2TPipeline with span), with the sp
 (first step of a prompt) or cached (every later step).
 
     OMP_NUM_THREADS=1 python tools/span_step_speed.py [REPEATS]   (the issue's note: REPEATS 60)
+    BASE=/path/to/sd15 python tools/span_step_speed.py 20        (another base; on the GPU where CUDA is, in fp32)
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -19,11 +21,12 @@ from fl2t.span import SpanKV, prompt_ids
 from fl2t.world import base_path
 
 repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-base = str(base_path())
+base = os.environ.get("BASE") or str(base_path())
+device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
 out = {}
 for G in (2, 10):
-    pipe = ExpertPipeline(**load_base(base).components, requires_safety_checker=False)
+    pipe = ExpertPipeline(**load_base(base).components, requires_safety_checker=False).to(device)
     experts = synthetic_experts(pipe, {"id": base, "config_hash": base_config_hash(pipe)}, G, 4, 0)
     for e in experts:
         pipe.add_expert_tokens(e)
@@ -37,11 +40,11 @@ for G in (2, 10):
     alpha = torch.zeros(1, L, G)
     alpha[:, :, :2] = 1.0  # lookup: the two named experts at weight 1
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True)
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
     states = torch.cat([uncond, cond])
     size = unet.config.sample_size
-    latents = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    t = torch.full((2,), 500)
+    latents = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((2,), 500, device=device)
 
     @torch.no_grad()
     def step(unet=unet, latents=latents, t=t, states=states):
@@ -79,7 +82,7 @@ for G in (2, 10):
     }
     out[G] = row
     print(
-        f"G={G} (L={L} adapted layers, {len(span.rows)} key/value layers), {repeats} interleaved repeats, threads={torch.get_num_threads()}"
+        f"G={G} (L={L} adapted layers, {len(span.rows)} key/value layers), {repeats} interleaved repeats, {device}, threads={torch.get_num_threads()}"
     )
     for n, r in row.items():
         print(f"  {n:24s} {r['median_ms']:7.2f} ms  {r['ratio']:.3f}x")
