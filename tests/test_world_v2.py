@@ -272,3 +272,19 @@ def test_summary_dropout_replaces_the_end_token_and_the_padding_and_keeps_the_wo
     assert end == 11  # start, ten words
     assert torch.equal(out[0, :end], states[0, :end]) and torch.equal(out[0, end:], empty[0, end:])
     assert torch.equal(out[1], states[1])
+
+
+def test_a_frozen_text_encoder_stays_as_given_while_the_unet_trains():
+    import torch
+
+    from fl2t.worldkit import models
+    from fl2t.worldkit.train import train_base
+
+    scenes = [Scene(shape="star", colour="red", background="black", position="in the center", size="small")] * 4
+    latents = torch.randn(4, 4, 8, 8)
+    frozen = models.new_text_encoder(layers=1)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    unet, text, done = train_base(latents, scenes, 2, 0, lambda n: None, batch=2, frozen_text=frozen)
+    assert done == 2 and text is frozen and not any(p.requires_grad for p in text.parameters())
+    assert all(torch.equal(v, text.state_dict()[k]) for k, v in before.items())
+    assert unet.config.sample_size == 8

@@ -10,7 +10,9 @@ generic-style gates, both shapes of pairs pretraining did show (84 images; the h
 and the Step-1 gates (stripestar learned alone, then two more tasks). One thread per run (THREADS=N for more), so
 two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS instead of training a new one (a base
 whose vocabulary is not compacted: `fl2t world build --v2 --until base`); QUICK=1: only the single-object and pair
-gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too.
+gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too, and `"text_from_evaluator": true`: the
+base's text encoder is WORLD's evaluator's text tower, frozen (as Stable Diffusion keeps CLIP's), not one trained
+with the UNet.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
+from transformers import CLIPModel, CLIPTextModel
 
 from fl2t.models import build_pipeline
 from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, PairScene, Scene, is_held_out_pair, pair_caption
@@ -51,6 +54,11 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     world_dir, folder = Path(world), Path(out)
     knobs = json.loads(overrides)
     train_kw = {k: knobs.pop(k) for k in ("summary_dropout",) if k in knobs}  # train_base's experiment knobs
+    if knobs.pop("text_from_evaluator", False):
+        clip = CLIPModel.from_pretrained(world_dir / "evaluator")
+        frozen = CLIPTextModel(clip.config.text_config)
+        frozen.load_state_dict(clip.text_model.state_dict())  # strict: every weight of the tower
+        train_kw["frozen_text"] = frozen
     s = build.BuildSettings(**{**build.V2_MIX, "base_steps": int(steps), **knobs})
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(world_dir / "base" / "vae").eval()

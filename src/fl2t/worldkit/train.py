@@ -272,6 +272,7 @@ def train_base(
     pairs_left_first: bool = False,
     init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
     summary_dropout: float = 0.0,
+    frozen_text: CLIPTextModel | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """UNet and text encoder from scratch (or from `init`) on (latent, caption) pairs; returns their EMA copies
     and the number of steps trained.
@@ -285,6 +286,8 @@ def train_base(
     summary_dropout: the share of captions whose end token and the padding after it (each a summary of the whole
     caption in a causal text encoder) are replaced by the empty caption's, so that the UNet must read the words'
     own tokens; the sampling pipeline is unchanged (an experiment, off in every build).
+    frozen_text: a text encoder trained before and kept frozen, as Stable Diffusion keeps CLIP's text tower, instead
+    of one trained with the UNet (an experiment, off in every build); it is returned as given.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -294,15 +297,17 @@ def train_base(
         unet = models.new_unet(latents.shape[-1], transformer_layers)
         text = models.new_text_encoder(text_layers)
         zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
+    if frozen_text is not None:
+        text = frozen_text.eval().requires_grad_(False)
     sched = models.train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas).clamp(min=1e-8)
     weight = torch.minimum(snr, torch.full_like(snr, min_snr_gamma)) / (snr + 1)  # (1000,)
-    params = [*unet.parameters(), *text.parameters()]
+    params = [*unet.parameters(), *([] if frozen_text is not None else text.parameters())]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     ema_unet, ema_text = EMA(unet, 0.995), EMA(text, 0.995)
     unet.train()
-    text.train()
+    text.train(frozen_text is None)
     gen = torch.Generator().manual_seed(seed)
     running = 0.0
     done = 0
@@ -332,10 +337,11 @@ def train_base(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_unet.update(unet)
-        ema_text.update(text)
+        if frozen_text is None:
+            ema_text.update(text)
         running = 0.99 * running + 0.01 * loss.item()
         if log and step % 250 == 249:
             log(f"base step {step + 1}/{steps}: loss {running / (1 - 0.99 ** (step + 1)):.4f}")
         tick(1)
         done = step + 1
-    return ema_unet.module, ema_text.module, done
+    return ema_unet.module, text if frozen_text is not None else ema_text.module, done
