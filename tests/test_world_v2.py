@@ -287,4 +287,7 @@ def test_a_frozen_text_encoder_stays_as_given_while_the_unet_trains():
     unet, text, done = train_base(latents, scenes, 2, 0, lambda n: None, batch=2, frozen_text=frozen)
     assert done == 2 and text is frozen and not any(p.requires_grad for p in text.parameters())
     assert all(torch.equal(v, text.state_dict()[k]) for k, v in before.items())
-    assert unet.config.sample_size == 8
+    torch.manual_seed(0)  # train_base's seed: the UNet it starts from
+    start = models.new_unet(8)
+    moved = [not torch.equal(a, b) for a, b in zip(start.parameters(), unet.parameters())]
+    assert unet.config.sample_size == 8 and sum(moved) > len(moved) // 2  # the UNet did train

@@ -305,7 +305,8 @@ def train_base(
     weight = torch.minimum(snr, torch.full_like(snr, min_snr_gamma)) / (snr + 1)  # (1000,)
     params = [*unet.parameters(), *([] if frozen_text is not None else text.parameters())]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    ema_unet, ema_text = EMA(unet, 0.995), EMA(text, 0.995)
+    ema_unet = EMA(unet, 0.995)
+    ema_text = EMA(text, 0.995) if frozen_text is None else None  # a frozen tower is its own average
     unet.train()
     text.train(frozen_text is None)
     gen = torch.Generator().manual_seed(seed)
@@ -337,11 +338,11 @@ def train_base(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_unet.update(unet)
-        if frozen_text is None:
+        if ema_text is not None:
             ema_text.update(text)
         running = 0.99 * running + 0.01 * loss.item()
         if log and step % 250 == 249:
             log(f"base step {step + 1}/{steps}: loss {running / (1 - 0.99 ** (step + 1)):.4f}")
         tick(1)
         done = step + 1
-    return ema_unet.module, text if frozen_text is not None else ema_text.module, done
+    return ema_unet.module, text if ema_text is None else ema_text.module, done
