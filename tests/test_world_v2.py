@@ -291,3 +291,22 @@ def test_a_frozen_text_encoder_stays_as_given_while_the_unet_trains():
     start = models.new_unet(8)
     moved = [not torch.equal(a, b) for a, b in zip(start.parameters(), unet.parameters())]
     assert unet.config.sample_size == 8 and sum(moved) > len(moved) // 2  # the UNet did train
+
+
+def test_hard_negative_captions_name_the_same_words_bound_the_other_way():
+    from fl2t.worldkit.train import _captions, random_caption, swapped_shapes
+
+    rng = np.random.default_rng(3)
+    scenes = pretraining_scenes(7, 40, 0.5, 0.1, 0.6)
+    pairs = [s for s in scenes if isinstance(s, PairScene)]
+    texts, negatives = _captions(scenes, np.random.default_rng(3), True, True)
+    assert len(texts) == len(scenes) and len(negatives) == len(pairs) > 5
+    for pair, neg in zip(pairs, negatives):
+        swapped = swapped_shapes(pair)
+        assert swapped.shapes == pair.shapes[::-1] and swapped.left.colour == pair.left.colour
+        text = texts[scenes.index(pair)]
+        assert neg != text and sorted(neg.split()) == sorted(text.split())
+        assert neg.index(pair.right.shape) < neg.index(pair.left.shape)  # left first, the right one's shape
+    plain, none = _captions(scenes, rng, True, False)
+    check = np.random.default_rng(3)
+    assert none == [] and plain == [random_caption(s, check, True) for s in scenes]

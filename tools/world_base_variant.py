@@ -12,7 +12,9 @@ two can share 2 cores. FROM_WORLD=1: continue WORLD's base model for STEPS inste
 whose vocabulary is not compacted: `fl2t world build --v2 --until base`); QUICK=1: only the single-object and pair
 gates. `train_base`'s experiment knobs (`summary_dropout`) go in the JSON too, and `"text_from_evaluator": true`: the
 base's text encoder is WORLD's evaluator's text tower, frozen (as Stable Diffusion keeps CLIP's), not one trained
-with the UNet.
+with the UNet; `"text_stage": {"steps": 2000, "hard_negatives": true}`: a CLIP of its own trained first on the
+pretraining pictures (its seed the build's "text" stage's; hard_negatives: `train.train_evaluator`'s swapped-shape
+captions), saved to OUT/text_clip, its text tower frozen as the base's text encoder.
 """
 
 from __future__ import annotations
@@ -49,20 +51,39 @@ def seen_pairs(n: int = 84) -> list[PairScene]:
     return scenes
 
 
+def text_tower(clip: CLIPModel) -> CLIPTextModel:
+    """A CLIPModel's text tower as a CLIPTextModel, every weight loaded strictly."""
+    tower = CLIPTextModel(clip.config.text_config)
+    tower.load_state_dict(clip.text_model.state_dict())
+    return tower
+
+
 def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     world_dir, folder = Path(world), Path(out)
     knobs = json.loads(overrides)
     train_kw = {k: knobs.pop(k) for k in ("summary_dropout",) if k in knobs}  # train_base's experiment knobs
+    text_stage = knobs.pop("text_stage", None)
     if knobs.pop("text_from_evaluator", False):
-        clip = CLIPModel.from_pretrained(world_dir / "evaluator")
-        frozen = CLIPTextModel(clip.config.text_config)
-        frozen.load_state_dict(clip.text_model.state_dict())  # strict: every weight of the tower
-        train_kw["frozen_text"] = frozen
+        train_kw["frozen_text"] = text_tower(CLIPModel.from_pretrained(world_dir / "evaluator"))
     s = build.BuildSettings(**{**build.V2_MIX, "base_steps": int(steps), **knobs})
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(world_dir / "base" / "vae").eval()
     scenes = build.pretraining_scenes(s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share)
+    if text_stage is not None:  # a CLIP of its own on the pretraining pictures (at the CLIP's 32 px), its text kept
+        t1 = time.time()
+        data = train.render_dataset(scenes, lambda n: None, models.SIZE)
+        clip = train.train_evaluator(
+            data,
+            int(text_stage.get("steps", s.evaluator_steps)),
+            build._stage_seed(s.seed, "text"),
+            lambda n: None,
+            pairs_left_first=s.pairs_left_first,
+            hard_negatives=bool(text_stage.get("hard_negatives", False)),
+        )
+        clip.save_pretrained(folder / "text_clip", safe_serialization=True)
+        train_kw["frozen_text"] = text_tower(clip)
+        print(f"text stage {text_stage}: {time.time() - t1:.0f} s", flush=True)
     latents = train.encode_latents(vae, train.render_dataset(scenes, lambda n: None, s.side), lambda n: None)
     print(f"rendered and encoded {len(scenes)} pictures: {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -27,6 +27,7 @@ from fl2t.world.generator import (
     STYLES,
     PairScene,
     Scene,
+    pair_caption,
     random_caption,
     render_any,
 )
@@ -201,9 +202,47 @@ def _labels(scenes: Sequence[Scene | PairScene], attr: str, values: tuple[str | 
     return torch.tensor(labels)
 
 
-def train_evaluator(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 128) -> CLIPModel:
+def swapped_shapes(pair: PairScene) -> PairScene:
+    """The same two objects' colours and patterns where they are, their shapes exchanged: a caption of it names every
+    word of `pair`'s, bound the other way ("a blue star to the left of a red ring" for "a blue ring to the left of a
+    red star")."""
+    return replace(
+        pair, left=replace(pair.left, shape=pair.right.shape), right=replace(pair.right, shape=pair.left.shape)
+    )
+
+
+def _captions(
+    scenes: Sequence[Scene | PairScene], rng: np.random.Generator, pairs_left_first: bool, hard_negatives: bool
+) -> tuple[list[str], list[str]]:
+    """Each picture's caption, and (with `hard_negatives`) for each two-object scene the same caption of its
+    `swapped_shapes` scene, a text that only a tower binding attributes to objects can tell apart (NegCLIP's
+    swapped-attribute negatives, Yuksekgonul et al., ICLR 2023)."""
+    if not hard_negatives:
+        return [random_caption(s, rng, pairs_left_first) for s in scenes], []
+    texts, negatives = [], []
+    for s in scenes:
+        if isinstance(s, PairScene):
+            left_first, background = pairs_left_first or rng.random() < 0.5, rng.random() < 0.85
+            texts.append(pair_caption(s, left_first, background))
+            negatives.append(pair_caption(swapped_shapes(s), left_first, background))
+        else:
+            texts.append(random_caption(s, rng, pairs_left_first))
+    return texts, negatives
+
+
+def train_evaluator(
+    data: Dataset,
+    steps: int,
+    seed: int,
+    tick: Tick,
+    batch: int = 128,
+    pairs_left_first: bool = False,
+    hard_negatives: bool = False,
+) -> CLIPModel:
     """CLIP's symmetric contrastive loss (pictures with the same caption count as positives of each
-    other) plus attribute heads on the image embedding."""
+    other) plus attribute heads on the image embedding.
+    hard_negatives: each two-object picture's caption with the shapes exchanged is one more text every picture of the
+    batch is contrasted with (`_captions`); the text-to-image direction is over the pictures' own captions only."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = models.new_evaluator()
@@ -218,12 +257,15 @@ def train_evaluator(data: Dataset, steps: int, seed: int, tick: Tick, batch: int
         _set_lr(opt, _lr(step, steps, 1e-3))
         idx = rng.integers(len(data.scenes), size=batch)
         scenes = [data.scenes[i] for i in idx]
-        texts = [random_caption(s, rng) for s in scenes]
-        out = model(input_ids=token_ids(texts), pixel_values=data.batch(idx), return_loss=False)
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)  # (B, B)
-        target = same / same.sum(1, keepdim=True)
-        logits = out.logits_per_image  # (B images, B texts), already scaled by the learned temperature
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        texts, negatives = _captions(scenes, rng, pairs_left_first, hard_negatives)
+        out = model(input_ids=token_ids(texts + negatives), pixel_values=data.batch(idx), return_loss=False)
+        same = torch.tensor([[a == b for b in texts + negatives] for a in texts], dtype=torch.float32)  # (B, B + K)
+        logits = out.logits_per_image  # (B images, B + K texts), already scaled by the learned temperature
+        own = same[:, :batch]
+        loss = 0.5 * (
+            F.cross_entropy(logits, same / same.sum(1, keepdim=True))
+            + F.cross_entropy(logits[:, :batch].t(), own / own.sum(1, keepdim=True))
+        )
         img = out.image_embeds  # (B, dim), unit norm
         for attr, head in heads.items():
             loss = loss + 0.3 * F.cross_entropy(
