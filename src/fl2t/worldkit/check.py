@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from fl2t.config import LearnSettings
     from fl2t.methods import Method
+    from fl2t.world.presence import Presence
 
 CHECK_SEED = 777
 CHECK_BATCH = 64  # images per pipeline call for the base model's samples
@@ -484,18 +485,7 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
             if c.kind == "object":
                 found += list(presence([im for im, o in zip(images, own) if o], [c.name])[:, 0])
                 absent += list(~presence(s1.class_pictures[c.name], [c.name])[:, 0])
-        for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
-            images, both, pair_sampler = [], [], m.sampler()
-            pair_sampler.batch = CHECK_BATCH
-            seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
-            for a, b in ORACLE_PAIRS:
-                prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
-                got = pair_sampler([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
-                both += list(presence(got, [a, b]).all(axis=1))
-                images += got
-            ctx.samples[f"oracle pairs {m.name}"] = images
-            pairs = ", ".join(f"{a}+{b}" for a, b in ORACLE_PAIRS)
-            rows.append(Row(f"oracle pair, {label}: both present (info)", float(np.mean(both)), 0.0, pairs))
+        rows = oracle_pairs(ctx, lookup, span, presence)
     low, slow = min(cas, key=cas.get), max(secs, key=secs.get)
     return [
         Row(
@@ -525,6 +515,29 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
         ),
         *rows,
     ]
+
+
+def oracle_pairs(ctx: CheckContext, lookup: Method, span: Method, presence: Presence) -> list[Row]:
+    """tiny10's object pairs (ORACLE_PAIRS) drawn by `lookup` (both experts summed at full weight) and `lookup+span`
+    (each expert's keys and values restricted to its own tokens), both experts already learned into their store; the
+    share of pictures with both concepts present, each concept's own share in the detail."""
+    s1, rows = ctx.step1, []
+    for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
+        images, found, pair_sampler = [], [], m.sampler()
+        pair_sampler.batch = CHECK_BATCH
+        seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
+        for a, b in ORACLE_PAIRS:
+            prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
+            got = pair_sampler([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
+            found.append(presence(got, [a, b]))  # (n, 2) bool
+            images += got
+        ctx.samples[f"oracle pairs {m.name}"] = images
+        both = np.concatenate([f.all(axis=1) for f in found])
+        each = ", ".join(
+            f"{a} {f[:, 0].mean():.2f} + {b} {f[:, 1].mean():.2f}" for (a, b), f in zip(ORACLE_PAIRS, found)
+        )
+        rows.append(Row(f"oracle pair, {label}: both present (info)", float(both.mean()), 0.0, f"each found: {each}"))
+    return rows
 
 
 def gate_presence(ctx: CheckContext) -> list[Row]:

@@ -1,0 +1,56 @@
+"""The oracle pairs alone (the references issue 15's multi-concept rows are read against): the six object concepts
+of tiny10's object pairs learned alone with tiny10's Step-1 settings, each one's concept accuracy, and
+`fl2t.worldkit.check.oracle_pairs` on them (both experts summed at full weight, and span-restricted), each
+concept's presence beside both. What `fl2t world check --full` reports, without learning the other four concepts.
+
+    THREADS=1 python tools/world_oracle_pairs.py WORLD [GRID.png]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fl2t.methods import METHODS, MethodContext
+from fl2t.world.presence import Presence
+from fl2t.worldkit import check
+
+
+def main(world: str, grid: str | None = None) -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    ctx = check.CheckContext(Path(world))
+    s1 = ctx.step1
+    names = [n for pair in check.ORACLE_PAIRS for n in pair]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        lookup, span = (
+            METHODS[m](MethodContext(str(ctx.weights / "base"), ctx.learn, Path(tmp) / m, store))
+            for m in ("lookup", "lookup+span")
+        )
+        for name in names:
+            t0 = time.perf_counter()
+            lookup.learn(s1.concepts[name])
+            span.learn(s1.concepts[name])
+            ca = s1.score(name, lookup.sampler())[0]
+            print(f"{name}: learned alone in {time.perf_counter() - t0:.0f} s, concept accuracy {ca:.3f}", flush=True)
+        for row in check.oracle_pairs(ctx, lookup, span, Presence(ctx.evaluator)):
+            print(f"{row.gate}: {row.value:.3f} ({row.detail})", flush=True)
+    if grid:
+        rows = [ctx.samples[f"oracle pairs {m}"] for m in ("lookup", "lookup+span")]
+        side = rows[0][0].width
+        sheet = Image.new("RGB", (len(rows[0]) * side // 3, 3 * side * len(rows)))
+        for r, images in enumerate(rows):
+            for i, im in enumerate(images):  # one row of pictures per pair
+                per = len(images) // 3
+                sheet.paste(im, ((i % per) * side, (3 * r + i // per) * side))
+        sheet.save(grid)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,84 @@
+"""Does a tiny CLIP bind each colour to its shape and each shape to its side? On ground-truth renders of the pair
+gate's held-out prompts and of 84 seen ones, the share of pictures whose image embedding is nearer its own caption
+than the same caption with the two shapes exchanged (`train.swapped_shapes`: the colours stay where they are), and
+than the caption with the two colours exchanged. 0.5 is chance: a text tower that reads a bag of words cannot tell
+them apart, and neither can a base model conditioned on it (issue 14, docs/world.md).
+
+    python tools/world_text_binding.py CLIP_DIR [CLIP_DIR ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import CLIPModel
+
+from fl2t.world.generator import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    PairScene,
+    Scene,
+    is_held_out_pair,
+    pair_caption,
+    render_any,
+)
+from fl2t.worldkit import models
+from fl2t.worldkit.check import pair_prompts
+from fl2t.worldkit.train import swapped_shapes, token_ids
+
+
+def seen_pairs(n: int = 84) -> list[PairScene]:
+    """As tools/world_base_variant.py's: shape pairs pretraining showed, colours and background from a fixed seed."""
+    rng = np.random.default_rng(5)
+    seen = [(a, b) for a in SHAPES for b in SHAPES if a != b and not is_held_out_pair(a, b)]
+    colours, scenes = list(COLOURS), []
+    for _ in range(n):
+        a, b = seen[rng.integers(len(seen))]
+        ca, cb = rng.choice(len(colours), size=2, replace=False)
+        bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        obj = Scene(shape=a, colour=colours[ca], background=bg, position="in the center", size="small")
+        scenes.append(PairScene(obj, replace(obj, shape=b, colour=colours[cb]), bg))
+    return scenes
+
+
+def swapped_colours(p: PairScene) -> PairScene:
+    return replace(p, left=replace(p.left, colour=p.right.colour), right=replace(p.right, colour=p.left.colour))
+
+
+def unit(e) -> torch.Tensor:
+    e = e.pooler_output if hasattr(e, "pooler_output") else e  # transformers 5 returns an output object
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+@torch.no_grad()
+def binding(clip: CLIPModel, scenes: list[PairScene]) -> dict[str, float]:
+    processor = models.image_processor()
+    pixels = processor([render_any(p) for p in scenes], return_tensors="pt").pixel_values
+    img = unit(clip.get_image_features(pixel_values=pixels))
+
+    def text(ps: list[PairScene]) -> torch.Tensor:
+        return unit(clip.get_text_features(input_ids=token_ids([pair_caption(p) for p in ps])))
+
+    own = (img * text(scenes)).sum(-1)
+    shapes = (img * text([swapped_shapes(p) for p in scenes])).sum(-1)
+    colours = (img * text([swapped_colours(p) for p in scenes])).sum(-1)
+    return {
+        "vs shapes exchanged": float((own > shapes).float().mean()),
+        "vs colours exchanged": float((own > colours).float().mean()),
+    }
+
+
+def main(*dirs: str) -> None:
+    torch.set_num_threads(1)
+    for d in dirs:
+        clip = CLIPModel.from_pretrained(d).eval()
+        for name, scenes in (("held-out pairs", pair_prompts()), ("seen pairs", seen_pairs())):
+            print(d, name, {k: round(v, 3) for k, v in binding(clip, scenes).items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
