@@ -1,7 +1,8 @@
 """The oracle pairs alone (the references issue 15's multi-concept rows are read against): the six object concepts
 of tiny10's object pairs learned alone with tiny10's Step-1 settings, each one's concept accuracy, and
 `fl2t.worldkit.check.oracle_pairs` on them (both experts summed at full weight, and span-restricted), each
-concept's presence beside both. What `fl2t world check --full` reports, without learning the other four concepts.
+concept's presence beside both; and each concept's accuracy with its token embedding and no LoRA (what of the
+concept a later task's LoRA update cannot take away: a sequential LoRA forgets at most the rest). What `fl2t world check --full` reports, without learning the other four concepts.
 
     THREADS=1 python tools/world_oracle_pairs.py WORLD [GRID.png]
 """
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from fl2t.methods import METHODS, MethodContext
+from fl2t.sampling import Sampler
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
@@ -38,7 +40,12 @@ def main(world: str, grid: str | None = None) -> None:
             lookup.learn(s1.concepts[name])
             span.learn(s1.concepts[name])
             ca = s1.score(name, lookup.sampler())[0]
-            print(f"{name}: learned alone in {time.perf_counter() - t0:.0f} s, concept accuracy {ca:.3f}", flush=True)
+            seconds = time.perf_counter() - t0
+            tokens = Sampler(lookup.base_pipeline([lookup.library.expert(name)]), batch=check.CHECK_BATCH)
+            alone = s1.score(name, tokens)[0]  # how much of the concept its token embedding carries without the LoRA
+            print(
+                f"{name}: learned alone and scored in {seconds:.0f} s, CA {ca:.3f}, token alone {alone:.3f}", flush=True
+            )
         for row in check.oracle_pairs(ctx, lookup, span, Presence(ctx.evaluator)):
             print(f"{row.gate}: {row.value:.3f} ({row.detail})", flush=True)
     if grid:

@@ -12,37 +12,14 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-import numpy as np
 import torch
 from transformers import CLIPModel
+from world_base_variant import seen_pairs  # this folder: the same 84 seen prompts as the variants' reads
 
-from fl2t.world.generator import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    PairScene,
-    Scene,
-    is_held_out_pair,
-    pair_caption,
-    render_any,
-)
+from fl2t.world.generator import PairScene, pair_caption, render_any
 from fl2t.worldkit import models
 from fl2t.worldkit.check import pair_prompts
 from fl2t.worldkit.train import swapped_shapes, token_ids
-
-
-def seen_pairs(n: int = 84) -> list[PairScene]:
-    """As tools/world_base_variant.py's: shape pairs pretraining showed, colours and background from a fixed seed."""
-    rng = np.random.default_rng(5)
-    seen = [(a, b) for a in SHAPES for b in SHAPES if a != b and not is_held_out_pair(a, b)]
-    colours, scenes = list(COLOURS), []
-    for _ in range(n):
-        a, b = seen[rng.integers(len(seen))]
-        ca, cb = rng.choice(len(colours), size=2, replace=False)
-        bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-        obj = Scene(shape=a, colour=colours[ca], background=bg, position="in the center", size="small")
-        scenes.append(PairScene(obj, replace(obj, shape=b, colour=colours[cb]), bg))
-    return scenes
 
 
 def swapped_colours(p: PairScene) -> PairScene:
