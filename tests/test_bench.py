@@ -354,6 +354,14 @@ def test_a_rerun_with_other_settings_is_refused_and_leaves_the_results(bench_run
         Benchmark(load_config(cfg_path, learn={**CONFIG["learn"], "steps": 5}), bench.out.parent, ALL)
     assert before and before == {p: p.read_bytes() for p in bench.out.rglob("task*.json")}
     Benchmark(load_config(cfg_path, orders=2), bench.out.parent, ALL)  # more orders resume the same run
+    record = bench.out / "run.json"
+    run = json.loads(record.read_text())
+    run["learn"].pop("embedding_norm_limit")  # recorded before the setting existed (None: off)
+    record.write_text(json.dumps(run))
+    try:
+        Benchmark(load_config(cfg_path), bench.out.parent, ALL)  # resumes: an off setting it lacks is no difference
+    finally:
+        record.write_text(json.dumps({**run, "learn": {**run["learn"], "embedding_norm_limit": None}}))
 
 
 def test_one_config_object_serves_two_benchmarks(bench_run):

@@ -12,6 +12,7 @@ from fl2t.experts import learn_expert
 from fl2t.library import Library
 from fl2t.models import load_base, sd15_random_pipeline
 from fl2t.pipeline import ExpertPipeline
+from fl2t.text import class_word_embedding
 
 
 @torch.no_grad()
@@ -159,3 +160,28 @@ def test_cancel_stops_learning_after_k_steps(tiny_base, concepts_root):
             cancel=lambda: len(steps) >= 3,
         )
     assert steps == [0, 1, 2]
+
+
+def test_token_embeddings_stop_training_at_the_norm_limit(tiny_base, concepts_root):
+    """ED-LoRA's rule (Mix-of-Show, CIDM): once the concept tokens' mean norm reaches the limit they stay as they
+    are and only the LoRA learns on."""
+    concept = load_concept(concepts_root / "c-stripeball")
+    settings = FAST.model_copy(update={"steps": 6, "num_anchors": 0})
+    free = learn_expert(concept, str(tiny_base), settings)
+    start = class_word_embedding(*_tokenizer_and_encoder(tiny_base), concept.spec.class_word)
+    moved = free.token_embeddings.norm(dim=-1).mean().item()
+    assert abs(moved - start.norm().item()) > 1e-3  # free rows change their norm
+    limit = start.norm().item()  # reached before the first step: the rows never move
+    capped = learn_expert(concept, str(tiny_base), settings.model_copy(update={"embedding_norm_limit": limit}))
+    assert torch.allclose(capped.token_embeddings, start.expand_as(capped.token_embeddings))
+    assert any(v.abs().max() > 0 for k, v in capped.lora.items() if k.endswith("lora_B.weight"))  # the LoRA learned
+    assert moved > start.norm().item()  # at this learning rate the rows grow
+    between = (start.norm().item() + moved) / 2  # reached mid-way: the rows stop just past it, not where free ones end
+    mid = learn_expert(concept, str(tiny_base), settings.model_copy(update={"embedding_norm_limit": between}))
+    assert mid.token_embeddings.norm(dim=-1).mean().item() >= between
+    assert not torch.allclose(mid.token_embeddings, free.token_embeddings)
+
+
+def _tokenizer_and_encoder(folder):
+    pipe = load_base(str(folder))
+    return pipe.tokenizer, pipe.text_encoder

@@ -19,6 +19,12 @@ class LearnSettings(BaseModel):
     steps: int = Field(400, ge=1, description="optimisation steps")
     lr: float = Field(5e-4, gt=0, description="learning rate of the UNet LoRA")
     embedding_lr: float = Field(1e-3, ge=0, description="learning rate of the concept token embeddings")
+    embedding_norm_limit: float | None = Field(
+        None,
+        gt=0,
+        description="the concept token embeddings stop training once their mean L2 norm reaches this, so the LoRA "
+        "carries the concept (ED-LoRA's rule: Mix-of-Show and CIDM stop at 0.55 on SD 1.5); None: never",
+    )
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
     lora_attention: Literal["all", "cross", "self"] = Field(
         "all", description="which attention blocks get LoRA: all, cross (attn2 only, as CIDM) or self (attn1)"

@@ -216,6 +216,9 @@ def learn_expert(
     if regulariser is not None:
         regulariser.start(model, tokenize)
     model.train()
+    limit = settings.embedding_norm_limit
+    stopped = limit is not None and bool(tokens.weight.norm(dim=-1).mean() >= limit)  # also on resume: once
+    # stopped, the rows never change again, so their norm says whether they had stopped
     for step in range(start, settings.steps):
         kill_point(f"step:{step}")
         if cancel is not None and cancel():
@@ -229,9 +232,13 @@ def learn_expert(
         accelerator.backward(loss)
         if regulariser is not None:
             regulariser.after_backward(model)
+        if stopped:
+            tokens.weight.grad = None  # AdamW leaves a parameter without a gradient as it is
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if limit is not None and not stopped:
+            stopped = bool(tokens.weight.norm(dim=-1).mean() >= limit)
         if on_step is not None:
             on_step(step, value)
         done = step + 1

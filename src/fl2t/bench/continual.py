@@ -241,6 +241,14 @@ def task_orders(cfg: BenchConfig, names: list[str]) -> list[list[str]]:
     return orders
 
 
+def _no_none(value: Any) -> Any:
+    """`value` with every None setting left out, at any depth: a run recorded before a setting existed (it defaults
+    to None, off) compares equal to one that records it."""
+    if isinstance(value, dict):
+        return {k: _no_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
 @dataclass
 class Evaluated:
     """A concept's fixed evaluation material: prompts, seeds, reference and class-image embeddings. The prompts
@@ -323,8 +331,12 @@ class Benchmark:
         if path.is_file():
             old = json.loads(path.read_text())
             known = old.pop("variants", {})
-            differ = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-            differ += [f"variant {v}" for v in sorted(set(known) & set(variants)) if known[v] != variants[v]]
+            differ = sorted(k for k in set(old) | set(cfg) if _no_none(old.get(k)) != _no_none(cfg.get(k)))
+            differ += [
+                f"variant {v}"
+                for v in sorted(set(known) & set(variants))
+                if _no_none(known[v]) != _no_none(variants[v])
+            ]
             if differ:
                 raise Fl2tError(
                     f"{self.out} holds results made with other settings ({', '.join(differ)} differ); "
