@@ -51,7 +51,8 @@ for spec in sys.argv[2:]:
         seq.learn(s1.concepts[concept])
         sec = time.perf_counter() - t0
         ca, nia, _, _ = s1.score(concept, seq.sampler())
-        print(concept, spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f}", flush=True)
+        norm = seq.library.expert(concept).token_embeddings.norm(dim=-1).mean()  # the learned token rows' mean norm
+        print(concept, spec, f"{sec:.1f}s CA {ca:.3f} nIA {nia:.3f} token norm {norm:.3f}", flush=True)
         if concept != STEP1_CONCEPTS[0]:
             continue
         for name in STEP1_CONCEPTS[1:]:
