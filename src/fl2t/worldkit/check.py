@@ -463,7 +463,6 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     settings = ctx.learn
     cas, secs, found, absent = {}, {}, [], []
     presence = Presence(ctx.evaluator)
-    rows = []
     s1 = ctx.step1
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
