@@ -51,10 +51,10 @@ def main(world: str, grid: str | None = None) -> None:
     if grid:
         rows = [ctx.samples[f"oracle pairs {m}"] for m in ("lookup", "lookup+span")]
         side = rows[0][0].width
-        sheet = Image.new("RGB", (len(rows[0]) * side // 3, 3 * side * len(rows)))
+        per = len(rows[0]) // 3  # pictures per pair: one row of the sheet each
+        sheet = Image.new("RGB", (per * side, 3 * side * len(rows)))
         for r, images in enumerate(rows):
-            for i, im in enumerate(images):  # one row of pictures per pair
-                per = len(images) // 3
+            for i, im in enumerate(images):
                 sheet.paste(im, ((i % per) * side, (3 * r + i // per) * side))
         sheet.save(grid)
 

@@ -13,32 +13,26 @@ import sys
 from dataclasses import replace
 
 import torch
-from transformers import CLIPModel
+from transformers import CLIPModel, CLIPProcessor
 from world_base_variant import seen_pairs  # this folder: the same 84 seen prompts as the variants' reads
 
+from fl2t.metrics import ClipEvaluator
+from fl2t.models import clip_tokenizer
 from fl2t.world.generator import PairScene, pair_caption, render_any
 from fl2t.worldkit import models
 from fl2t.worldkit.check import pair_prompts
-from fl2t.worldkit.train import swapped_shapes, token_ids
+from fl2t.worldkit.train import swapped_shapes
 
 
 def swapped_colours(p: PairScene) -> PairScene:
     return replace(p, left=replace(p.left, colour=p.right.colour), right=replace(p.right, colour=p.left.colour))
 
 
-def unit(e) -> torch.Tensor:
-    e = e.pooler_output if hasattr(e, "pooler_output") else e  # transformers 5 returns an output object
-    return torch.nn.functional.normalize(e, dim=-1)
-
-
-@torch.no_grad()
-def binding(clip: CLIPModel, scenes: list[PairScene]) -> dict[str, float]:
-    processor = models.image_processor()
-    pixels = processor([render_any(p) for p in scenes], return_tensors="pt").pixel_values
-    img = unit(clip.get_image_features(pixel_values=pixels))
+def binding(clip: ClipEvaluator, scenes: list[PairScene]) -> dict[str, float]:
+    img = clip.image_embeds([render_any(p) for p in scenes])
 
     def text(ps: list[PairScene]) -> torch.Tensor:
-        return unit(clip.get_text_features(input_ids=token_ids([pair_caption(p) for p in ps])))
+        return clip.text_embeds([pair_caption(p) for p in ps])
 
     own = (img * text(scenes)).sum(-1)
     shapes = (img * text([swapped_shapes(p) for p in scenes])).sum(-1)
@@ -52,7 +46,8 @@ def binding(clip: CLIPModel, scenes: list[PairScene]) -> dict[str, float]:
 def main(*dirs: str) -> None:
     torch.set_num_threads(1)
     for d in dirs:
-        clip = CLIPModel.from_pretrained(d).eval()
+        processor = CLIPProcessor(image_processor=models.image_processor(), tokenizer=clip_tokenizer())
+        clip = ClipEvaluator(CLIPModel.from_pretrained(d), processor)  # a text stage's CLIP has no processor saved
         for name, scenes in (("held-out pairs", pair_prompts()), ("seen pairs", seen_pairs())):
             print(d, name, {k: round(v, 3) for k, v in binding(clip, scenes).items()}, flush=True)
 
