@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
@@ -171,7 +172,7 @@ def learn_expert(
     """
     spec = concept.spec
     cpu = not torch.cuda.is_available()
-    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu)
+    accelerator = accelerator or _accelerator(settings.mixed_precision, cpu)
     shared = data_parallel and accelerator.num_processes > 1
     rank = accelerator.process_index if shared else 0
     owner = accelerator.is_main_process or not shared  # writes and removes this concept's checkpoint
@@ -225,7 +226,8 @@ def learn_expert(
             raise Cancelled(f"learning {spec.name!r} was cancelled at step {step}; nothing was added to the library")
         loss = data_loss(settings.batch_size, gen)
         if regulariser is not None:
-            loss = loss + regulariser.loss(model, tokenize, gen)
+            with accelerator.autocast():  # LwF runs the model in its term, in the weights' precision
+                loss = loss + regulariser.loss(model, tokenize, gen)
         value = loss.item()  # the step's one host sync
         if not math.isfinite(value):
             raise Fl2tError(f"training diverged at step {step} (loss {value}); lower --lr or use mixed_precision no")
@@ -263,6 +265,17 @@ def learn_expert(
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------
+def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    """An Accelerator with this mixed precision, also when an earlier one in this process had another (accelerate
+    keeps one precision per process and refuses a change: learning at bf16 after learning at full precision, as
+    `fl2t bench speed` and a long-lived app do). Only the precision's state is reset; the processes' (the
+    distributed set-up) is kept."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def _frozen_base(
     base: str | StableDiffusionPipeline, spec: ConceptSpec, settings: LearnSettings, accelerator: Accelerator
 ) -> tuple[StableDiffusionPipeline, dict[str, str], int, torch.dtype]:

@@ -78,7 +78,7 @@ class ConceptTokenEmbeddings(nn.Module):
         match = input_ids.unsqueeze(-1) == self.token_ids.to(input_ids.device)  # (B, T, n)
         if not bool(match.any()):
             return output
-        w = self.weight[self.layer] if self.n_layers else self.weight  # (n, d)
+        w = (self.weight[self.layer] if self.n_layers else self.weight).to(output.device)  # (n, d)
         swapped = match.to(w.dtype) @ w  # (B, T, d)
         return torch.where(match.any(-1, keepdim=True), swapped.to(output.dtype), output)
 

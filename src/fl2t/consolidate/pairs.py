@@ -107,7 +107,7 @@ class CompositionTeacher:
         """input_ids (B, T); named (B, G): 1 for each concept a row names; pair_rows (B,) bool."""
         L = len(self.agg.stack.modules)
         alpha = named.float()[:, None, :].expand(-1, L, -1).to(self.agg.device)
-        where = named.bool() & pair_rows.bool()[:, None]
+        where = named.bool() & pair_rows.to(named.device).bool()[:, None]
         self.agg.set(self.span.arm(input_ids, alpha, guided=guided, where=where))
 
     def off(self) -> None:
