@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fl2t.world.concepts import CONCEPTS, TUNING_CONCEPTS, concept_appearances, reference_scenes
@@ -310,3 +311,33 @@ def test_hard_negative_captions_name_the_same_words_bound_the_other_way():
     plain, none = _captions(scenes, rng, True, False)
     check = np.random.default_rng(3)
     assert none == [] and plain == [random_caption(s, check, True) for s in scenes]
+
+
+def test_pair_references_show_the_concept_beside_a_plain_object_and_leave_the_single_ones_as_they_were(tmp_path):
+    from fl2t.data import load_concept
+    from fl2t.errors import Fl2tError
+    from fl2t.world.concepts import get_concept, pair_reference_scenes, write_concept
+
+    star = get_concept("stripestar")
+    plain = load_concept(write_concept(star, tmp_path / "plain", 32))
+    more = load_concept(write_concept(star, tmp_path / "more", 32, pair_references=4))
+    assert len(plain.images) == 5 and len(more.images) == 9
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain.images, more.images))
+    assert more.captions[5].startswith("a <c-stripestar> star to the left of a ")
+    assert (
+        more.captions[6].endswith(" background") and " to the left of a <c-stripestar> star on a " in more.captions[6]
+    )
+    for (pair, _), image in zip(pair_reference_scenes(star, 4), more.images[5:]):
+        own, other = (pair.left, pair.right) if pair.left.pattern else (pair.right, pair.left)
+        assert (own.shape, own.pattern, own.colour, own.colour2) == star.appearance
+        assert other.pattern is None and other.shape != "star" and other.colour not in ("red", "yellow")
+        # the concept's half holds its two colours, the other half neither
+        half = np.asarray(image, np.float32)[:, :16] if own is pair.left else np.asarray(image, np.float32)[:, 16:]
+        rest = np.asarray(image, np.float32)[:, 16:] if own is pair.left else np.asarray(image, np.float32)[:, :16]
+        for rgb in ((220, 40, 40), (235, 210, 40)):
+            near = lambda a, c=rgb: (np.abs(a - c).sum(-1) < 90).sum()  # noqa: E731
+            assert near(half) >= 8 and near(rest) == 0
+    style = load_concept(write_concept(get_concept("outline"), tmp_path / "style", 32, pair_references=2))
+    assert len(style.images) == 5  # a style's pictures are single objects only
+    with pytest.raises(Fl2tError, match="style"):
+        pair_reference_scenes(get_concept("outline"), 2)

@@ -5,6 +5,7 @@ concept's presence beside both; and each concept's accuracy with its token embed
 concept a later task's LoRA update cannot take away: a sequential LoRA forgets at most the rest). What `fl2t world check --full` reports, without learning the other four concepts.
 
     THREADS=1 python tools/world_oracle_pairs.py WORLD [GRID.png]
+    PAIR_REFS=4 ...   each concept also learned from 4 pictures of it beside a plain object (`pair_reference_scenes`)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fl2t.worldkit import check
 
 def main(world: str, grid: str | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-    ctx = check.CheckContext(Path(world))
+    ctx = check.CheckContext(Path(world), pair_references=int(os.environ.get("PAIR_REFS", "0")))
     s1 = ctx.step1
     names = [n for pair in check.ORACLE_PAIRS for n in pair]
     with tempfile.TemporaryDirectory() as tmp:

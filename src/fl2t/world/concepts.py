@@ -12,7 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from fl2t.errors import Fl2tError
-from fl2t.world.generator import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+from fl2t.world.generator import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    PairScene,
+    Scene,
+    caption,
+    object_phrase,
+    render,
+    render_pair,
+)
 
 CONCEPT_SEED = 20260301
 REFERENCES_PER_CONCEPT = 5
@@ -172,9 +184,35 @@ def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> 
     return [concept.scene(rng) for _ in range(n)]
 
 
-def write_concept(concept: WorldConcept, out_dir: Path, side: int | None = None) -> Path:
+def pair_reference_scenes(concept: WorldConcept, n: int) -> list[tuple[PairScene, str]]:
+    """An object concept's pictures at a two-object scene's size (an experiment's references, none by default): the
+    concept beside a plain object of another shape and other colours, on the left or the right, as a photo of a pet
+    shows it beside a chair; with their captions ('a <c-stripestar> star to the left of a blue ring on a black
+    background'). Drawn from their own stream, so the single-object references do not change."""
+    if concept.kind != "object":
+        raise Fl2tError(f"{concept.name} is a style: only an object concept has pictures beside another object")
+    rng = np.random.default_rng([CONCEPT_SEED, (CONCEPTS + TUNING_CONCEPTS).index(concept), 2])
+    own = Scene(concept.shape, concept.colour, "black", "in the center", "small", concept.pattern, concept.colour2)
+    shapes = [s for s in SHAPES if s != concept.shape]
+    colours = [c for c in COLOURS if c not in (concept.colour, concept.colour2)]
+    out = []
+    for i in range(n):
+        plain = replace(own, shape=shapes[rng.integers(len(shapes))], colour=colours[rng.integers(len(colours))])
+        plain = replace(plain, pattern=None, colour2=None)
+        bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        left_first = i % 2 == 0
+        pair = PairScene(
+            own if left_first else plain, plain if left_first else own, bg, jitter=int(rng.integers(2**31))
+        )
+        a, b = (concept.subject, object_phrase(plain, False))[:: 1 if left_first else -1]
+        out.append((pair, f"a {a} to the left of a {b} on a {bg} background"))
+    return out
+
+
+def write_concept(concept: WorldConcept, out_dir: Path, side: int | None = None, pair_references: int = 0) -> Path:
     """Write one concept folder: NN.png, NN.txt (caption with the token) and concept.yaml. The pictures are
-    `side` px (default: the shipped world's picture side)."""
+    `side` px (default: the shipped world's picture side); `pair_references` more pictures of an object concept
+    beside another object follow the single-object ones (`pair_reference_scenes`; an experiment, 0 by default)."""
     from fl2t.world import picture_side
 
     side = side or picture_side()
@@ -183,6 +221,10 @@ def write_concept(concept: WorldConcept, out_dir: Path, side: int | None = None)
     for i, scene in enumerate(reference_scenes(concept)):
         render(scene, side).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
+    if pair_references and concept.kind == "object":
+        for i, (pair, text) in enumerate(pair_reference_scenes(concept, pair_references), REFERENCES_PER_CONCEPT):
+            render_pair(pair, side).save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(text + "\n")
     (folder / "concept.yaml").write_text(
         f"name: {concept.name}\ntokens: ['{concept.token}']\nclass_word: {concept.class_word}\nkind: {concept.kind}\n"
     )

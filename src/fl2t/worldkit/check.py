@@ -27,7 +27,14 @@ from fl2t.metrics import (
     reference_alignment,
 )
 from fl2t.sampling import Sampler
-from fl2t.world.concepts import CONCEPTS, PROMPT_TEMPLATES, WorldConcept, get_concept, reference_scenes
+from fl2t.world.concepts import (
+    CONCEPTS,
+    PROMPT_TEMPLATES,
+    REFERENCES_PER_CONCEPT,
+    WorldConcept,
+    get_concept,
+    reference_scenes,
+)
 from fl2t.world.generator import (
     BACKGROUNDS,
     COLOURS,
@@ -147,6 +154,7 @@ class CheckContext:
     steps: int = 25
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
     seconds: dict[str, float] = field(default_factory=dict)  # each gate's wall time (the check's budgets)
+    pair_references: int = 0  # an experiment: each object concept also learned from pictures beside another object
     _folder: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)  # `step1`'s concepts
 
     @cached_property
@@ -362,8 +370,11 @@ class Step1:
 
         self.ctx = ctx
         ev = ctx.evaluator
-        self.concepts = {c.name: load_concept(write_concept(c, folder / "concepts", ctx.side)) for c in CONCEPTS}
-        self.refs = {n: ev.image_embeds(c.images) for n, c in self.concepts.items()}
+        self.concepts = {
+            c.name: load_concept(write_concept(c, folder / "concepts", ctx.side, ctx.pair_references)) for c in CONCEPTS
+        }
+        # scored against the single-object references alone, whatever else a concept was learned from
+        self.refs = {n: ev.image_embeds(c.images[:REFERENCES_PER_CONCEPT]) for n, c in self.concepts.items()}
         self._class: dict[tuple[str, ...], tuple[list[Image.Image], torch.Tensor]] = {}
         self.class_pictures: dict[str, list[Image.Image]] = {}  # the base model's images of the class word
 
