@@ -6,10 +6,12 @@ concept a later task's LoRA update cannot take away: a sequential LoRA forgets a
 
     THREADS=1 python tools/world_oracle_pairs.py WORLD [GRID.png]
     PAIR_REFS=4 ...   each concept also learned from 4 pictures of it beside a plain object (`pair_reference_scenes`)
+    LEARN='{"lora_attention": "cross", "lora_targets": ["to_k", "to_v"]}' ...   other Step-1 settings than tiny10's
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -28,6 +30,8 @@ from fl2t.worldkit import check
 def main(world: str, grid: str | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     ctx = check.CheckContext(Path(world), pair_references=int(os.environ.get("PAIR_REFS", "0")))
+    if os.environ.get("LEARN"):  # Step-1 settings over tiny10's, e.g. '{"lora_attention": "cross"}'
+        ctx.learn = ctx.learn.model_copy(update=json.loads(os.environ["LEARN"]))
     s1 = ctx.step1
     names = [n for pair in check.ORACLE_PAIRS for n in pair]
     with tempfile.TemporaryDirectory() as tmp:
