@@ -180,4 +180,3 @@ def test_token_embeddings_stop_training_at_the_norm_limit(tiny_base, concepts_ro
 def _tokenizer_and_encoder(folder):
     pipe = load_base(str(folder))
     return pipe.tokenizer, pipe.text_encoder
-
