@@ -69,6 +69,16 @@ def test_pretraining_without_the_v2_shares_is_the_v1_pictures_and_with_them_a_mi
         else:
             assert not is_held_out(s.combo)
     assert {s.style for s in mixed if not isinstance(s, PairScene) and s.style} == set(GENERIC_STYLES)
+    # More patterned pairs change the pairs alone, at the same places.
+    dense = pretraining_scenes(0, 2000, V2_MIX["pair_share"], V2_MIX["style_share"], pair_patterned=0.8)
+    assert pretraining_scenes(0, 2000, V2_MIX["pair_share"], V2_MIX["style_share"], pair_patterned=0.3) == mixed
+    assert [a for a in dense if not isinstance(a, PairScene)] == [a for a in mixed if not isinstance(a, PairScene)]
+
+    def both(scenes):
+        pairs = [p for p in scenes if isinstance(p, PairScene)]
+        return sum(bool(p.left.pattern and p.right.pattern) for p in pairs) / len(pairs)
+
+    assert both(mixed) < 0.10 and both(dense) > 0.40
 
 
 def test_each_generic_style_keeps_its_own_shape_out_of_pretraining_and_every_other_in():

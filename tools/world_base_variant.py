@@ -69,7 +69,9 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     s = build.BuildSettings(**{**build.V2_MIX, "base_steps": int(steps), **knobs})
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(world_dir / "base" / "vae").eval()
-    scenes = build.pretraining_scenes(s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share)
+    scenes = build.pretraining_scenes(
+        s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share, s.pair_patterned
+    )
     if text_stage is not None:  # a CLIP of its own on the pretraining pictures (at the CLIP's 32 px), its text kept
         t1 = time.time()
         data = train.render_dataset(scenes, lambda n: None, models.SIZE)

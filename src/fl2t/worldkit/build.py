@@ -69,6 +69,7 @@ class BuildSettings:
     transformer_layers: int = 1
     pairs_left_first: bool = False
     patterned_share: float = 0.35  # of the base model's single-object pictures, drawn with a two-colour pattern
+    pair_patterned: float = 0.3  # each object of a two-object picture patterned with this probability (base stage)
 
 
 # World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
@@ -119,7 +120,13 @@ def verify_manifest(root: Path) -> list[str]:
 
 
 def _mix(
-    seed: int, stage: str, scenes: list[Scene], pair_share: float, style_share: float, exclude: frozenset
+    seed: int,
+    stage: str,
+    scenes: list[Scene],
+    pair_share: float,
+    style_share: float,
+    exclude: frozenset,
+    pair_patterned: float = 0.3,
 ) -> list[Scene | PairScene]:
     """Replace shares of `scenes` by two-object scenes and generic styles (pretraining combinations only), each
     drawn from its own stream, so that with both shares 0 the pictures are exactly `scenes`."""
@@ -132,7 +139,7 @@ def _mix(
     for scene in scenes:
         u = pick.random()
         if u < pair_share:
-            out.append(random_pair(pairs, held_out=False, exclude=exclude))
+            out.append(random_pair(pairs, held_out=False, patterned=pair_patterned, exclude=exclude))
         elif u < pair_share + style_share:
             out.append(styled_scene(styled, held_out=False, exclude=exclude))
         else:
@@ -141,7 +148,12 @@ def _mix(
 
 
 def pretraining_scenes(
-    seed: int, n: int, pair_share: float = 0.0, style_share: float = 0.0, patterned: float = 0.35
+    seed: int,
+    n: int,
+    pair_share: float = 0.0,
+    style_share: float = 0.0,
+    patterned: float = 0.35,
+    pair_patterned: float = 0.3,
 ) -> list[Scene | PairScene]:
     """The base model's pictures: plain objects and two-colour patterns (as a real base model has seen striped
     things), only pretraining combinations, never a concept's look nor a style concept's rendering. (With plain
@@ -153,7 +165,7 @@ def pretraining_scenes(
         random_scene(rng, rich=True, styles=False, held_out=False, exclude=exclude, patterned=patterned)
         for _ in range(n)
     ]
-    return _mix(seed, "plain", scenes, pair_share, style_share, exclude)
+    return _mix(seed, "plain", scenes, pair_share, style_share, exclude, pair_patterned)
 
 
 STAGES = ("vae", "base", "evaluator")
@@ -242,7 +254,9 @@ class _Stages:
         if self.resume and (self.base_dir / "model_index.json").is_file():
             return
         t0, s = time.time(), self.s
-        plain_scenes = pretraining_scenes(s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share)
+        plain_scenes = pretraining_scenes(
+            s.seed, s.plain_images, s.pair_share, s.style_share, s.patterned_share, s.pair_patterned
+        )
         plain = train.render_dataset(plain_scenes, self.bar("render (plain)", s.plain_images), s.side)
         latents = train.encode_latents(vae, plain, self.bar("encode latents", s.plain_images))
         self.record("render_plain", t0)
