@@ -205,6 +205,15 @@ def test_lwf_distils_the_frozen_previous_model_on_fresh_noise_and_timesteps():
     assert loss.item() > 0 and all(p.grad.abs().sum() > 0 for p in lora_layers(model.unet)["proj"])
 
 
+def test_lwf_learns_at_bf16_its_teacher_and_student_in_the_frozen_weights_precision(tmp_path, tiny_base, concepts_root):
+    ctx = _ctx(tmp_path, tiny_base)
+    ctx.learn = TWO_STEPS.model_copy(update={"mixed_precision": "bf16"})
+    method = METHODS["lwf"](ctx)
+    for concept in _concepts(concepts_root):  # the second task runs the distillation term on the first's anchors
+        method.learn(concept)
+    assert all(torch.isfinite(v).all() for e in method.experts() for v in e.lora.values())
+
+
 # -- C-LoRA -------------------------------------------------------------------------------------------------------
 def test_clora_trains_task_2_on_top_of_task_1s_lora(tmp_path, tiny_base, concepts_root, monkeypatch):
     inits = _record_inits(monkeypatch)

@@ -226,8 +226,7 @@ def learn_expert(
             raise Cancelled(f"learning {spec.name!r} was cancelled at step {step}; nothing was added to the library")
         loss = data_loss(settings.batch_size, gen)
         if regulariser is not None:
-            with accelerator.autocast():  # LwF runs the model in its term, in the weights' precision
-                loss = loss + regulariser.loss(model, tokenize, gen)
+            loss = loss + regulariser.loss(model, tokenize, gen)
         value = loss.item()  # the step's one host sync
         if not math.isfinite(value):
             raise Fl2tError(f"training diverged at step {step} (loss {value}); lower --lr or use mixed_precision no")

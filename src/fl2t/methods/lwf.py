@@ -67,7 +67,7 @@ class _LwF(Regulariser):
         """The previous model's prediction: its LoRA swapped in for one forward, then the current one back."""
         self._swap()
         try:
-            return model(noisy, t, ids).float()
+            return _forward(model, noisy, t, ids)
         finally:
             self._swap()
 
@@ -78,7 +78,15 @@ class _LwF(Regulariser):
     def loss(self, model: ExpertModel, tokenize: Tokenize, gen: torch.Generator) -> torch.Tensor:
         noisy, t, ids = self.draw(gen)
         target = self.teacher_prediction(model, noisy, t, ids)
-        return self.lam * F.mse_loss(model(noisy, t, ids).float(), target)
+        return self.lam * F.mse_loss(_forward(model, noisy, t, ids), target)
+
+
+def _forward(model: ExpertModel, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The model's prediction in fp32, under autocast to the frozen UNet's precision where Step 1 runs at reduced
+    precision (as its data loss runs): the anchors are fp32, the frozen weights then bf16 or fp16."""
+    dtype = next(model.unet.parameters()).dtype  # the frozen weights' (a UNet's first: conv_in; the LoRA's are fp32)
+    with torch.autocast(noisy.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(noisy, t, ids).float()
 
 
 class LwF(Sequential):
