@@ -342,11 +342,10 @@ def test_pair_references_show_the_concept_beside_a_plain_object_and_leave_the_si
         assert (own.shape, own.pattern, own.colour, own.colour2) == star.appearance
         assert other.pattern is None and other.shape != "star" and other.colour not in ("red", "yellow")
         # the concept's half holds its two colours, the other half neither
-        half = np.asarray(image, np.float32)[:, :16] if own is pair.left else np.asarray(image, np.float32)[:, 16:]
-        rest = np.asarray(image, np.float32)[:, 16:] if own is pair.left else np.asarray(image, np.float32)[:, :16]
-        for rgb in ((220, 40, 40), (235, 210, 40)):
-            near = lambda a, c=rgb: (np.abs(a - c).sum(-1) < 90).sum()  # noqa: E731
-            assert near(half) >= 8 and near(rest) == 0
+        left, right = np.split(np.asarray(image, np.float32), 2, axis=1)
+        half, rest = (left, right) if own is pair.left else (right, left)
+        for rgb in (COLOURS[star.colour], COLOURS[star.colour2]):
+            assert (np.abs(half - rgb).sum(-1) < 90).sum() >= 8 and (np.abs(rest - rgb).sum(-1) < 90).sum() == 0
     style = load_concept(write_concept(get_concept("outline"), tmp_path / "style", 32, pair_references=2))
     assert len(style.images) == 5  # a style's pictures are single objects only
     with pytest.raises(Fl2tError, match="style"):

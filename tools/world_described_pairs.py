@@ -28,7 +28,7 @@ def described(name: str) -> str:
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 ctx = check.CheckContext(Path(sys.argv[1]))
 presence, images, both = Presence(ctx.evaluator), [], []
-seeds = [check.CHECK_SEED + 60_000 + i for i in range(check.ORACLE_PAIR_IMAGES)]
+seeds = check.ORACLE_PAIR_SEEDS
 for a, b in check.ORACLE_PAIRS:
     prompt = f"a {described(a)} to the left of a {described(b)}"
     got = ctx.base_images([prompt] * len(seeds), seeds)

@@ -197,8 +197,8 @@ def pair_reference_scenes(concept: WorldConcept, n: int) -> list[tuple[PairScene
     colours = [c for c in COLOURS if c not in (concept.colour, concept.colour2)]
     out = []
     for i in range(n):
-        plain = replace(own, shape=shapes[rng.integers(len(shapes))], colour=colours[rng.integers(len(colours))])
-        plain = replace(plain, pattern=None, colour2=None)
+        shape, colour = shapes[rng.integers(len(shapes))], colours[rng.integers(len(colours))]
+        plain = replace(own, shape=shape, colour=colour, pattern=None, colour2=None)
         bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
         left_first = i % 2 == 0
         pair = PairScene(

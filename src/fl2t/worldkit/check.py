@@ -459,6 +459,7 @@ def gate_step1(ctx: CheckContext) -> list[Row]:
 # tiny10's object pairs (benchmarks/tiny10.yaml `multi`; a test keeps the two the same)
 ORACLE_PAIRS = (("splitsquare", "eyering"), ("dottri", "crossbox"), ("stripestar", "bullseye"))
 ORACLE_PAIR_IMAGES = 27  # x 3 pairs: 81 images per row
+ORACLE_PAIR_SEEDS = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]  # each pair's, every row alike
 
 
 def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
@@ -535,7 +536,7 @@ def oracle_pairs(ctx: CheckContext, lookup: Method, span: Method, presence: Pres
     for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
         images, found, pair_sampler = [], [], m.sampler()
         pair_sampler.batch = CHECK_BATCH
-        seeds = [CHECK_SEED + 60_000 + i for i in range(ORACLE_PAIR_IMAGES)]
+        seeds = ORACLE_PAIR_SEEDS
         for a, b in ORACLE_PAIRS:
             prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
             got = pair_sampler([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
