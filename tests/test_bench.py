@@ -683,3 +683,11 @@ def test_compute_is_counted_per_task_and_the_shared_experts_charged_to_the_metho
     assert results["methods"]["fl2t"]["compute"]["step2"]["steps"] >= CONFIG["consolidate"]["steps"]
     md = (bench.out / "report.md").read_text()
     assert "## Compute" in md and f"| oracle | {steps * n} | 0 |" in md
+
+
+def test_the_world_dino_encoder_on_a_world_without_one_is_refused_before_anything_runs(tmp_path):
+    cfg_path = tmp_path / "t3.yaml"
+    cfg_path.write_text(yaml.safe_dump({**CONFIG, "dino": "world"}))
+    with pytest.raises(Fl2tError, match=r"has no DINO-like encoder .*`fl2t world build --v2`"):
+        Benchmark(load_config(cfg_path), tmp_path / "runs", ["merge"])
+    assert not list((tmp_path / "runs").rglob("*.json"))  # nothing learned or recorded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,60 @@ def test_patch_objective_reads_only_masked_patches_and_the_saved_encoder_has_no_
             encoder(pixel_values=data.batch(np.arange(3))).last_hidden_state[:, 0], dim=-1
         )
     assert torch.allclose(a, own, atol=1e-4)
+
+
+def test_a_v2_build_trains_the_dino_stage_into_the_manifest_and_a_v1_build_has_none(tmp_path):
+    from fl2t.world.concepts import CONCEPTS
+    from fl2t.worldkit import build, check
+
+    tiny = dict(rich_images=48, plain_images=48, vae_steps=1, evaluator_steps=1, base_steps=1, base_batch=8, threads=1)
+    v2 = build.BuildSettings(**{**build.V2_MIX, **tiny, "side": 32, "compact_vocabulary": False, "dino_steps": 2})
+    assert build.build(tmp_path / "v2", v2, until="evaluator") is None  # the DINO stage is still to come
+    assert not (tmp_path / "v2" / "dino").exists()
+    unet = tmp_path / "v2" / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    written = unet.stat().st_mtime_ns
+    manifest = build.build(tmp_path / "v2", v2, resume=True)
+    assert unet.stat().st_mtime_ns == written  # the first three stages are loaded, not trained again
+    files = json.loads(manifest.read_text())["files"]
+    assert "dino/model.safetensors" in files and "dino/preprocessor_config.json" in files
+    assert json.loads(manifest.read_text())["settings"]["dino_steps"] == 2
+    ev = DinoEvaluator.load(tmp_path / "v2" / "dino")
+    assert ev.image_embeds([render(random_scene(np.random.default_rng(0), rich=True))]).shape == (
+        1,
+        dino.new_encoder().config.hidden_size,
+    )
+
+    manifest = build.build(tmp_path / "v1", build.BuildSettings(**tiny), until="evaluator")
+    assert manifest is not None and not (tmp_path / "v1" / "dino").exists()
+
+    # The DINO gate reads the encoder when the weights have one, and fails, saying why, when they do not.
+    ctx = check.CheckContext(tmp_path / "v2", steps=2)
+    (row,) = check.gate_dino_separation(ctx)
+    assert 0.0 <= row.value <= 1.0 and row.threshold == 0.90 and "lowest" in row.detail
+    assert set(ctx.separation.fresh) == {c.name for c in CONCEPTS}
+    (row,) = check.gate_dino_separation(check.CheckContext(tmp_path / "v1", steps=2))
+    assert row.value == 0.0 and not row.passed and "no DINO-like encoder" in row.detail
+
+
+def test_the_ca_ceiling_is_each_concepts_renders_nearest_its_own_references():
+    from PIL import Image
+
+    from fl2t.worldkit.check import SeparationImages
+
+    def solid(rgb):
+        return [Image.new("RGB", (8, 8), rgb) for _ in range(3)]
+
+    colours = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
+    classes = {name: solid((120, 120, 120)) for name in colours}
+
+    def embed(images):
+        x = torch.tensor(np.stack([np.asarray(im, dtype=np.float32).mean(axis=(0, 1)) for im in images]))
+        return torch.nn.functional.normalize(x + 1.0, dim=-1)
+
+    right = SeparationImages(
+        {n: solid(c) for n, c in colours.items()}, {n: solid(c) for n, c in colours.items()}, classes
+    )
+    assert right.accuracies(embed) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    swapped = {"a": solid(colours["b"]), "b": solid(colours["a"]), "c": solid((130, 130, 130))}
+    wrong = SeparationImages({n: solid(c) for n, c in colours.items()}, swapped, classes)
+    assert wrong.accuracies(embed) == {"a": 0.0, "b": 0.0, "c": 0.0}  # c's renders are nearest its class

@@ -121,7 +121,11 @@ class BenchConfig(BaseModel):
         "world", description="CLIP evaluator: 'world', a hub id (openai/clip-vit-base-patch32) or a folder"
     )
     dino: str | None = Field(
-        None, description="DINO evaluator: a hub id (facebook/dino-vits16) or a folder; none: no DINO column"
+        None,
+        description=(
+            "DINO evaluator: 'world' (the tiny world's DINO-like encoder, in v2 worlds), a hub id "
+            "(facebook/dino-vits16) or a folder; none: no DINO column"
+        ),
     )
     fidelity: bool = Field(
         False,
@@ -316,8 +320,11 @@ class Benchmark:
         every variant run in the folder); anything else, a variant defined otherwise included, is refused."""
         cfg = self.cfg.model_dump(exclude={"name", "orders", "data"})
         for name in ("base", "clip", "dino"):
-            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of base and evaluator
-                from fl2t.world import MANIFEST, base_path
+            if cfg[name] == "world":  # the shipped world: its manifest holds the hashes of its models
+                from fl2t.world import MANIFEST, base_path, dino_path
+
+                if name == "dino":
+                    dino_path()  # a v1 world has none: said before anything runs
 
                 manifest = (base_path().parent / MANIFEST).read_bytes()
                 cfg[name] = "world " + hashlib.sha256(manifest).hexdigest()[:16]
@@ -428,7 +435,12 @@ class Benchmark:
     @property
     def dino(self) -> DinoEvaluator | None:
         if self._dino is None and self.cfg.dino:
-            self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
+            if self.cfg.dino == "world":
+                from fl2t.world import dino_path
+
+                self._dino = DinoEvaluator.load(dino_path(), self.device)
+            else:
+                self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
         return self._dino
 
     def evaluated(self, name: str) -> Evaluated:

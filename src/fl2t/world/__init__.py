@@ -48,6 +48,16 @@ def evaluator_path() -> Path:
     return _shipped("evaluator", "config.json")
 
 
+def dino_path() -> Path:
+    """The shipped DINO-like encoder's folder (`fl2t.metrics.DinoEvaluator.load(...)`); world v2 builds train one."""
+    if not (WEIGHTS_DIR / "dino" / "config.json").is_file() and (WEIGHTS_DIR / "base").is_dir():
+        raise Fl2tError(
+            f"the shipped tiny world has no DINO-like encoder ({WEIGHTS_DIR / 'dino'}): only world v2 builds "
+            "(`fl2t world build --v2`) train one; set `dino:` to a folder or leave it out"
+        )
+    return _shipped("dino", "config.json")
+
+
 __all__ = [
     "CONCEPTS",
     "MANIFEST",
@@ -55,6 +65,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "WorldConcept",
     "base_path",
+    "dino_path",
     "evaluator_path",
     "get_concept",
     "picture_side",

@@ -5,6 +5,8 @@ Stages (each seeded from (seed, stage), so a resumed build equals an uninterrupt
   base       UNet + CLIP text encoder on `side`-px pictures of the pretraining combinations, saved with the
              VAE, tokenizer and scheduler as a StableDiffusionPipeline folder
   evaluator  a tiny CLIPModel, contrastive on pictures with patterns and styles and their captions
+  dino       (world v2) a DINO-like ViT, self-distilled on the same pictures without their captions
+             (`fl2t.worldkit.dino`), the world's encoder for the field's DINO score
 Then `manifest.json` records the sha256 of every file.
 """
 
@@ -70,6 +72,9 @@ class BuildSettings:
     pairs_left_first: bool = False
     patterned_share: float = 0.35  # of the base model's single-object pictures, drawn with a two-colour pattern
     pair_patterned: float = 0.3  # each object of a two-object picture patterned with this probability (base stage)
+    # Steps of the DINO-like encoder's self-distillation (`dino/`); 0: no such stage (v1). Its separation of the
+    # concepts stops rising after about 500 steps (docs/world.md).
+    dino_steps: int = 0
 
 
 # World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
@@ -86,6 +91,7 @@ V2_MIX = {
     "compact_vocabulary": True,
     "pairs_left_first": True,
     "patterned_share": 0.6,
+    "dino_steps": 1_000,
 }
 
 
@@ -168,15 +174,16 @@ def pretraining_scenes(
     return _mix(seed, "plain", scenes, pair_share, style_share, exclude, pair_patterned)
 
 
-STAGES = ("vae", "base", "evaluator")
+STAGES = ("vae", "base", "evaluator", "dino")
 SECONDS_FILE = "build_seconds.json"  # per-stage wall time, kept across resumed runs; not hashed
 STOP_FILE = "STOP"  # creating it ends base training after the current step (settings record the steps)
 
 
 def build(
-    out: Path = WEIGHTS_DIR, settings: BuildSettings = BuildSettings(), resume: bool = False, until: str = "evaluator"
+    out: Path = WEIGHTS_DIR, settings: BuildSettings = BuildSettings(), resume: bool = False, until: str = "dino"
 ) -> Path | None:
-    """Build everything into `out` (base/, evaluator/, manifest.json); returns the manifest's path.
+    """Build everything into `out` (base/, evaluator/, dino/ when `settings.dino_steps`, manifest.json); returns the
+    manifest's path.
 
     resume: stages whose output already exists are loaded instead of trained again.
     until: stop after this stage (then no manifest is written and None is returned).
@@ -198,6 +205,9 @@ def build(
         if until == "base":
             return None
         stages.evaluator()
+        if until == "evaluator" and settings.dino_steps:
+            return None
+        stages.dino()
     if settings.compact_vocabulary:
         vocab.compact_vocabulary(out / "base", out / "evaluator", train.world_words(v2=True))
     _check_no_pickle(out)
@@ -219,6 +229,7 @@ class _Stages:
         self.out, self.s, self.resume, self.progress = out, settings, resume, progress
         self.seconds: dict[str, float] = _previous_seconds(out) if resume else {}
         self.vae_dir, self.eval_dir, self.base_dir = out / "base" / "vae", out / "evaluator", out / "base"
+        self.dino_dir = out / "dino"
         self._rich: train.Dataset | None = None
 
     def record(self, stage: str, t0: float) -> None:
@@ -293,6 +304,18 @@ class _Stages:
             self.eval_dir
         )
         self.record("evaluator", t0)
+
+    def dino(self) -> None:
+        if not self.s.dino_steps or (self.resume and (self.dino_dir / "config.json").is_file()):
+            return
+        from fl2t.worldkit.dino import train_dino
+
+        t0, s = time.time(), self.s
+        bar = self.bar("train DINO-like encoder", s.dino_steps)
+        encoder, processor = train_dino(self.rich(), s.dino_steps, _stage_seed(s.seed, "dino"), bar)
+        encoder.save_pretrained(self.dino_dir, safe_serialization=True)
+        processor.save_pretrained(self.dino_dir)
+        self.record("dino", t0)
 
 
 def _previous_seconds(out: Path) -> dict[str, float]:

@@ -194,6 +194,10 @@ class CheckContext:
         self._folder = tempfile.TemporaryDirectory()
         return Step1(self, Path(self._folder.name))
 
+    @cached_property
+    def separation(self) -> SeparationImages:
+        return SeparationImages.draw(self)
+
     def base_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """The base model's images of the prompts, one seed each, at the check's steps and guidance."""
         return Sampler(self.pipeline, batch=CHECK_BATCH)(prompts, seeds, self.steps, self.guidance_scale)
@@ -324,24 +328,61 @@ def class_prompts(concept: WorldConcept) -> list[str]:
     return [t.replace(", in the style of {}", "").replace(" in the style of {}", "") for t in templates]
 
 
-def gate_concept_separation(ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> list[Row]:
-    """Concept accuracy of fresh renders of each concept: the ceiling a learned concept can reach, and
-    proof that the evaluator tells each concept apart from the others and from its plain class."""
-    ev = ctx.evaluator
-    refs = {c.name: ev.image_embeds([render(s, ctx.side) for s in reference_scenes(c)]) for c in CONCEPTS}
-    accs = []
-    cache: dict[tuple[str, ...], torch.Tensor] = {}
-    for k, c in enumerate(CONCEPTS):
-        prompts = tuple(class_prompts(c)[:class_images])
-        if prompts not in cache:
-            seeds = [CHECK_SEED + 10_000 + i for i in range(len(prompts))]
-            cache[prompts] = ev.image_embeds(ctx.base_images(prompts, seeds))
-        rng = np.random.default_rng([CHECK_SEED, k])
-        fresh = ev.image_embeds([render(c.scene(rng), ctx.side) for _ in range(per_concept)])
-        accs.append(concept_accuracy(fresh, c.name, refs, cache[prompts]))
-    worst = CONCEPTS[int(np.argmin(accs))].name
-    detail = f"{per_concept * len(CONCEPTS)} renders, {len(CONCEPTS)} concepts; lowest {worst} {min(accs):.2f}"
-    return [Row("evaluator: fresh concept renders nearest own refs", float(np.mean(accs)), 0.95, detail)]
+@dataclass
+class SeparationImages:
+    """The pictures of the CA-ceiling gates, drawn once for every encoder that reads them: per concept, its
+    references, fresh renders of it, and the base model's images of its class prompts."""
+
+    refs: dict[str, list[Image.Image]]
+    fresh: dict[str, list[Image.Image]]
+    classes: dict[str, list[Image.Image]]
+
+    @classmethod
+    def draw(cls, ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> SeparationImages:
+        refs = {c.name: [render(s, ctx.side) for s in reference_scenes(c)] for c in CONCEPTS}
+        fresh, classes = {}, {}
+        cache: dict[tuple[str, ...], list[Image.Image]] = {}
+        for k, c in enumerate(CONCEPTS):
+            prompts = tuple(class_prompts(c)[:class_images])
+            if prompts not in cache:
+                cache[prompts] = ctx.base_images(prompts, [CHECK_SEED + 10_000 + i for i in range(len(prompts))])
+            classes[c.name] = cache[prompts]
+            rng = np.random.default_rng([CHECK_SEED, k])
+            fresh[c.name] = [render(c.scene(rng), ctx.side) for _ in range(per_concept)]
+        return cls(refs, fresh, classes)
+
+    def accuracies(self, embed: Callable[[Sequence[Image.Image]], torch.Tensor]) -> dict[str, float]:
+        """Per concept, the share of its fresh renders that `embed`'s features put nearest its own references
+        (`concept_accuracy`, the rule of CA)."""
+        refs = {name: embed(images) for name, images in self.refs.items()}
+        return {name: concept_accuracy(embed(self.fresh[name]), name, refs, embed(self.classes[name])) for name in refs}
+
+
+def _separation_row(gate: str, accs: dict[str, float], threshold: float, images: SeparationImages) -> Row:
+    worst = min(accs, key=accs.get)
+    n = sum(len(v) for v in images.fresh.values())
+    detail = f"lowest {worst}; mean {np.mean(list(accs.values())):.2f} over {len(accs)} concepts, {n} renders"
+    return Row(gate, accs[worst], threshold, detail)
+
+
+def gate_concept_separation(ctx: CheckContext) -> list[Row]:
+    """Concept accuracy of fresh renders of each concept, read by the evaluator: the ceiling a learned concept can
+    reach, and proof that the evaluator tells each concept apart from the others and from its plain class."""
+    accs = ctx.separation.accuracies(ctx.evaluator.image_embeds)
+    gate = "evaluator: fresh concept renders nearest own refs (every concept)"
+    return [_separation_row(gate, accs, 0.95, ctx.separation)]
+
+
+def gate_dino_separation(ctx: CheckContext) -> list[Row]:
+    """The same with the DINO-like encoder's features (`dino/`, trained by world v2 builds): what the field's DINO
+    score can see of each concept."""
+    from fl2t.metrics import DinoEvaluator
+
+    gate = "DINO-like encoder: fresh concept renders nearest own refs (every concept)"
+    if not (ctx.weights / "dino" / "config.json").is_file():
+        return [Row(gate, 0.0, 0.90, "no DINO-like encoder in these weights (only v2 builds train one)")]
+    accs = ctx.separation.accuracies(DinoEvaluator.load(ctx.weights / "dino").image_embeds)
+    return [_separation_row(gate, accs, 0.90, ctx.separation)]
 
 
 # Seconds to learn a concept with `fl2t learn`'s defaults on 2 cores, for the 32 px world; issue 14 scales the time
@@ -580,6 +621,7 @@ GATES: list[Callable[[CheckContext], list[Row]]] = [
     gate_base_styles,
     gate_presence,
     gate_concept_separation,
+    gate_dino_separation,
     gate_step1,
 ]
 FULL_GATES = [*GATES, gate_concepts_alone]  # `fl2t world check --full`

@@ -25,7 +25,7 @@ def build(
     seed: int = typer.Option(None, help="Seed of the whole build (default: the shipped world's seed).", metavar="N"),
     resume: bool = typer.Option(False, help="Load stages whose output already exists instead of training them."),
     until: str = typer.Option(
-        "evaluator", help="Stop after this stage: vae, base or evaluator (the last).", metavar="TEXT"
+        "dino", help="Stop after this stage: vae, base, evaluator or dino (the last; v2 only).", metavar="TEXT"
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
     v2: bool = typer.Option(
@@ -34,7 +34,8 @@ def build(
         help="World v2: a 48 x 48 base model, two-object scenes and generic styles in every stage's mix.",
     ),
 ) -> None:
-    """Render the world and train its VAE, evaluator and base model from nothing (about an hour on 2 cores)."""
+    """Render the world and train its VAE, base model and evaluator (v2: and DINO-like encoder) from nothing (about an
+    hour on 2 cores)."""
     from fl2t.worldkit.build import DEFAULT_SEED, V2_MIX, WEIGHTS_DIR, BuildSettings
     from fl2t.worldkit.build import build as run_build
 
