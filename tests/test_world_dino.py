@@ -203,26 +203,3 @@ def test_the_ca_ceiling_is_each_concepts_renders_nearest_its_own_references():
     swapped = {"a": solid(colours["b"]), "b": solid(colours["a"]), "c": solid((130, 130, 130))}
     wrong = SeparationImages({n: solid(c) for n, c in colours.items()}, swapped, classes)
     assert wrong.accuracies(embed) == {"a": 0.0, "b": 0.0, "c": 0.0}  # c's renders are nearest its class
-
-
-def test_a_pairs_two_views_are_its_two_objects_each_alone_on_the_pictures_background(data):
-    from fl2t.world.generator import COLOURS, PairScene, render_pair
-
-    star = Scene("star", "red", "gray", "in the center", "small")
-    pair = PairScene(star, Scene("square", "blue", "gray", "in the center", "small"), "gray", jitter=3)
-    x = torch.from_numpy(np.asarray(render_pair(pair)).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    left, right = dino.pair_halves(x)
-    red, blue = (torch.tensor(COLOURS[c], dtype=torch.float32) / 127.5 - 1 for c in ("red", "blue"))
-
-    def share_near(v, colour):  # the share of pixels within 15 grey levels of the colour
-        return float(((v[0] - colour.view(3, 1, 1)).abs().amax(0) < 0.12).float().mean())
-
-    assert share_near(x, red) > 0.02 and share_near(x, blue) > 0.02
-    assert share_near(left, red) > 0.02 and share_near(left, blue) == 0.0
-    assert share_near(right, blue) > 0.02 and share_near(right, red) == 0.0
-    assert torch.equal(left[..., 8:24], x[..., :16]) and torch.equal(right[..., 8:24], x[..., 16:])
-    assert torch.equal(left[..., :8], x[..., :1, :1].expand(1, 3, 32, 8))  # the rest is the background
-
-    run = dino.DinoTraining(steps=2, seed=0, local_views=1, split_pairs=True)
-    batch = torch.cat([x, data.batch(np.arange(3))])
-    assert np.isfinite(run.step(batch, torch.tensor([True, False, False, False])))

@@ -26,7 +26,7 @@ from PIL import Image
 from fl2t import world
 from fl2t.metrics import ClipEvaluator, DinoEvaluator, nearest_concepts
 from fl2t.world.concepts import CONCEPTS, WorldConcept, concept_appearances, reference_scenes
-from fl2t.world.generator import GENERIC_STYLES, STYLES, PairScene, random_pair, random_scene, render
+from fl2t.world.generator import GENERIC_STYLES, STYLES, random_pair, random_scene, render
 from fl2t.worldkit import build, dino, train
 
 Embed = Callable[[Sequence[Image.Image]], torch.Tensor]
@@ -100,9 +100,6 @@ def main() -> None:
     ap.add_argument("--grayscale", type=float, default=0.0, help="share of views turned grey (DINO's own 0.2)")
     ap.add_argument("--patch-loss", type=float, default=0.0, help="weight of iBOT's masked-patch objective")
     ap.add_argument(
-        "--split-pairs", action="store_true", help="a two-object picture's global views: its left and right object"
-    )
-    ap.add_argument(
         "--no-positions", action="store_true", help="position embeddings zero and frozen (a set of patches)"
     )
     args = ap.parse_args()
@@ -118,7 +115,6 @@ def main() -> None:
             args.local_views,
             channel_permute=args.channel_permute,
             patch_loss=args.patch_loss,
-            split_pairs=args.split_pairs,
         )
         dino.LOCAL_SCALE = (args.local_min, dino.LOCAL_SCALE[1])
         if args.grayscale:  # DINO's RandomGrayscale, after the view's other colour changes
@@ -135,10 +131,8 @@ def main() -> None:
                 model.encoder.embeddings.position_embeddings.data.zero_()
                 model.encoder.embeddings.position_embeddings.requires_grad_(False)
         rng = np.random.default_rng(build._stage_seed(args.seed, "dino"))
-        is_pair = torch.tensor([isinstance(sc, PairScene) for sc in data.scenes])
         for step in range(args.train):  # train_dino's loop, with progress and the measure on the way
-            idx = rng.integers(len(data.scenes), size=args.batch)
-            loss = run.step(data.batch(idx), is_pair[idx])
+            loss = run.step(data.batch(rng.integers(len(data.scenes), size=args.batch)))
             if (step + 1) % args.probe == 0 or step + 1 == args.train:
                 el = time.time() - t0
                 run.teacher.encoder.eval()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from fl2t.world.generator import SIZE, PairScene
+from fl2t.world.generator import SIZE
 from fl2t.worldkit import models
 from fl2t.worldkit.train import Dataset, Tick, _lr, _set_lr
 
@@ -125,18 +125,6 @@ def random_crops(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def pair_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, S, S) two-object pictures -> each one's left and right object alone, its half of the picture in the
-    middle of a canvas of the picture's background (its top-left pixel). Two views that share a picture's rendering
-    and background and nothing of either object's shape or colours (no label says what a rendering is)."""
-    s = x.shape[-1]
-    canvas = x[:, :, :1, :1].expand_as(x)
-    left, right = canvas.clone(), canvas.clone()
-    left[..., s // 4 : 3 * s // 4] = x[..., : s // 2]
-    right[..., s // 4 : 3 * s // 4] = x[..., s // 2 :]
-    return left, right
-
-
 def swap_background(x: torch.Tensor, gen: torch.Generator, p: float = 0.8, tol: float = 0.04) -> torch.Tensor:
     """(B, 3, H, W) pictures in [-1, 1] with, for a share `p` of them, a grey background replaced by a random grey.
 
@@ -216,7 +204,6 @@ class DinoTraining:
         background_swap: bool = True,
         channel_permute: float = 0.2,
         patch_loss: float = 0.0,
-        split_pairs: bool = False,
     ):
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed)
@@ -225,21 +212,13 @@ class DinoTraining:
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=0.04)
         self.steps, self.local_views, self.lr = steps, local_views, lr
         self.background_swap, self.channel_permute, self.patch_loss = background_swap, channel_permute, patch_loss
-        self.split_pairs = split_pairs
         self.done = 0
 
-    def step(self, x: torch.Tensor, pairs: torch.Tensor | None = None) -> float:
+    def step(self, x: torch.Tensor) -> float:
         """One update on (B, 3, 32, 32) pictures in [-1, 1]: 2 global views for the teacher, those and the local
-        views for the student; then the teacher moves toward the student. Returns the loss.
-
-        pairs: (B,) which pictures are two-object scenes; with `split_pairs`, such a picture's two global views are
-        its left object and its right object (`pair_halves`), each cropped as any global view."""
+        views for the student; then the teacher moves toward the student. Returns the loss."""
         _set_lr(self.opt, _lr(self.done, self.steps, self.lr, warmup=min(200, self.steps // 10)))
-        sources = [x, x]
-        if self.split_pairs and pairs is not None and pairs.any():
-            sources = [x.clone(), x.clone()]
-            sources[0][pairs], sources[1][pairs] = pair_halves(x[pairs])
-        glob = torch.cat([random_crops(self.swap(v), SIZE, GLOBAL_SCALE, self.gen) for v in sources])
+        glob = torch.cat([random_crops(self.swap(x), SIZE, GLOBAL_SCALE, self.gen) for _ in range(2)])
         with torch.no_grad():
             teacher_cls, teacher_patches = self.teacher(glob)
             targets = torch.cat([sinkhorn(t, TEACHER_TEMP) for t in teacher_cls.chunk(2)])
@@ -291,17 +270,12 @@ def train_dino(
     lr: float = 1e-3,
     channel_permute: float = 0.2,
     patch_loss: float = 0.0,
-    split_pairs: bool = False,
 ) -> tuple[ViTModel, ViTImageProcessor]:
     """Self-distillation on `data`'s pictures (no captions, no labels); returns the teacher's encoder, which DINO
     keeps, and its image processor (save both with `save_pretrained` for `DinoEvaluator.load`)."""
     rng = np.random.default_rng(seed)
-    run = DinoTraining(
-        steps, seed, local_views, lr, channel_permute=channel_permute, patch_loss=patch_loss, split_pairs=split_pairs
-    )
-    is_pair = torch.tensor([isinstance(sc, PairScene) for sc in data.scenes])
+    run = DinoTraining(steps, seed, local_views, lr, channel_permute=channel_permute, patch_loss=patch_loss)
     for _ in range(steps):
-        idx = rng.integers(len(data.scenes), size=batch)
-        run.step(data.batch(idx), is_pair[idx])
+        run.step(data.batch(rng.integers(len(data.scenes), size=batch)))
         tick(1)
     return run.encoder(), image_processor()
