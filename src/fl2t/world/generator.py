@@ -159,7 +159,7 @@ def render(scene: Scene, side: int = SIZE) -> Image.Image:
     """Draw `scene` as a `side` x `side` RGB image. Pure function of the scene (jitter included) and the side.
 
     Every length (radius, jitter, pattern period, outline, blocks) is given for a SIZE-px picture and scaled by
-    side / SIZE, so a larger world's picture is the same picture at a finer resolution (world v2 is 48 px)."""
+    side / SIZE, so a larger world's picture is the same picture at a finer resolution (a 48 px world v2 was tried)."""
     rng = np.random.default_rng(scene.jitter)
     k = side / SIZE
     n = side * SUPERSAMPLE

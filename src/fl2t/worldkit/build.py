@@ -77,17 +77,18 @@ class BuildSettings:
     dino_steps: int = 0
 
 
-# World v2 (issue 14): 48 x 48, because two objects of a single object's radius do not fit side by side in 32 px and
-# at the radius that fits the 32 px base drew blobs (docs/world.md); a 48 px UNet forward costs 1.56x a 32 px one
-# (tools/world_48_probe.py), and base_steps fills what the 90-minute build leaves after the VAE and the evaluator
-# (4000 steps took 2580 s of a 66.8-minute build on 2 cores: docs/world.md).
+# World v2 (issue 14), the best recipe measured so far (docs/world.md, 2026-12-04): 32 x 32 (the 48 px bases read
+# 0.25-0.46 on the pair gate, this one 0.774), both objects of most two-object pictures patterned (pair_patterned
+# 0.8: the base then draws two patterned looks from words in 0.41 of pictures, 0.11 at 0.3), 6000 base steps
+# (2810 s on one thread; the whole build fits the 90 minutes on 2 cores).
 V2_MIX = {
     "pair_share": 0.35,
     "style_share": 0.20,
     "rich_pair_share": 0.15,
     "rich_style_share": 0.15,
-    "side": 48,
-    "base_steps": 4_000,
+    "side": SIZE,
+    "base_steps": 6_000,
+    "pair_patterned": 0.8,
     "compact_vocabulary": True,
     "pairs_left_first": True,
     "patterned_share": 0.6,

@@ -31,7 +31,7 @@ def build(
     v2: bool = typer.Option(
         False,
         "--v2",
-        help="World v2: a 48 x 48 base model, two-object scenes and generic styles in every stage's mix.",
+        help="World v2: two-object scenes and generic styles in every stage's mix, and a DINO-like encoder.",
     ),
 ) -> None:
     """Render the world and train its VAE, base model and evaluator (v2: and DINO-like encoder) from nothing (about an
