@@ -7,6 +7,7 @@ concept a later task's LoRA update cannot take away: a sequential LoRA forgets a
     THREADS=1 python tools/world_oracle_pairs.py WORLD [GRID.png]
     PAIR_REFS=4 ...   each concept also learned from 4 pictures of it beside a plain object (`pair_reference_scenes`)
     LEARN='{"lora_attention": "cross", "lora_targets": ["to_k", "to_v"]}' ...   other Step-1 settings than tiny10's
+    SWAP=1 ...        each pair named the other way round ("a <c-eyering> ring to the left of a <c-splitsquare> square")
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(world: str, grid: str | None = None) -> None:
     ctx = check.CheckContext(Path(world), pair_references=int(os.environ.get("PAIR_REFS", "0")))
     if os.environ.get("LEARN"):  # Step-1 settings over tiny10's, e.g. '{"lora_attention": "cross"}'
         ctx.learn = ctx.learn.model_copy(update=json.loads(os.environ["LEARN"]))
+    if os.environ.get("SWAP"):  # which concept is named first (and drawn left) changes, the concepts do not
+        check.ORACLE_PAIRS = tuple((b, a) for a, b in check.ORACLE_PAIRS)
     s1 = ctx.step1
     names = [n for pair in check.ORACLE_PAIRS for n in pair]
     with tempfile.TemporaryDirectory() as tmp:
