@@ -153,7 +153,7 @@ def test_a_v2_build_trains_the_dino_stage_into_the_manifest_and_a_v1_build_has_n
     from fl2t.worldkit import build, check
 
     tiny = dict(rich_images=48, plain_images=48, vae_steps=1, evaluator_steps=1, base_steps=1, base_batch=8, threads=1)
-    v2 = build.BuildSettings(**{**build.V2_MIX, **tiny, "side": 32, "compact_vocabulary": False, "dino_steps": 2})
+    v2 = build.BuildSettings(**{**build.V2_MIX, **tiny, "compact_vocabulary": False, "dino_steps": 2})
     assert build.build(tmp_path / "v2", v2, until="evaluator") is None  # the DINO stage is still to come
     assert not (tmp_path / "v2" / "dino").exists()
     unet = tmp_path / "v2" / "base" / "unet" / "diffusion_pytorch_model.safetensors"

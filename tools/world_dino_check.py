@@ -26,7 +26,7 @@ from PIL import Image
 from fl2t import world
 from fl2t.metrics import ClipEvaluator, DinoEvaluator, nearest_concepts
 from fl2t.world.concepts import CONCEPTS, WorldConcept, concept_appearances, reference_scenes
-from fl2t.world.generator import GENERIC_STYLES, STYLES, random_pair, random_scene, render
+from fl2t.world.generator import GENERIC_STYLES, STYLES, random_pair, render
 from fl2t.worldkit import build, dino, train
 
 Embed = Callable[[Sequence[Image.Image]], torch.Tensor]
@@ -71,10 +71,7 @@ def rich_data(n: int, seed: int = build.DEFAULT_SEED, styled_pairs: float = 0.0)
     in one rendering (a style concept's or a generic one, drawn uniformly), so that two parts of a picture share its
     rendering and not their colours or shapes."""
     exclude = concept_appearances()
-    rng = np.random.default_rng(build._stage_seed(seed, "rich"))
-    scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(n)]
-    mix = build.V2_MIX
-    scenes = build._mix(seed, "rich", scenes, mix["rich_pair_share"], mix["rich_style_share"], exclude)
+    scenes = build.rich_scenes(build.BuildSettings(**{**build.V2_MIX, "seed": seed, "rich_images": n}))
     if styled_pairs:
         pick = np.random.default_rng(build._stage_seed(seed, "dino:styled-pairs"))
         renderings = (*STYLES, *GENERIC_STYLES)

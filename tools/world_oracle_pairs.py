@@ -33,10 +33,11 @@ def main(world: str, grid: str | None = None) -> None:
     ctx = check.CheckContext(Path(world), pair_references=int(os.environ.get("PAIR_REFS", "0")))
     if os.environ.get("LEARN"):  # Step-1 settings over tiny10's, e.g. '{"lora_attention": "cross"}'
         ctx.learn = ctx.learn.model_copy(update=json.loads(os.environ["LEARN"]))
+    pairs = check.ORACLE_PAIRS
     if os.environ.get("SWAP"):  # which concept is named first (and drawn left) changes, the concepts do not
-        check.ORACLE_PAIRS = tuple((b, a) for a, b in check.ORACLE_PAIRS)
+        pairs = tuple((b, a) for a, b in pairs)
     s1 = ctx.step1
-    names = [n for pair in check.ORACLE_PAIRS for n in pair]
+    names = [n for pair in pairs for n in pair]
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         lookup, span = (
@@ -54,7 +55,7 @@ def main(world: str, grid: str | None = None) -> None:
             print(
                 f"{name}: learned alone and scored in {seconds:.0f} s, CA {ca:.3f}, token alone {alone:.3f}", flush=True
             )
-        for row in check.oracle_pairs(ctx, lookup, span, Presence(ctx.evaluator)):
+        for row in check.oracle_pairs(ctx, lookup, span, Presence(ctx.evaluator), pairs):
             print(f"{row.gate}: {row.value:.3f} ({row.detail})", flush=True)
     if grid:
         rows = [ctx.samples[f"oracle pairs {m}"] for m in ("lookup", "lookup+span")]

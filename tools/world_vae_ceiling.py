@@ -4,13 +4,14 @@ references, on ground-truth renders and on the same renders after an encode-deco
 
     python tools/world_vae_ceiling.py WORLD [N]
 
-WORLD: a built world (its base/vae and evaluator). N: pictures per style and per concept (default 28 and 10). The
+WORLD: a built world (its base/vae and evaluator). N: pictures per style (default 28), a third of it per concept. The
 style reader is the check's (`WorldEvaluator.read_style`); the concept rule is `nearest_concepts` against the ten
 concepts' references (no class option, unlike the CA-ceiling gate).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,7 @@ def round_trip(vae: AutoencoderKL, images: list[Image.Image]) -> list[Image.Imag
 
 
 def main(world: str, n: int = 28) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     vae = AutoencoderKL.from_pretrained(Path(world) / "base" / "vae").eval()
     ev = check.WorldEvaluator(Path(world) / "evaluator")
     rng = np.random.default_rng(0)

@@ -17,13 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
-from fl2t.world.concepts import concept_appearances
-from fl2t.world.generator import random_scene
-from fl2t.worldkit import build, models, train
+from fl2t.worldkit import build, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from world_vae_ceiling import main as ceiling  # noqa: E402
@@ -33,20 +29,9 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     knobs = json.loads(overrides)
     s = build.BuildSettings(**build.V2_MIX)
-    exclude = concept_appearances()
-    rng = np.random.default_rng(build._stage_seed(s.seed, "rich"))
-    scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(s.rich_images)]
-    scenes = build._mix(s.seed, "rich", scenes, s.rich_pair_share, s.rich_style_share, exclude)
-    data = train.render_dataset(scenes, lambda n: None)
-    default = models.new_vae
-
-    def new_vae() -> AutoencoderKL:
-        config = {**dict(default().config), **knobs}
-        return AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
-
-    models.new_vae = new_vae
+    data = train.render_dataset(build.rich_scenes(s), lambda n: None)
     t0 = time.time()
-    vae = train.train_vae(data, int(steps), build._stage_seed(s.seed, "vae"), lambda n: None)
+    vae = train.train_vae(data, int(steps), build._stage_seed(s.seed, "vae"), lambda n: None, **knobs)
     folder = Path(out)
     vae.save_pretrained(folder / "base" / "vae", safe_serialization=True)
     if not (folder / "evaluator").exists():

@@ -435,12 +435,9 @@ class Benchmark:
     @property
     def dino(self) -> DinoEvaluator | None:
         if self._dino is None and self.cfg.dino:
-            if self.cfg.dino == "world":
-                from fl2t.world import dino_path
+            from fl2t.world import dino_path
 
-                self._dino = DinoEvaluator.load(dino_path(), self.device)
-            else:
-                self._dino = DinoEvaluator.load(self.cfg.dino, self.device)
+            self._dino = DinoEvaluator.load(dino_path() if self.cfg.dino == "world" else self.cfg.dino, self.device)
         return self._dino
 
     def evaluated(self, name: str) -> Evaluated:

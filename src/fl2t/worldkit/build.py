@@ -178,6 +178,15 @@ def pretraining_scenes(
     return _mix(seed, "plain", scenes, pair_share, style_share, exclude, pair_patterned)
 
 
+def rich_scenes(s: BuildSettings) -> list[Scene | PairScene]:
+    """The VAE's, evaluator's and DINO-like encoder's pictures: patterns and the three style renderings, with the
+    settings' shares of two-object scenes and generic styles; never a concept's look."""
+    exclude = concept_appearances()
+    rng = np.random.default_rng(_stage_seed(s.seed, "rich"))
+    scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(s.rich_images)]
+    return _mix(s.seed, "rich", scenes, s.rich_pair_share, s.rich_style_share, exclude)
+
+
 STAGES = ("vae", "base", "evaluator", "dino")
 SECONDS_FILE = "build_seconds.json"  # per-stage wall time, kept across resumed runs; not hashed
 STOP_FILE = "STOP"  # creating it ends base training after the current step (settings record the steps)
@@ -248,11 +257,8 @@ class _Stages:
         """Pictures with patterns and styles, rendered once when a stage first needs them."""
         if self._rich is None:
             t0 = time.time()
-            exclude = concept_appearances()
-            rng = np.random.default_rng(_stage_seed(self.s.seed, "rich"))
-            scenes = [random_scene(rng, rich=True, held_out=None, exclude=exclude) for _ in range(self.s.rich_images)]
-            scenes = _mix(self.s.seed, "rich", scenes, self.s.rich_pair_share, self.s.rich_style_share, exclude)
-            self._rich = train.render_dataset(scenes, self.bar("render (patterns)", self.s.rich_images))
+            bar = self.bar("render (patterns)", self.s.rich_images)
+            self._rich = train.render_dataset(rich_scenes(self.s), bar)
             self.record("render_rich", t0)
         return self._rich
 

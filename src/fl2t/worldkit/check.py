@@ -569,8 +569,14 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
     ]
 
 
-def oracle_pairs(ctx: CheckContext, lookup: Method, span: Method, presence: Presence) -> list[Row]:
-    """tiny10's object pairs (ORACLE_PAIRS) drawn by `lookup` (both experts summed at full weight) and `lookup+span`
+def oracle_pairs(
+    ctx: CheckContext,
+    lookup: Method,
+    span: Method,
+    presence: Presence,
+    pairs: Sequence[tuple[str, str]] = ORACLE_PAIRS,
+) -> list[Row]:
+    """tiny10's object pairs (`pairs`, each named left first) drawn by `lookup` (both experts summed at full weight) and `lookup+span`
     (each expert's keys and values restricted to its own tokens), both experts already learned into their store; the
     share of pictures with both concepts present, each concept's own share in the detail."""
     s1, rows = ctx.step1, []
@@ -578,16 +584,14 @@ def oracle_pairs(ctx: CheckContext, lookup: Method, span: Method, presence: Pres
         images, found, pair_sampler = [], [], m.sampler()
         pair_sampler.batch = CHECK_BATCH
         seeds = ORACLE_PAIR_SEEDS
-        for a, b in ORACLE_PAIRS:
+        for a, b in pairs:
             prompt = f"a {s1.concepts[a].spec.subject} to the left of a {s1.concepts[b].spec.subject}"
             got = pair_sampler([prompt] * len(seeds), seeds, ctx.steps, ctx.guidance_scale)
             found.append(presence(got, [a, b]))  # (n, 2) bool
             images += got
         ctx.samples[f"oracle pairs {m.name}"] = images
         both = np.concatenate([f.all(axis=1) for f in found])
-        each = ", ".join(
-            f"{a} {f[:, 0].mean():.2f} + {b} {f[:, 1].mean():.2f}" for (a, b), f in zip(ORACLE_PAIRS, found)
-        )
+        each = ", ".join(f"{a} {f[:, 0].mean():.2f} + {b} {f[:, 1].mean():.2f}" for (a, b), f in zip(pairs, found))
         rows.append(Row(f"oracle pair, {label}: both present (info)", float(both.mean()), 0.0, f"each found: {each}"))
     return rows
 

@@ -8,6 +8,8 @@ doubles that. The VAE (32x32x3 -> 16x16x4) with channels (16, 32) is a small sha
 
 from __future__ import annotations
 
+from typing import Any
+
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
 
@@ -39,20 +41,21 @@ def text_config(layers: int = 2) -> CLIPTextConfig:
     )
 
 
-def new_vae() -> AutoencoderKL:
-    """32x32x3 <-> 16x16x4."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
-        mid_block_add_attention=False,
-    )
+def new_vae(**overrides: Any) -> AutoencoderKL:
+    """32x32x3 <-> 16x16x4; `overrides`: other AutoencoderKL arguments (an experiment's, e.g. wider blocks)."""
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": SIZE,
+        "mid_block_add_attention": False,
+    }
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def new_unet(latent_size: int = LATENT_SIZE, transformer_layers: int = 1) -> UNet2DConditionModel:

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,11 +138,12 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 # ---------------------------------------------------------------- VAE
 
 
-def train_vae(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 64) -> AutoencoderKL:
-    """Reconstruction (L1 + MSE) with a light KL term; sets `scaling_factor` so latents have unit std."""
+def train_vae(data: Dataset, steps: int, seed: int, tick: Tick, batch: int = 64, **architecture: Any) -> AutoencoderKL:
+    """Reconstruction (L1 + MSE) with a light KL term; sets `scaling_factor` so latents have unit std.
+    `architecture`: `models.new_vae`'s overrides (none in a build)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vae = models.new_vae()
+    vae = models.new_vae(**architecture)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     vae.train()
     for step in range(steps):
