@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fl2t.errors import Fl2tError
 from fl2t.metrics import DinoEvaluator
 from fl2t.world.concepts import concept_appearances
 from fl2t.world.generator import Scene, random_scene, render
@@ -203,3 +204,19 @@ def test_the_ca_ceiling_is_each_concepts_renders_nearest_its_own_references():
     swapped = {"a": solid(colours["b"]), "b": solid(colours["a"]), "c": solid((130, 130, 130))}
     wrong = SeparationImages({n: solid(c) for n, c in colours.items()}, swapped, classes)
     assert wrong.accuracies(embed) == {"a": 0.0, "b": 0.0, "c": 0.0}  # c's renders are nearest its class
+
+
+def test_a_build_in_two_processes_makes_the_same_weights_and_records_every_stages_time(tmp_path):
+    from fl2t.worldkit import build
+
+    tiny = dict(rich_images=32, plain_images=32, vae_steps=1, evaluator_steps=1, base_steps=1, base_batch=8, threads=1)
+    settings = build.BuildSettings(**{**build.V2_MIX, **tiny, "compact_vocabulary": False, "dino_steps": 1})
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / build.SECONDS_FILE).write_text('{"base_steps_trained": 7}')  # an earlier build's
+    one = json.loads(build.build(tmp_path / "one", settings).read_text())
+    two = json.loads(build.build(tmp_path / "two", settings, jobs=2).read_text())
+    assert two["files"] == one["files"] and two["settings"] == one["settings"]
+    assert two["settings"]["base_steps"] == 1
+    assert {"vae", "base", "evaluator", "dino"} <= set(two["build_seconds"])
+    with pytest.raises(Fl2tError, match="--jobs is 1 or 2"):
+        build.build(tmp_path / "three", settings, jobs=3)

@@ -110,19 +110,24 @@ def test_generic_styles_change_the_picture_and_are_captioned_in_the_style_slot()
             assert np.abs(looks[a] - other).mean() > 5, f"{a} looks like {concept_style}"
 
 
-def test_chunky_is_hard_edged_blocks_of_the_pictures_own_colours_where_blurry_and_mosaic_are_soft():
+def test_framed_and_gradient_change_the_background_and_keep_the_captioned_object():
     scene = Scene("star", "red", "gray", "in the center", "large", jitter=3, pattern="striped", colour2="yellow")
     for side in (SIZE, 48):
-        img = np.asarray(render(replace(scene, style="chunky"), side)).astype(int)
-        b = side // 16  # 2 x 2 blocks at 32 px
-        assert (img == img[::b, ::b].repeat(b, axis=0).repeat(b, axis=1)).all()
-        # the background, red and yellow (each jittered slightly), no colour in between: no soft edge
-        assert len({tuple(p) for p in img.reshape(-1, 3)}) == 3
-        plain = np.asarray(render(replace(scene, pattern=None, colour2=None, style="chunky"), side))
-        assert len({tuple(p) for p in plain.reshape(-1, 3)}) == 2
-        for soft in ("blurry", "mosaic"):
-            other = np.asarray(render(replace(scene, style=soft), side)).astype(int)
-            assert len({tuple(p) for p in other.reshape(-1, 3)}) > 10, soft
+        plain = np.asarray(render(scene, side)).astype(int)
+        framed = np.asarray(render(replace(scene, style="framed"), side)).astype(int)
+        w = side // 16  # 2 pixels at 32 px
+        border = np.ones((side, side), bool)
+        border[w:-w, w:-w] = False
+        assert (framed[border] >= 220).all()  # light on a mid grey
+        assert (framed[~border] == plain[~border]).all()
+        dark = np.asarray(render(replace(scene, background="white", style="framed"), side))
+        assert (dark[0] <= 30).all()
+        gradient = np.asarray(render(replace(scene, style="gradient"), side)).astype(int)
+        top, bottom = gradient[0, 0], gradient[-1, 0]
+        assert np.abs(top - plain[0, 0]).max() <= 1 and bottom.mean() > top.mean() + 50  # towards white
+        assert np.abs(gradient[side // 2, side // 2] - plain[side // 2, side // 2]).max() <= 1  # the object unchanged
+        light = np.asarray(render(replace(scene, background="white", style="gradient"), side)).astype(int)
+        assert light[-1, 0].mean() < light[0, 0].mean() - 50  # towards black
 
 
 def _colour_centre(img: np.ndarray, colour: str) -> tuple[float, int]:
@@ -153,8 +158,9 @@ def test_a_two_object_scene_in_a_rendering_draws_both_objects_in_it():
         p = random_pair(rng, held_out=None, patterned=0.0)
         p = replace(p, left=replace(p.left, shape="square"), right=replace(p.right, shape="square"))
         plain = np.asarray(render_pair(p, side)).astype(int)
-        styled = {st: np.asarray(render_pair(replace(p, style=st), side)).astype(int) for st in ("inverted", "mosaic")}
-        assert np.abs(styled["inverted"] - (255 - plain)).max() <= 1
+        styled = {st: np.asarray(render_pair(replace(p, style=st), side)).astype(int) for st in ("framed", "mosaic")}
+        w = side // 16
+        assert (styled["framed"][w:-w, w:-w] == plain[w:-w, w:-w]).all() and (styled["framed"][0] != plain[0]).all()
         b = 4 * side // SIZE
         assert (styled["mosaic"] == styled["mosaic"][::b, ::b].repeat(b, axis=0).repeat(b, axis=1)).all()
         pastel = np.asarray(render_pair(replace(p, style="pastel"), side)).astype(int)
@@ -224,7 +230,9 @@ def test_a_picture_drawn_larger_is_the_same_picture_at_a_finer_resolution():
         assert big.size == (48, 48)
         small = np.asarray(draw(s)).astype(float)
         down = np.asarray(big.resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=None)).astype(float)
-        assert np.abs(down - small).mean() < 5, s  # measured 0.2-3.8 (edges land between pixels); others 27+
+        # measured 0.2-3.8 (edges land between pixels), framed 5.7 (its hard border blends across the resize
+        # filter's support); others 27+
+        assert np.abs(down - small).mean() < (7 if s.style == "framed" else 5), s
         other = next(t for t in scenes if t is not s and type(t) is type(s))
         assert np.abs(np.asarray(draw(other, 48)).astype(float) - np.asarray(big).astype(float)).mean() > 20
 

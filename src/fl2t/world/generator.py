@@ -62,8 +62,10 @@ TUNING_STYLES = ("echo",)
 PASTEL_BACKGROUND = (250, 236, 214)
 # Generic renderings (world v2), captioned "..., in the style of <word>" as a style concept is: the base model learns
 # that this slot of a caption changes the whole rendering, so a style concept is a shift of a kind it has seen (as
-# SD has seen painting styles). None is a style concept's rendering (outline, pastel, mosaic) nor a tuning one's.
-GENERIC_STYLES = ("neon", "sketchy", "inverted", "blurry", "faded", "chunky")
+# SD has seen painting styles). None is a style concept's rendering (outline, pastel, mosaic) nor a tuning one's, and
+# each keeps what the rest of its caption says true (inverted, which turned the named red into cyan, and chunky, 2 x 2
+# blocks the 32 px VAE does not carry, were replaced by gradient and framed in the twentieth session: docs/world.md).
+GENERIC_STYLES = ("neon", "sketchy", "gradient", "blurry", "faded", "framed")
 PAIR_RADIUS = 6.5  # radius in pixels of each object of a two-object scene (one per half of the picture)
 NEON_BACKGROUND = (10, 10, 10)
 
@@ -184,9 +186,20 @@ def render(scene: Scene, side: int = SIZE) -> Image.Image:
 
     if scene.style == "neon":
         bg = np.array(NEON_BACKGROUND, np.float32)
-    img = np.broadcast_to(bg, (n, n, 3)).copy()
+    img = _background(bg, n, scene.style)
     _paint(img, scene, cx, cy, rs, c1, c2, k)
-    return _finish(_downsample(img), scene.style, np.stack([bg, c1, c2]), k)
+    return _finish(_downsample(img), scene.style, bg, k)
+
+
+def _background(bg: np.ndarray, n: int, style: str | None) -> np.ndarray:
+    """The n x n background before any object is drawn: plain, or for gradient the captioned grey at the top
+    turning half-way towards white (dark and mid greys) or black (light ones) at the bottom."""
+    img = np.broadcast_to(bg, (n, n, 3)).copy()
+    if style == "gradient":
+        far = 255.0 if bg.mean() < 160 else 0.0
+        t = 0.5 * np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None]
+        img = (1 - t) * img + t * far
+    return img
 
 
 def _paint(
@@ -194,7 +207,7 @@ def _paint(
 ) -> None:
     """Draw `obj`'s shape and pattern in its style on `img` (n x n at SUPERSAMPLE, the background already there),
     centred at (cx, cy) with radius rs in its pixels; `k` scales lengths (side / SIZE)."""
-    n, bg = img.shape[0], img[0, 0].copy()
+    n, bg = img.shape[0], img[0, 0].copy()  # (echo's faded copy; echo has a plain background)
     mask = _shape_mask(obj.shape, cx, cy, rs, n)
     if obj.style == "outline":
         mask = _outline(mask, width=int(1.6 * SUPERSAMPLE * k))
@@ -225,24 +238,20 @@ def _paint(
         img[second] = c2
 
 
-def _finish(out: np.ndarray, style: str | None, palette: np.ndarray, k: float) -> Image.Image:
-    """The renderings of the whole picture, on the downsampled (side, side, 3) picture; `palette`: the background
-    and the objects' colours (chunky snaps to them)."""
+def _finish(out: np.ndarray, style: str | None, background: np.ndarray, k: float) -> Image.Image:
+    """The renderings of the whole picture, on the downsampled (side, side, 3) picture; `background`: its colour."""
     if style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
         out = _blocks(out, round(4 * k))
-    elif style == "inverted":
-        out = 255.0 - out
+    elif style == "framed":  # a 2-pixel border (at SIZE px), light on dark and mid-grey backgrounds, dark on light
+        w = round(2 * k)
+        frame = 230.0 if background.mean() < 160 else 25.0
+        out = out.copy()
+        out[:w], out[-w:], out[:, :w], out[:, -w:] = frame, frame, frame, frame
     elif style == "blurry":  # two 3 x 3 box blurs at SIZE px (the same spread in SIZE-px units)
         for _ in range(round(2 * k * k)):
             out = _box_blur(out)
     elif style == "faded":  # low contrast, towards a light grey
         out = 0.4 * out + 0.6 * 170.0
-    elif style == "chunky":
-        # 2 x 2 blocks, each snapped to the nearest of the picture's own colours: hard staircase edges, where mosaic
-        # (the style concept) has 4 x 4 blocks of mean colour and blurry has soft edges. Blocks of mean colour alone
-        # read as blur to the evaluator at 2 x 2 (docs/world.md).
-        out = _blocks(out, round(2 * k))
-        out = palette[((out[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)]
     return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "RGB")
 
 
@@ -439,8 +448,7 @@ def render_pair(pair: PairScene, side: int = SIZE) -> Image.Image:
         bg = np.array(PASTEL_BACKGROUND, np.float32)
     elif pair.style == "neon":
         bg = np.array(NEON_BACKGROUND, np.float32)
-    img = np.broadcast_to(bg, (n, n, 3)).copy()
-    palette = [bg]
+    img = _background(bg, n, pair.style)
     for obj, (cx, cy), r in ((pair.left, left, r1), (pair.right, right, r2)):
         c1 = np.clip(np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
         c2 = c1
@@ -448,10 +456,9 @@ def render_pair(pair: PairScene, side: int = SIZE) -> Image.Image:
             c2 = np.clip(np.array(COLOURS[obj.colour2], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
         if pair.style == "pastel":
             c1, c2 = 0.5 * c1 + 127.5, 0.5 * c2 + 127.5
-        palette += [c1, c2]
         cx, cy, rs = cx * k * SUPERSAMPLE, cy * k * SUPERSAMPLE, r * k * SUPERSAMPLE
         _paint(img, replace(obj, style=pair.style), cx, cy, rs, c1, c2, k)
-    return _finish(_downsample(img), pair.style, np.stack(palette), k)
+    return _finish(_downsample(img), pair.style, bg, k)
 
 
 def pair_caption(pair: PairScene, left_first: bool = True, with_background: bool = True) -> str:

@@ -28,6 +28,12 @@ def build(
         "dino", help="Stop after this stage: vae, base, evaluator or dino (the last; v2 only).", metavar="TEXT"
     ),
     threads: int = typer.Option(2, help="Torch threads; 1 is faster while other jobs load the machine.", metavar="N"),
+    jobs: int = typer.Option(
+        1,
+        help="2: train the VAE and base model in one process and the evaluator and DINO-like encoder in another, "
+        "each with half the threads (the same weights, sooner).",
+        metavar="N",
+    ),
     v2: bool = typer.Option(
         False,
         "--v2",
@@ -41,7 +47,7 @@ def build(
 
     t0 = time.time()
     settings = BuildSettings(seed=DEFAULT_SEED if seed is None else seed, threads=threads, **(V2_MIX if v2 else {}))
-    manifest = run_build(out or WEIGHTS_DIR, settings, resume, until)
+    manifest = run_build(out or WEIGHTS_DIR, settings, resume, until, jobs)
     where = manifest.parent if manifest else (out or WEIGHTS_DIR)
     console.print(f"built {where} in {(time.time() - t0) / 60:.1f} min")
 
