@@ -83,7 +83,9 @@ class BuildSettings:
 # 0.8: the base then draws two patterned looks from words in 0.41 of pictures, 0.11 at 0.3), 6000 base steps
 # (2810 s on one thread; the whole build fits the 90 minutes on 2 cores). The VAE trains 6000 steps: through the
 # 2000-step one, outline's renders came back nearest outline 0.33 and mosaic's 0.67, through a 6000-step one 0.78 and
-# 1.00 (tools/world_vae_ceiling.py; about 11 more minutes on one thread).
+# 1.00 (tools/world_vae_ceiling.py; about 11 more minutes on one thread). The evaluator trains 5000 steps (was 2000;
+# its CA ceiling's lowest concept, outline, read 0.90 after 2000): `--jobs 2` trains it beside the VAE and base model,
+# which take longer, so its extra steps cost no wall time there.
 V2_MIX = {
     "pair_share": 0.35,
     "style_share": 0.20,
@@ -97,6 +99,7 @@ V2_MIX = {
     "pairs_left_first": True,
     "patterned_share": 0.6,
     "dino_steps": 1_000,
+    "evaluator_steps": 5_000,
 }
 
 
@@ -264,12 +267,20 @@ def _run_chains(out: Path, settings: BuildSettings, resume: bool, until: str) ->
     chains = [c for c in chains if c]
     child = replace(settings, threads=max(1, settings.threads // 2))
     with ProcessPoolExecutor(len(chains), mp_context=mp.get_context("spawn")) as pool:
-        for future in [pool.submit(_chain, out, child, resume, chain) for chain in chains]:
+        for future in [pool.submit(_chain, out, child, resume, chain, os.getpid()) for chain in chains]:
             future.result()
 
 
-def _chain(out: Path, settings: BuildSettings, resume: bool, chain: tuple[str, ...]) -> None:
-    """Run the stages of one chain (a child process of `_run_chains`)."""
+def _chain(out: Path, settings: BuildSettings, resume: bool, chain: tuple[str, ...], parent: int) -> None:
+    """Run the stages of one chain (a child process of `_run_chains`); it ends when the build's process does."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
     torch.set_num_threads(settings.threads)
     with console.progress() as progress:
         stages = _Stages(out, settings, resume, progress)
