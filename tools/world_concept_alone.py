@@ -2,9 +2,12 @@
 says of the background (issue 14: where a concept's expert falls back to its plain class).
 
     THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
+    BALANCED=1 THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
 
 The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every concept learned alone" row; per
-concept, also the backgrounds of its reference pictures.
+concept, also the backgrounds of its reference pictures. BALANCED=1: the named concepts' reference pictures are
+drawn again with their backgrounds cycling through black, white and gray (the same scenes otherwise), learned from and
+scored against those (the other concepts' references as they are): does covering the backgrounds help?
 """
 
 from __future__ import annotations
@@ -13,14 +16,33 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fl2t.data import load_concept
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import get_concept, reference_scenes
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes
+from fl2t.world.generator import BACKGROUNDS, render
 from fl2t.worldkit import check
+
+
+def balanced_scenes(concept: WorldConcept) -> list:
+    return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
+
+
+def write_balanced(concept: WorldConcept, folder: Path, side: int) -> Path:
+    """The concept's folder with its references' backgrounds cycled (`balanced_scenes`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(balanced_scenes(concept)):
+        render(scene, side).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
+    (folder / "concept.yaml").write_text(
+        f"name: {concept.name}\ntokens: ['{concept.token}']\nclass_word: {concept.class_word}\nkind: {concept.kind}\n"
+    )
+    return folder
 
 
 def main() -> None:
@@ -28,7 +50,13 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     ctx = check.CheckContext(world)
     s1 = ctx.step1
+    balanced = os.environ.get("BALANCED") == "1"
     with tempfile.TemporaryDirectory() as tmp:
+        if balanced:
+            for name in names:
+                concept = load_concept(write_balanced(get_concept(name), Path(tmp) / "concepts" / name, ctx.side))
+                s1.concepts[name] = concept
+                s1.refs[name] = ctx.evaluator.image_embeds(concept.images[:REFERENCES_PER_CONCEPT])
         lookup = METHODS["lookup"](MethodContext(str(world / "base"), ctx.learn, Path(tmp) / "w", Path(tmp) / "s"))
         for name in names:
             lookup.learn(s1.concepts[name])
@@ -39,7 +67,8 @@ def main() -> None:
             by = defaultdict(list)
             for p, o in zip(prompts, own):
                 by[next((b for b in ("black", "white", "gray") if f"{b} background" in p), "none named")].append(o)
-            refs = [s.background for s in reference_scenes(get_concept(name))]
+            scenes = (balanced_scenes if balanced else reference_scenes)(get_concept(name))
+            refs = [s.background for s in scenes]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}")
             for bg, hits in sorted(by.items()):
                 print(f"  prompt names {bg:10s} CA {np.mean(hits):.2f} ({len(hits)} images)")
