@@ -5,7 +5,10 @@ says of the background (issue 14: where a concept's expert falls back to its pla
     BALANCED=1 THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
 
 The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every concept learned alone" row; per
-concept, also the backgrounds of its reference pictures. BALANCED=1: the named concepts' reference pictures are
+concept, also the backgrounds of its reference pictures, and (objects) the presence score's finds on the images CA
+calls the concept's own, as the check's "presence on generations" row counts them, beside the presence score on the
+base model's images of the same prompts with the concept described in the world's words instead of its token ("a
+small blue red-centred ring on a white background"): what the base draws of the look without any expert. BALANCED=1: the named concepts' reference pictures are
 drawn again with their backgrounds cycling through black, white and gray (the same scenes otherwise), learned from and
 scored against those (the other concepts' references as they are): does covering the backgrounds help?
 """
@@ -25,7 +28,8 @@ import torch
 from fl2t.data import load_concept
 from fl2t.methods import METHODS, MethodContext
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes
-from fl2t.world.generator import BACKGROUNDS, render
+from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase, render
+from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
 
@@ -61,8 +65,9 @@ def main() -> None:
         for name in names:
             lookup.learn(s1.concepts[name])
         sampler = lookup.sampler()
+        presence = Presence(ctx.evaluator)
         for name in names:
-            ca, _, _, own = s1.score(name, sampler)
+            ca, _, images, own = s1.score(name, sampler)
             prompts, _ = s1.prompts(name)
             by = defaultdict(list)
             for p, o in zip(prompts, own):
@@ -70,6 +75,18 @@ def main() -> None:
             scenes = (balanced_scenes if balanced else reference_scenes)(get_concept(name))
             refs = [s.background for s in scenes]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}")
+            if get_concept(name).kind == "object":
+                mine = [im for im, o in zip(images, own) if o]
+                found = presence(mine, [name])[:, 0] if mine else np.zeros(0)
+                print(
+                    f"  presence finds it in {found.mean() if mine else 0:.2f} of the {len(mine)} images CA calls its own"
+                )
+                c = get_concept(name)
+                look = Scene(c.shape, c.colour, "black", "in the center", "small", c.pattern, c.colour2)
+                words = object_phrase(look, False)
+                prompts, seeds = s1.prompts(name)
+                base = ctx.base_images([p.replace(c.subject, words) for p in prompts], seeds)
+                print(f"  the base, described as '{words}': presence {presence(base, [name])[:, 0].mean():.2f}")
             for bg, hits in sorted(by.items()):
                 print(f"  prompt names {bg:10s} CA {np.mean(hits):.2f} ({len(hits)} images)")
 
