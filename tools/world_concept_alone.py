@@ -11,10 +11,12 @@ base model's images of the same prompts with the concept described in the world'
 small blue red-centred ring on a white background"): what the base draws of the look without any expert. BALANCED=1: the named concepts' reference pictures are
 drawn again with their backgrounds cycling through black, white and gray (the same scenes otherwise), learned from and
 scored against those (the other concepts' references as they are): does covering the backgrounds help?
+SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -61,7 +63,8 @@ def main() -> None:
                 concept = load_concept(write_balanced(get_concept(name), Path(tmp) / "concepts" / name, ctx.side))
                 s1.concepts[name] = concept
                 s1.refs[name] = ctx.evaluator.image_embeds(concept.images[:REFERENCES_PER_CONCEPT])
-        lookup = METHODS["lookup"](MethodContext(str(world / "base"), ctx.learn, Path(tmp) / "w", Path(tmp) / "s"))
+        settings = ctx.learn.model_copy(update=json.loads(os.environ.get("SETTINGS", "{}")))
+        lookup = METHODS["lookup"](MethodContext(str(world / "base"), settings, Path(tmp) / "w", Path(tmp) / "s"))
         for name in names:
             lookup.learn(s1.concepts[name])
         sampler = lookup.sampler()
