@@ -207,7 +207,7 @@ def _paint(
 ) -> None:
     """Draw `obj`'s shape and pattern in its style on `img` (n x n at SUPERSAMPLE, the background already there),
     centred at (cx, cy) with radius rs in its pixels; `k` scales lengths (side / SIZE)."""
-    n, bg = img.shape[0], img[0, 0].copy()  # (echo's faded copy; echo has a plain background)
+    n, bg = img.shape[0], img[0, 0].copy()  # echo's faded copy mixes with it (an echo picture's background is plain)
     mask = _shape_mask(obj.shape, cx, cy, rs, n)
     if obj.style == "outline":
         mask = _outline(mask, width=int(1.6 * SUPERSAMPLE * k))

@@ -213,8 +213,8 @@ def build(
 
     resume: stages whose output already exists are loaded instead of trained again.
     until: stop after this stage (then no manifest is written and None is returned).
-    jobs: 2 runs the chains of CHAINS as two processes of settings.threads // 2 threads each (the whole build in
-    about two thirds of the time on 2 cores), then writes the manifest; the weights are the same as with 1.
+    jobs: 2 runs the chains of CHAINS as two processes of settings.threads // 2 threads each, then writes the
+    manifest; the weights are the same as with 1 (V2_MIX from nothing: 62 minutes on 2 cores, docs/world.md).
     """
     if until not in STAGES:
         raise Fl2tError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
