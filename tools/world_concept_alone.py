@@ -35,7 +35,8 @@ from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
 
-def balanced_scenes(concept: WorldConcept) -> list:
+def balanced_scenes(concept: WorldConcept) -> list[Scene]:
+    """The concept's reference scenes with their backgrounds cycling black, white, gray."""
     return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
 
 
@@ -70,21 +71,20 @@ def main() -> None:
         sampler = lookup.sampler()
         presence = Presence(ctx.evaluator)
         for name in names:
+            c = get_concept(name)
             ca, _, images, own = s1.score(name, sampler)
             prompts, _ = s1.prompts(name)
             by = defaultdict(list)
             for p, o in zip(prompts, own):
                 by[next((b for b in ("black", "white", "gray") if f"{b} background" in p), "none named")].append(o)
-            scenes = (balanced_scenes if balanced else reference_scenes)(get_concept(name))
-            refs = [s.background for s in scenes]
+            refs = [s.background for s in (balanced_scenes if balanced else reference_scenes)(c)]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}")
-            if get_concept(name).kind == "object":
+            if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]
                 found = presence(mine, [name])[:, 0] if mine else np.zeros(0)
                 print(
                     f"  presence finds it in {found.mean() if mine else 0:.2f} of the {len(mine)} images CA calls its own"
                 )
-                c = get_concept(name)
                 look = Scene(c.shape, c.colour, "black", "in the center", "small", c.pattern, c.colour2)
                 words = object_phrase(look, False)
                 prompts, seeds = s1.prompts(name)
