@@ -29,8 +29,8 @@ import torch
 
 from fl2t.data import load_concept
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes
-from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase, render
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes, write_concept
+from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
@@ -38,18 +38,6 @@ from fl2t.worldkit import check
 def balanced_scenes(concept: WorldConcept) -> list[Scene]:
     """The concept's reference scenes with their backgrounds cycling black, white, gray."""
     return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
-
-
-def write_balanced(concept: WorldConcept, folder: Path, side: int) -> Path:
-    """The concept's folder with its references' backgrounds cycled (`balanced_scenes`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(balanced_scenes(concept)):
-        render(scene, side).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
-    (folder / "concept.yaml").write_text(
-        f"name: {concept.name}\ntokens: ['{concept.token}']\nclass_word: {concept.class_word}\nkind: {concept.kind}\n"
-    )
-    return folder
 
 
 def main() -> None:
@@ -61,7 +49,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if balanced:
             for name in names:
-                concept = load_concept(write_balanced(get_concept(name), Path(tmp) / "concepts" / name, ctx.side))
+                c = get_concept(name)
+                folder = write_concept(c, Path(tmp) / "concepts", ctx.side, scenes=balanced_scenes(c))
+                concept = load_concept(folder)
                 s1.concepts[name] = concept
                 s1.refs[name] = ctx.evaluator.image_embeds(concept.images[:REFERENCES_PER_CONCEPT])
         settings = ctx.learn.model_copy(update=json.loads(os.environ.get("SETTINGS", "{}")))

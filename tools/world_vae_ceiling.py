@@ -23,12 +23,12 @@ from PIL import Image
 
 from fl2t.metrics import nearest_concepts
 from fl2t.world.concepts import CONCEPTS, reference_scenes
-from fl2t.world.generator import GENERIC_STYLES, random_scene, render
+from fl2t.world.generator import GENERIC_STYLES, random_scene, render, to_array
 from fl2t.worldkit import check
 
 
 def round_trip(vae: AutoencoderKL, images: list[Image.Image]) -> list[Image.Image]:
-    x = torch.from_numpy(np.stack([np.asarray(i) for i in images]).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    x = torch.from_numpy(to_array(images))
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     return [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for t in y]

@@ -6,6 +6,7 @@ benchmark uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -209,16 +210,23 @@ def pair_reference_scenes(concept: WorldConcept, n: int) -> list[tuple[PairScene
     return out
 
 
-def write_concept(concept: WorldConcept, out_dir: Path, side: int | None = None, pair_references: int = 0) -> Path:
+def write_concept(
+    concept: WorldConcept,
+    out_dir: Path,
+    side: int | None = None,
+    pair_references: int = 0,
+    scenes: Sequence[Scene] | None = None,
+) -> Path:
     """Write one concept folder: NN.png, NN.txt (caption with the token) and concept.yaml. The pictures are
     `side` px (default: the shipped world's picture side); `pair_references` more pictures of an object concept
-    beside another object follow the single-object ones (`pair_reference_scenes`; an experiment, 0 by default)."""
+    beside another object follow the single-object ones (`pair_reference_scenes`; an experiment, 0 by default).
+    `scenes`: other single-object pictures than `reference_scenes` (an experiment's)."""
     from fl2t.world import picture_side
 
     side = side or picture_side()
     folder = Path(out_dir) / concept.name
     folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(reference_scenes(concept)):
+    for i, scene in enumerate(reference_scenes(concept) if scenes is None else scenes):
         render(scene, side).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
     if pair_references and concept.kind == "object":

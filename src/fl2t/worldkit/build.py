@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -233,16 +233,9 @@ def build(
     torch.set_num_threads(settings.threads)
     with console.progress() as progress:
         stages = _Stages(out, settings, resume, progress)
-        vae = stages.vae()
-        if until == "vae":
-            return None
-        stages.base(vae)
-        if until == "base":
-            return None
-        stages.evaluator()
-        if until == "evaluator" and settings.dino_steps:
-            return None
-        stages.dino()
+        stages.run(STAGES[: STAGES.index(until) + 1])
+    if STAGES.index(until) < STAGES.index("dino" if settings.dino_steps else "evaluator"):  # v1 has no DINO stage
+        return None
     if settings.compact_vocabulary:
         vocab.compact_vocabulary(out / "base", out / "evaluator", train.world_words(v2=True))
     _check_no_pickle(out)
@@ -283,15 +276,7 @@ def _chain(out: Path, settings: BuildSettings, resume: bool, chain: tuple[str, .
     threading.Thread(target=watch, daemon=True).start()
     torch.set_num_threads(settings.threads)
     with console.progress() as progress:
-        stages = _Stages(out, settings, resume, progress)
-        vae = None
-        for stage in chain:
-            if stage == "vae":
-                vae = stages.vae()
-            elif stage == "base":
-                stages.base(vae)
-            else:
-                getattr(stages, stage)()
+        _Stages(out, settings, resume, progress).run(chain)
 
 
 class _Stages:
@@ -303,6 +288,17 @@ class _Stages:
         self.vae_dir, self.eval_dir, self.base_dir = out / "base" / "vae", out / "evaluator", out / "base"
         self.dino_dir = out / "dino"
         self._rich: train.Dataset | None = None
+
+    def run(self, names: Sequence[str]) -> None:
+        """The named stages in STAGES' order (the base model trains in the VAE's latents: "base" follows "vae")."""
+        vae = None
+        for name in names:
+            if name == "vae":
+                vae = self.vae()
+            elif name == "base":
+                self.base(vae)
+            else:
+                getattr(self, name)()
 
     def record(self, stage: str, t0: float) -> None:
         """Add this stage's seconds to SECONDS_FILE, keeping what another chain's process wrote there meanwhile."""

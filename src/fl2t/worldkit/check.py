@@ -576,9 +576,9 @@ def oracle_pairs(
     presence: Presence,
     pairs: Sequence[tuple[str, str]] = ORACLE_PAIRS,
 ) -> list[Row]:
-    """tiny10's object pairs (`pairs`, each named left first) drawn by `lookup` (both experts summed at full weight) and `lookup+span`
-    (each expert's keys and values restricted to its own tokens), both experts already learned into their store; the
-    share of pictures with both concepts present, each concept's own share in the detail."""
+    """tiny10's object pairs (`pairs`, each named left first) drawn by `lookup` (both experts summed at full weight)
+    and `lookup+span` (each expert's keys and values restricted to its own tokens), both experts already learned into
+    their store; the share of pictures with both concepts present, each concept's own share in the detail."""
     s1, rows = ctx.step1, []
     for label, m in (("summed at full weight", lookup), ("span-restricted keys/values", span)):
         images, found, pair_sampler = [], [], m.sampler()
