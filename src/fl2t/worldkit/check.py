@@ -331,14 +331,15 @@ def class_prompts(concept: WorldConcept) -> list[str]:
 @dataclass
 class SeparationImages:
     """The pictures of the CA-ceiling gates, drawn once for every encoder that reads them: per concept, its
-    references, fresh renders of it, and the base model's images of its class prompts."""
+    references, fresh renders of it, and the base model's images of its class prompts. 80 renders per concept: each
+    concept's share is then read on the 80 images the issue's gates ask for (with 10, a 0.95 gate needed 10 of 10)."""
 
     refs: dict[str, list[Image.Image]]
     fresh: dict[str, list[Image.Image]]
     classes: dict[str, list[Image.Image]]
 
     @classmethod
-    def draw(cls, ctx: CheckContext, per_concept: int = 10, class_images: int = 10) -> SeparationImages:
+    def draw(cls, ctx: CheckContext, per_concept: int = 80, class_images: int = 10) -> SeparationImages:
         refs = {c.name: [render(s, ctx.side) for s in reference_scenes(c)] for c in CONCEPTS}
         fresh, classes = {}, {}
         cache: dict[tuple[str, ...], list[Image.Image]] = {}
