@@ -105,7 +105,6 @@ def main(world: str, out: str, steps: str, overrides: str = "{}") -> None:
         log=lambda m: print(m, flush=True),
         text_layers=s.text_layers,
         transformer_layers=s.transformer_layers,
-        top_attention=s.top_attention,
         pairs_left_first=s.pairs_left_first,
         init=init,
         **train_kw,

@@ -70,7 +70,6 @@ class BuildSettings:
     # named in either order).
     text_layers: int = 2
     transformer_layers: int = 1
-    top_attention: bool = False  # attention at the latent's own resolution too (`models.new_unet`)
     pairs_left_first: bool = False
     patterned_share: float = 0.35  # of the base model's single-object pictures, drawn with a two-colour pattern
     pair_patterned: float = 0.3  # each object of a two-object picture patterned with this probability (base stage)
@@ -358,7 +357,6 @@ class _Stages:
             stop=lambda: (self.out / STOP_FILE).is_file(),
             text_layers=s.text_layers,
             transformer_layers=s.transformer_layers,
-            top_attention=s.top_attention,
             pairs_left_first=s.pairs_left_first,
         )
         if done < s.base_steps:  # stopped early: the manifest records the steps trained

@@ -58,22 +58,17 @@ def new_vae(**overrides: Any) -> AutoencoderKL:
     return AutoencoderKL(**{**config, **overrides})
 
 
-def new_unet(
-    latent_size: int = LATENT_SIZE, transformer_layers: int = 1, top_attention: bool = False
-) -> UNet2DConditionModel:
+def new_unet(latent_size: int = LATENT_SIZE, transformer_layers: int = 1) -> UNet2DConditionModel:
     """The base UNet for latents of `latent_size` (half the picture's side: 16 for the 32 px world, 24 for 48 px),
-    with `transformer_layers` attention layers in each cross-attention block. `top_attention`: attention blocks at the
-    latent's own resolution too (as SD 1.5 has at its highest level; a LoRA on attention then reaches the finest
-    features), at twice the training step's time on 2 cores."""
-    top = "CrossAttn" if top_attention else ""
+    with `transformer_layers` attention layers in each cross-attention block."""
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(64, 96, 96),
         layers_per_block=1,
-        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=4,  # diffusers reads this as the number of heads
         norm_num_groups=16,

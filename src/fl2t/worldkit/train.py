@@ -313,7 +313,6 @@ def train_base(
     stop: Callable[[], bool] | None = None,
     text_layers: int = 2,
     transformer_layers: int = 1,
-    top_attention: bool = False,
     pairs_left_first: bool = False,
     init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
     summary_dropout: float = 0.0,
@@ -339,7 +338,7 @@ def train_base(
     if init:
         unet, text = init
     else:
-        unet = models.new_unet(latents.shape[-1], transformer_layers, top_attention)
+        unet = models.new_unet(latents.shape[-1], transformer_layers)
         text = models.new_text_encoder(text_layers)
         zero_unused_rows(text.get_input_embeddings(), world_token_ids(is_world_v2(scenes)))
     if frozen_text is not None:
