@@ -8,9 +8,10 @@ The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every c
 concept, also the backgrounds of its reference pictures, and (objects) the presence score's finds on the images CA
 calls the concept's own, as the check's "presence on generations" row counts them, beside the presence score on the
 base model's images of the same prompts with the concept described in the world's words instead of its token ("a
-small blue red-centred ring on a white background"): what the base draws of the look without any expert. BALANCED=1: the named concepts' reference pictures are
-drawn again with their backgrounds cycling through black, white and gray (the same scenes otherwise), learned from and
-scored against those (the other concepts' references as they are): does covering the backgrounds help?
+small blue red-centred ring on a white background"): what the base draws of the look without any expert.
+BALANCED=1: the named concepts' reference pictures are drawn again with their backgrounds cycling through black, white
+and gray (the same scenes otherwise), learned from and scored against those (the other concepts' references as they
+are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 """
 
@@ -63,21 +64,18 @@ def main() -> None:
         for name in names:
             c = get_concept(name)
             ca, _, images, own = s1.score(name, sampler)
-            prompts, _ = s1.prompts(name)
+            prompts, seeds = s1.prompts(name)
             by = defaultdict(list)
             for p, o in zip(prompts, own):
-                by[next((b for b in ("black", "white", "gray") if f"{b} background" in p), "none named")].append(o)
+                by[next((b for b in BACKGROUNDS if f"{b} background" in p), "none named")].append(o)
             refs = [s.background for s in (balanced_scenes if balanced else reference_scenes)(c)]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]
-                found = presence(mine, [name])[:, 0] if mine else np.zeros(0)
-                print(
-                    f"  presence finds it in {found.mean() if mine else 0:.2f} of the {len(mine)} images CA calls its own"
-                )
+                found = presence(mine, [name])[:, 0].mean() if mine else 0.0
+                print(f"  presence finds it in {found:.2f} of the {len(mine)} images CA calls its own")
                 look = Scene(c.shape, c.colour, "black", "in the center", "small", c.pattern, c.colour2)
                 words = object_phrase(look, False)
-                prompts, seeds = s1.prompts(name)
                 base = ctx.base_images([p.replace(c.subject, words) for p in prompts], seeds)
                 print(f"  the base, described as '{words}': presence {presence(base, [name])[:, 0].mean():.2f}")
             for bg, hits in sorted(by.items()):
