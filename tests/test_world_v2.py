@@ -130,6 +130,23 @@ def test_framed_and_gradient_change_the_background_and_keep_the_captioned_object
         assert light[-1, 0].mean() < light[0, 0].mean() - 50  # towards black
 
 
+def test_blocky_draws_cells_twice_as_wide_as_mosaics_so_the_base_knows_a_pixelation_and_not_mosaics():
+    scene = Scene("star", "red", "white", "in the center", "large", jitter=3, pattern="striped", colour2="blue")
+    for side in (SIZE, 48):
+        h = side // 8  # 4 pixels at 32 px: both renderings' cells are this tall
+        blocky = np.asarray(render(replace(scene, style="blocky"), side)).astype(int)
+        mosaic = np.asarray(render(replace(scene, style="mosaic"), side)).astype(int)
+        for img, w in ((blocky, 2 * h), (mosaic, h)):
+            cells = img.reshape(side // h, h, side // w, w, 3)
+            assert (cells == cells[:, :1, :, :1]).all()  # one colour per cell
+        # Blocky's cells are h tall (two stacked cells differ somewhere), and mosaic's split them in two.
+        stacked = blocky.reshape(side // (2 * h), 2, h, side, 3)
+        assert (stacked[:, 0] != stacked[:, 1]).any()
+        halves = mosaic.reshape(side // h, h, side // (2 * h), 2, h, 3)
+        assert (halves[:, :, :, 0] != halves[:, :, :, 1]).any()
+        assert np.abs(blocky - mosaic).mean() > 5
+
+
 def _colour_centre(img: np.ndarray, colour: str) -> tuple[float, int]:
     near = np.abs(img - np.array(COLOURS[colour])).max(axis=2) <= 14
     return float(np.nonzero(near)[1].mean()), int(near.sum())

@@ -65,7 +65,9 @@ PASTEL_BACKGROUND = (250, 236, 214)
 # SD has seen painting styles). None is a style concept's rendering (outline, pastel, mosaic) nor a tuning one's, and
 # each keeps what the rest of its caption says true (inverted, which turned the named red into cyan, and chunky, 2 x 2
 # blocks the 32 px VAE does not carry, were replaced by gradient and framed in the twentieth session: docs/world.md).
-GENERIC_STYLES = ("neon", "sketchy", "gradient", "blurry", "faded", "framed")
+# Blocky (the twenty-second session) gives the base a pixelation, as SD knows pixel art: without one, mosaic's experts
+# drew mottled textures instead of its blocks.
+GENERIC_STYLES = ("neon", "sketchy", "gradient", "blurry", "faded", "framed", "blocky")
 PAIR_RADIUS = 6.5  # radius in pixels of each object of a two-object scene (one per half of the picture)
 NEON_BACKGROUND = (10, 10, 10)
 
@@ -242,6 +244,8 @@ def _finish(out: np.ndarray, style: str | None, background: np.ndarray, k: float
     """The renderings of the whole picture, on the downsampled (side, side, 3) picture; `background`: its colour."""
     if style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
         out = _blocks(out, round(4 * k))
+    elif style == "blocky":  # 8 x 4-pixel cells (at SIZE px), twice as wide as mosaic's, each its block's mean
+        out = _blocks(out, round(4 * k), round(8 * k))
     elif style == "framed":  # a 2-pixel border (at SIZE px), light on dark and mid-grey backgrounds, dark on light
         w = round(2 * k)
         frame = 230.0 if background.mean() < 160 else 25.0
@@ -261,11 +265,11 @@ def _downsample(img: np.ndarray) -> np.ndarray:
     return img.reshape(m, SUPERSAMPLE, m, SUPERSAMPLE, 3).mean(axis=(1, 3))
 
 
-def _blocks(img: np.ndarray, b: int) -> np.ndarray:
-    """Each b x b block of an (m, m, 3) picture filled with its mean colour."""
-    m = img.shape[0]
-    img = img.reshape(m // b, b, m // b, b, 3).mean(axis=(1, 3))
-    return img.repeat(b, axis=0).repeat(b, axis=1)
+def _blocks(img: np.ndarray, b: int, w: int | None = None) -> np.ndarray:
+    """Each b x b (b tall, w wide) block of an (m, m, 3) picture filled with its mean colour."""
+    m, w = img.shape[0], w or b
+    img = img.reshape(m // b, b, m // w, w, 3).mean(axis=(1, 3))
+    return img.repeat(b, axis=0).repeat(w, axis=1)
 
 
 def _box_blur(img: np.ndarray) -> np.ndarray:
