@@ -13,6 +13,7 @@ BALANCED=1: the named concepts' reference pictures are drawn again with their ba
 and gray (the same scenes otherwise), learned from and scored against those (the other concepts' references as they
 are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
+Printed per concept: its CA, its references' backgrounds and the seconds its expert took to learn (the anchors included).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -57,8 +59,11 @@ def main() -> None:
                 s1.refs[name] = ctx.evaluator.image_embeds(concept.images[:REFERENCES_PER_CONCEPT])
         settings = ctx.learn.model_copy(update=json.loads(os.environ.get("SETTINGS", "{}")))
         lookup = METHODS["lookup"](MethodContext(str(world / "base"), settings, Path(tmp) / "w", Path(tmp) / "s"))
+        learned = {}
         for name in names:
+            t = time.time()
             lookup.learn(s1.concepts[name])
+            learned[name] = time.time() - t
         sampler = lookup.sampler()
         presence = Presence(ctx.evaluator)
         for name in names:
@@ -69,7 +74,7 @@ def main() -> None:
             for p, o in zip(prompts, own):
                 by[next((b for b in BACKGROUNDS if f"{b} background" in p), "none named")].append(o)
             refs = [s.background for s in (balanced_scenes if balanced else reference_scenes)(c)]
-            print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}")
+            print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}; learned in {learned[name]:.1f} s")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]
                 found = presence(mine, [name])[:, 0].mean() if mine else 0.0
