@@ -13,7 +13,8 @@ BALANCED=1: the named concepts' reference pictures are drawn again with their ba
 and gray (the same scenes otherwise), learned from and scored against those (the other concepts' references as they
 are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
-Printed per concept: its CA, its references' backgrounds and the seconds its expert took to learn (the anchors included).
+Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)
+and, for the images CA does not call its own, whose references (or the class's images) they are nearest.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 
 from fl2t.data import load_concept
 from fl2t.methods import METHODS, MethodContext
+from fl2t.metrics import nearest_concepts
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes, write_concept
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
@@ -85,6 +87,10 @@ def main() -> None:
                 print(f"  the base, described as '{words}': presence {presence(base, [name])[:, 0].mean():.2f}")
             for bg, hits in sorted(by.items()):
                 print(f"  prompt names {bg:10s} CA {np.mean(hits):.2f} ({len(hits)} images)")
+            labels = nearest_concepts(ctx.evaluator.image_embeds(images), s1.refs, s1.class_images(name))
+            misread = Counter(label for label in labels if label != name).most_common()
+            if misread:
+                print("  the others nearest: " + ", ".join(f"{label} {n}" for label, n in misread))
 
 
 if __name__ == "__main__":
