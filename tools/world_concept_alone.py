@@ -13,6 +13,7 @@ BALANCED=1: the named concepts' reference pictures are drawn again with their ba
 and gray (the same scenes otherwise), learned from and scored against those (the other concepts' references as they
 are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
+GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)
 and, for the images CA does not call its own, whose references (or the class's images) they are nearest.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fl2t.data import load_concept
 from fl2t.methods import METHODS, MethodContext
@@ -43,6 +45,18 @@ from fl2t.worldkit import check
 def balanced_scenes(concept: WorldConcept) -> list[Scene]:
     """The concept's reference scenes with their backgrounds cycling black, white, gray."""
     return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
+
+
+def save_grid(path: Path, references: list[Image.Image], images: list[Image.Image]) -> None:
+    """The references in the first row, the images eight to a row below, every picture at twice its size."""
+    side = images[0].width
+    sheet = Image.new("RGB", (8 * side, (1 + -(-len(images) // 8)) * side))
+    for i, im in enumerate(references):
+        sheet.paste(im.resize((side, side)), (i * side, 0))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % 8) * side, (1 + i // 8) * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.resize((2 * sheet.width, 2 * sheet.height), Image.NEAREST).save(path)
 
 
 def main() -> None:
@@ -87,6 +101,8 @@ def main() -> None:
                 print(f"  the base, described as '{words}': presence {presence(base, [name])[:, 0].mean():.2f}")
             for bg, hits in sorted(by.items()):
                 print(f"  prompt names {bg:10s} CA {np.mean(hits):.2f} ({len(hits)} images)")
+            if os.environ.get("GRID"):
+                save_grid(Path(os.environ["GRID"]) / f"{name}.png", s1.concepts[name].images[:5], images[:16])
             labels = nearest_concepts(ctx.evaluator.image_embeds(images), s1.refs, s1.class_images(name))
             misread = Counter(label for label in labels if label != name).most_common()
             if misread:
