@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from fl2t.data import load_concept
+from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
-from fl2t.metrics import nearest_concepts
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes, write_concept
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
@@ -48,15 +48,10 @@ def balanced_scenes(concept: WorldConcept) -> list[Scene]:
 
 
 def save_grid(path: Path, references: list[Image.Image], images: list[Image.Image]) -> None:
-    """The references in the first row, the images eight to a row below, every picture at twice its size."""
-    side = images[0].width
-    sheet = Image.new("RGB", (8 * side, (1 + -(-len(images) // 8)) * side))
-    for i, im in enumerate(references):
-        sheet.paste(im.resize((side, side)), (i * side, 0))
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % 8) * side, (1 + i // 8) * side))
+    """The references in the first row (the rest of it blank), the images eight to a row below, at twice their size."""
+    blank = [Image.new("RGB", images[0].size)] * (8 - len(references))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.resize((2 * sheet.width, 2 * sheet.height), Image.NEAREST).save(path)
+    image_grid([*references, *blank, *images], columns=8, scale=2).save(path)
 
 
 def main() -> None:
@@ -84,7 +79,8 @@ def main() -> None:
         presence = Presence(ctx.evaluator)
         for name in names:
             c = get_concept(name)
-            ca, _, images, own = s1.score(name, sampler)
+            ca, _, images, labels = s1.score(name, sampler)
+            own = [label == name for label in labels]
             prompts, seeds = s1.prompts(name)
             by = defaultdict(list)
             for p, o in zip(prompts, own):
@@ -102,8 +98,11 @@ def main() -> None:
             for bg, hits in sorted(by.items()):
                 print(f"  prompt names {bg:10s} CA {np.mean(hits):.2f} ({len(hits)} images)")
             if os.environ.get("GRID"):
-                save_grid(Path(os.environ["GRID"]) / f"{name}.png", s1.concepts[name].images[:5], images[:16])
-            labels = nearest_concepts(ctx.evaluator.image_embeds(images), s1.refs, s1.class_images(name))
+                save_grid(
+                    Path(os.environ["GRID"]) / f"{name}.png",
+                    s1.concepts[name].images[:REFERENCES_PER_CONCEPT],
+                    images[:16],
+                )
             misread = Counter(label for label in labels if label != name).most_common()
             if misread:
                 print("  the others nearest: " + ", ".join(f"{label} {n}" for label, n in misread))

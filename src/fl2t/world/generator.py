@@ -244,7 +244,7 @@ def _finish(out: np.ndarray, style: str | None, background: np.ndarray, k: float
     """The renderings of the whole picture, on the downsampled (side, side, 3) picture; `background`: its colour."""
     if style == "mosaic":  # 4x4-pixel blocks (at SIZE px), each the mean colour of its block
         out = _blocks(out, round(4 * k))
-    elif style == "blocky":  # 8 x 4-pixel cells (at SIZE px), twice as wide as mosaic's, each its block's mean
+    elif style == "blocky":  # 8 x 4-pixel cells (at SIZE px), twice as wide as mosaic's, each its cell's mean
         out = _blocks(out, round(4 * k), round(8 * k))
     elif style == "framed":  # a 2-pixel border (at SIZE px), light on dark and mid-grey backgrounds, dark on light
         w = round(2 * k)
@@ -266,7 +266,7 @@ def _downsample(img: np.ndarray) -> np.ndarray:
 
 
 def _blocks(img: np.ndarray, b: int, w: int | None = None) -> np.ndarray:
-    """Each b x b (b tall, w wide) block of an (m, m, 3) picture filled with its mean colour."""
+    """Each block of an (m, m, 3) picture, b tall and w wide (default b), filled with its mean colour."""
     m, w = img.shape[0], w or b
     img = img.reshape(m // b, b, m // w, w, 3).mean(axis=(1, 3))
     return img.repeat(b, axis=0).repeat(w, axis=1)

@@ -436,16 +436,16 @@ class Step1:
         self.class_pictures[name] = self._class[texts][0]
         return self._class[texts][1]
 
-    def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image], list[bool]]:
-        """(concept accuracy, normalised IA, the images, per image whether CA's rule calls it the concept's own) of
+    def score(self, name: str, sampler: Sampler) -> tuple[float, float, list[Image.Image], list[str]]:
+        """(concept accuracy, normalised IA, the images, per image the concept (or CLASS) CA's rule reads it as) of
         `sampler`'s pictures of concept `name`, made CHECK_BATCH at a time (the sampler's batch is set to it)."""
         prompts, seeds = self.prompts(name)
         sampler.batch = CHECK_BATCH
         images = sampler(prompts, seeds, self.ctx.steps, self.ctx.guidance_scale)
         emb = self.ctx.evaluator.image_embeds(images)
-        own = [label == name for label in nearest_concepts(emb, self.refs, self.class_images(name))]
+        labels = nearest_concepts(emb, self.refs, self.class_images(name))
         nia = image_alignment(emb, self.refs[name]) / reference_alignment(self.refs[name])
-        return sum(own) / len(own), nia, images, own
+        return labels.count(name) / len(labels), nia, images, labels
 
 
 def gate_step1(ctx: CheckContext) -> list[Row]:
@@ -533,10 +533,10 @@ def gate_concepts_alone(ctx: CheckContext) -> list[Row]:
             span.learn(s1.concepts[c.name])  # the same expert, from the store
         sampler = lookup.sampler()  # a prompt naming one concept: its expert alone (the oracle)
         for c in CONCEPTS:
-            cas[c.name], _, images, own = s1.score(c.name, sampler)
+            cas[c.name], _, images, labels = s1.score(c.name, sampler)
             ctx.samples[f"alone {c.name}"] = images
             if c.kind == "object":
-                found += list(presence([im for im, o in zip(images, own) if o], [c.name])[:, 0])
+                found += list(presence([im for im, label in zip(images, labels) if label == c.name], [c.name])[:, 0])
                 absent += list(~presence(s1.class_pictures[c.name], [c.name])[:, 0])
         rows = oracle_pairs(ctx, lookup, span, presence)
     low, slow = min(cas, key=cas.get), max(secs, key=secs.get)
