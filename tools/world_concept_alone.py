@@ -9,9 +9,10 @@ concept, also the backgrounds of its reference pictures, and (objects) the prese
 calls the concept's own, as the check's "presence on generations" row counts them, beside the presence score on the
 base model's images of the same prompts with the concept described in the world's words instead of its token ("a
 small blue red-centred ring on a white background"): what the base draws of the look without any expert.
-BALANCED=1: the named concepts' reference pictures are drawn again with their backgrounds cycling through black, white
-and gray (the same scenes otherwise), learned from and scored against those (the other concepts' references as they
-are): does covering the backgrounds help?
+BALANCED=1: every concept's reference pictures are drawn again with their backgrounds cycling through black, white
+and gray (`balanced_reference_scenes`: the same scenes otherwise), learned from and scored against those (before
+commit "Balanced references and Step-1 overrides as CheckContext knobs", only the named concepts' were redrawn, the
+others' scored against as they are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)
@@ -26,25 +27,18 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fl2t.data import load_concept
 from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import REFERENCES_PER_CONCEPT, WorldConcept, get_concept, reference_scenes, write_concept
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, balanced_reference_scenes, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
-
-
-def balanced_scenes(concept: WorldConcept) -> list[Scene]:
-    """The concept's reference scenes with their backgrounds cycling black, white, gray."""
-    return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
 
 
 def save_grid(path: Path, references: list[Image.Image], images: list[Image.Image]) -> None:
@@ -57,18 +51,12 @@ def save_grid(path: Path, references: list[Image.Image], images: list[Image.Imag
 def main() -> None:
     world, names = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    ctx = check.CheckContext(world)
-    s1 = ctx.step1
     balanced = os.environ.get("BALANCED") == "1"
+    ctx = check.CheckContext(
+        world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")), balanced_references=balanced
+    )
+    s1, settings = ctx.step1, ctx.learn
     with tempfile.TemporaryDirectory() as tmp:
-        if balanced:
-            for name in names:
-                c = get_concept(name)
-                folder = write_concept(c, Path(tmp) / "concepts", ctx.side, scenes=balanced_scenes(c))
-                concept = load_concept(folder)
-                s1.concepts[name] = concept
-                s1.refs[name] = ctx.evaluator.image_embeds(concept.images[:REFERENCES_PER_CONCEPT])
-        settings = ctx.learn.model_copy(update=json.loads(os.environ.get("SETTINGS", "{}")))
         lookup = METHODS["lookup"](MethodContext(str(world / "base"), settings, Path(tmp) / "w", Path(tmp) / "s"))
         learned = {}
         for name in names:
@@ -85,7 +73,7 @@ def main() -> None:
             by = defaultdict(list)
             for p, o in zip(prompts, own):
                 by[next((b for b in BACKGROUNDS if f"{b} background" in p), "none named")].append(o)
-            refs = [s.background for s in (balanced_scenes if balanced else reference_scenes)(c)]
+            refs = [s.background for s in (balanced_reference_scenes if balanced else reference_scenes)(c)]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}; learned in {learned[name]:.1f} s")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]

@@ -2,8 +2,13 @@
 Step 1 (seconds, concept accuracy) and a sequential LoRA's forgetting over three tasks.
 
     THREADS=1 python tools/world_step1_gates.py WORLD
+    BALANCED=1 SETTINGS='{"batch_size": 4, "rank": 16}' THREADS=2 python tools/world_step1_gates.py WORLD
+
+SETTINGS: LearnSettings fields changed from tiny10's Step 1; BALANCED=1: every concept's references drawn with
+`balanced_reference_scenes` (both as in tools/world_concept_alone.py).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,5 +18,10 @@ import torch
 from fl2t.worldkit import check
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-for r in check.gate_step1(check.CheckContext(Path(sys.argv[1]))):
+ctx = check.CheckContext(
+    Path(sys.argv[1]),
+    learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")),
+    balanced_references=os.environ.get("BALANCED") == "1",
+)
+for r in check.gate_step1(ctx):
     print(f"{r.gate}: {r.value:.3f} ({r.detail})", flush=True)

@@ -185,6 +185,13 @@ def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> 
     return [concept.scene(rng) for _ in range(n)]
 
 
+def balanced_reference_scenes(concept: WorldConcept) -> list[Scene]:
+    """The concept's reference scenes with their backgrounds cycling black, white, gray (the same scenes otherwise),
+    as a user's photos of a pet in several rooms: world v2's candidate references (docs/world.md), an experiment's
+    until v2 ships (the shipped v1 table and the concepts' pinned digest rest on `reference_scenes`)."""
+    return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
+
+
 def pair_reference_scenes(concept: WorldConcept, n: int) -> list[tuple[PairScene, str]]:
     """An object concept's pictures at a two-object scene's size (an experiment's references, none by default): the
     concept beside a plain object of another shape and other colours, on the left or the right, as a photo of a pet
