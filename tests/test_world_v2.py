@@ -294,6 +294,18 @@ def test_the_step1_gates_learn_with_the_settings_tiny10_learns_with(tmp_path, mo
     monkeypatch.setattr(check, "TINY10", changed)
     learn = check.CheckContext(Path("unused")).learn
     assert (learn.lora_attention, learn.steps, learn.checkpoint_every) == ("cross", 400, 0)
+    # an experiment's overrides go over tiny10's, the rest kept
+    learn = check.CheckContext(Path("unused"), learn_overrides={"batch_size": 4, "rank": 16}).learn
+    assert (learn.batch_size, learn.rank, learn.lora_attention, learn.steps) == (4, 16, "cross", 400)
+
+
+def test_balanced_references_cycle_the_backgrounds_and_keep_everything_else():
+    from fl2t.world.concepts import balanced_reference_scenes
+
+    for c in CONCEPTS:
+        plain, balanced = reference_scenes(c), balanced_reference_scenes(c)
+        assert [s.background for s in balanced] == ["black", "white", "gray", "black", "white"]
+        assert [replace(s, background="black") for s in balanced] == [replace(s, background="black") for s in plain]
 
 
 def test_summary_dropout_replaces_the_end_token_and_the_padding_and_keeps_the_words():
