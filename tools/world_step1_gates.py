@@ -1,5 +1,6 @@
 """The world check's Step-1 gates alone on a world folder (a base variant's OUT): stripestar learned with tiny10's
-Step 1 (seconds, concept accuracy) and a sequential LoRA's forgetting over three tasks.
+Step 1 (seconds, concept accuracy) and a sequential LoRA's forgetting over three tasks (`--full`'s, the mean of
+three Step-1 seeds).
 
     THREADS=1 python tools/world_step1_gates.py WORLD
     BALANCED=1 SETTINGS='{"batch_size": 4, "rank": 16}' THREADS=2 python tools/world_step1_gates.py WORLD
@@ -23,5 +24,5 @@ ctx = check.CheckContext(
     learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")),
     balanced_references=os.environ.get("BALANCED") == "1",
 )
-for r in check.gate_step1(ctx):
+for r in check.gate_step1(ctx) + check.gate_forgetting(ctx):
     print(f"{r.gate}: {r.value:.3f} ({r.detail})", flush=True)
