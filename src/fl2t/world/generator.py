@@ -10,16 +10,12 @@ hardest job is binding the right colour to the object (issue 3, measured facts).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 SIZE = 32  # image side in pixels
-# An experiment (twenty-third session, removed in the next commit): the checkered pattern's cell side in pixels at
-# SIZE px (4 in every world built); FL2T_CHECKER_CELL=6 draws every checkered picture with 6-pixel cells.
-CHECKER_CELL = float(os.environ.get("FL2T_CHECKER_CELL", "4"))
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down, for smooth edges
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "ring")
@@ -130,7 +126,7 @@ def _pattern_mask(pattern: str, cx: float, cy: float, r: float, n: int) -> np.nd
     if pattern == "striped":
         return ((y - cy) // (3 * s)) % 2 == 0
     if pattern == "checkered":
-        return (((x - cx) // (CHECKER_CELL * s)) + ((y - cy) // (CHECKER_CELL * s))) % 2 == 0
+        return (((x - cx) // (4 * s)) + ((y - cy) // (4 * s))) % 2 == 0
     if pattern == "dotted":
         fx, fy = ((x - cx) / (5 * s)) % 1.0 - 0.5, ((y - cy) / (5 * s)) % 1.0 - 0.5
         return fx**2 + fy**2 <= 0.3**2
