@@ -10,9 +10,8 @@ calls the concept's own, as the check's "presence on generations" row counts the
 base model's images of the same prompts with the concept described in the world's words instead of its token ("a
 small blue red-centred ring on a white background"): what the base draws of the look without any expert.
 BALANCED=1: every concept's reference pictures are drawn again with their backgrounds cycling through black, white
-and gray (`balanced_reference_scenes`: the same scenes otherwise), learned from and scored against those (before
-commit "Balanced references and Step-1 overrides as CheckContext knobs", only the named concepts' were redrawn, the
-others' scored against as they are): does covering the backgrounds help?
+and gray (`balanced_reference_scenes`: the same scenes otherwise), learned from and scored against those (before 0b25534
+only the named concepts' were redrawn, the others' scored against as they are): does covering the backgrounds help?
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)

@@ -30,7 +30,8 @@ PER_PATTERN = 16
 RENDERS = 4
 
 
-def prompts_and_scenes() -> list[Scene]:
+def pattern_scenes() -> list[Scene]:
+    """PER_PATTERN looks per pattern (random shape, two colours, background), none a concept's look."""
     rng = np.random.default_rng(11)
     looks = {c.appearance for c in CONCEPTS}
     scenes = []
@@ -75,7 +76,7 @@ def report(label: str, reads: list[str], scenes: list[Scene]) -> None:
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    scenes = prompts_and_scenes()
+    scenes = pattern_scenes()
     for i, world in enumerate(sys.argv[1:]):
         ctx = check.CheckContext(Path(world))
         if i == 0:
