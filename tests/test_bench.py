@@ -685,9 +685,16 @@ def test_compute_is_counted_per_task_and_the_shared_experts_charged_to_the_metho
     assert "## Compute" in md and f"| oracle | {steps * n} | 0 |" in md
 
 
-def test_the_world_dino_encoder_on_a_world_without_one_is_refused_before_anything_runs(tmp_path):
+def test_the_world_dino_encoder_on_a_world_without_one_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import fl2t.world
+
+    v1 = tmp_path / "v1-weights"  # a v1 world installed in the package: a base, no DINO-like encoder
+    (v1 / "base").mkdir(parents=True)
+    for marker in ("base/model_index.json", "manifest.json"):
+        (v1 / marker).write_text("{}")
+    monkeypatch.setattr(fl2t.world, "WEIGHTS_DIR", v1)
     cfg_path = tmp_path / "t3.yaml"
     cfg_path.write_text(yaml.safe_dump({**CONFIG, "dino": "world"}))
-    with pytest.raises(Fl2tError, match=r"has no DINO-like encoder .*`fl2t world build --v2`"):
+    with pytest.raises(Fl2tError, match=r"has no DINO-like encoder .*`fl2t world build --v1`"):
         Benchmark(load_config(cfg_path), tmp_path / "runs", ["merge"])
     assert not list((tmp_path / "runs").rglob("*.json"))  # nothing learned or recorded

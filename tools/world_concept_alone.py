@@ -2,16 +2,14 @@
 says of the background (issue 14: where a concept's expert falls back to its plain class).
 
     THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
-    BALANCED=1 THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
 
 The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every concept learned alone" row; per
 concept, also the backgrounds of its reference pictures, and (objects) the presence score's finds on the images CA
 calls the concept's own, as the check's "presence on generations" row counts them, beside the presence score on the
 base model's images of the same prompts with the concept described in the world's words instead of its token ("a
 small blue red-centred ring on a white background"): what the base draws of the look without any expert.
-BALANCED=1: every concept's reference pictures are drawn again with their backgrounds cycling through black, white
-and gray (`balanced_reference_scenes`: the same scenes otherwise), learned from and scored against those (before 0b25534
-only the named concepts' were redrawn, the others' scored against as they are): does covering the backgrounds help?
+(`BALANCED=1` drew every concept's references with their backgrounds cycling black, white, gray, an experiment until
+the world's references became those in world v2.)
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)
@@ -34,7 +32,7 @@ from PIL import Image
 
 from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import REFERENCES_PER_CONCEPT, balanced_reference_scenes, get_concept, reference_scenes
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, get_concept, reference_scenes
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
@@ -50,10 +48,7 @@ def save_grid(path: Path, references: list[Image.Image], images: list[Image.Imag
 def main() -> None:
     world, names = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    balanced = os.environ.get("BALANCED") == "1"
-    ctx = check.CheckContext(
-        world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")), balanced_references=balanced
-    )
+    ctx = check.CheckContext(world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
     s1, settings = ctx.step1, ctx.learn
     with tempfile.TemporaryDirectory() as tmp:
         lookup = METHODS["lookup"](MethodContext(str(world / "base"), settings, Path(tmp) / "w", Path(tmp) / "s"))
@@ -72,7 +67,7 @@ def main() -> None:
             by = defaultdict(list)
             for p, o in zip(prompts, own):
                 by[next((b for b in BACKGROUNDS if f"{b} background" in p), "none named")].append(o)
-            refs = [s.background for s in (balanced_reference_scenes if balanced else reference_scenes)(c)]
+            refs = [s.background for s in reference_scenes(c)]
             print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}; learned in {learned[name]:.1f} s")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]

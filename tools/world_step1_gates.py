@@ -3,10 +3,9 @@ Step 1 (seconds, concept accuracy) and a sequential LoRA's forgetting over three
 three Step-1 seeds).
 
     THREADS=1 python tools/world_step1_gates.py WORLD
-    BALANCED=1 SETTINGS='{"batch_size": 4, "rank": 16}' THREADS=2 python tools/world_step1_gates.py WORLD
+    SETTINGS='{"batch_size": 1, "rank": 4}' THREADS=2 python tools/world_step1_gates.py WORLD
 
-SETTINGS: LearnSettings fields changed from tiny10's Step 1; BALANCED=1: every concept's references drawn with
-`balanced_reference_scenes` (both as in tools/world_concept_alone.py).
+SETTINGS: LearnSettings fields changed from tiny10's Step 1 (as in tools/world_concept_alone.py).
 """
 
 import json
@@ -19,10 +18,6 @@ import torch
 from fl2t.worldkit import check
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
-ctx = check.CheckContext(
-    Path(sys.argv[1]),
-    learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")),
-    balanced_references=os.environ.get("BALANCED") == "1",
-)
+ctx = check.CheckContext(Path(sys.argv[1]), learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
 for r in check.gate_step1(ctx) + check.gate_forgetting(ctx):
     print(f"{r.gate}: {r.value:.3f} ({r.detail})", flush=True)

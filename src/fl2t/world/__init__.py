@@ -52,8 +52,9 @@ def dino_path() -> Path:
     """The shipped DINO-like encoder's folder (`fl2t.metrics.DinoEvaluator.load(...)`); world v2 builds train one."""
     if not (WEIGHTS_DIR / "dino" / "config.json").is_file() and (WEIGHTS_DIR / "base").is_dir():
         raise Fl2tError(
-            f"the shipped tiny world has no DINO-like encoder ({WEIGHTS_DIR / 'dino'}): only world v2 builds "
-            "(`fl2t world build --v2`) train one; set `dino:` to a folder or leave it out"
+            f"the installed tiny world has no DINO-like encoder ({WEIGHTS_DIR / 'dino'}): a v1 world "
+            "(`fl2t world build --v1`) has none; rebuild with `fl2t world build`, or set `dino:` to a folder or "
+            "leave it out"
         )
     return _shipped("dino", "config.json")
 

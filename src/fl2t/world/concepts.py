@@ -180,16 +180,11 @@ def get_concept(name: str) -> WorldConcept:
 
 def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
     """The concept's reference pictures: fixed by the world's seed and the concept's place in CONCEPTS (the tuning
-    concepts' places follow)."""
+    concepts' places follow), their backgrounds cycling black, white, gray, as a user's photos of a pet in several
+    rooms (world v2; v1's drew each at random: dottri's were four white and one black, bullseye's never gray)."""
     rng = np.random.default_rng([CONCEPT_SEED, (CONCEPTS + TUNING_CONCEPTS).index(concept)])
-    return [concept.scene(rng) for _ in range(n)]
-
-
-def balanced_reference_scenes(concept: WorldConcept) -> list[Scene]:
-    """The concept's reference scenes with their backgrounds cycling black, white, gray (the same scenes otherwise),
-    as a user's photos of a pet in several rooms: world v2's candidate references (docs/world.md), an experiment's
-    until v2 ships (the shipped v1 table and the concepts' pinned digest rest on `reference_scenes`)."""
-    return [replace(s, background=list(BACKGROUNDS)[i % 3]) for i, s in enumerate(reference_scenes(concept))]
+    backgrounds = list(BACKGROUNDS)
+    return [replace(concept.scene(rng), background=backgrounds[i % len(backgrounds)]) for i in range(n)]
 
 
 def pair_reference_scenes(concept: WorldConcept, n: int) -> list[tuple[PairScene, str]]:

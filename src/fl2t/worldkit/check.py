@@ -155,11 +155,9 @@ class CheckContext:
     samples: dict[str, list[Image.Image]] = field(default_factory=dict)  # kept for the docs grid
     seconds: dict[str, float] = field(default_factory=dict)  # each gate's wall time (the check's budgets)
     pair_references: int = 0  # an experiment: each object concept also learned from pictures beside another object
-    # Experiments (tools/world_concept_alone.py, tools/world_step1_gates.py): LearnSettings fields changed from
-    # tiny10's Step 1, and every concept's references drawn with `balanced_reference_scenes` (learned from and scored
-    # against).
+    # An experiment's (tools/world_concept_alone.py, tools/world_step1_gates.py): LearnSettings fields changed from
+    # tiny10's Step 1.
     learn_overrides: dict = field(default_factory=dict)
-    balanced_references: bool = False
     _folder: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)  # `step1`'s concepts
 
     @cached_property
@@ -416,21 +414,12 @@ class Step1:
 
     def __init__(self, ctx: CheckContext, folder: Path) -> None:
         from fl2t.data import load_concept
-        from fl2t.world.concepts import balanced_reference_scenes, write_concept
+        from fl2t.world.concepts import write_concept
 
         self.ctx = ctx
         ev = ctx.evaluator
         self.concepts = {
-            c.name: load_concept(
-                write_concept(
-                    c,
-                    folder / "concepts",
-                    ctx.side,
-                    ctx.pair_references,
-                    balanced_reference_scenes(c) if ctx.balanced_references else None,
-                )
-            )
-            for c in CONCEPTS
+            c.name: load_concept(write_concept(c, folder / "concepts", ctx.side, ctx.pair_references)) for c in CONCEPTS
         }
         # scored against the single-object references alone, whatever else a concept was learned from
         self.refs = {n: ev.image_embeds(c.images[:REFERENCES_PER_CONCEPT]) for n, c in self.concepts.items()}

@@ -35,9 +35,10 @@ def build(
         metavar="N",
     ),
     v2: bool = typer.Option(
-        False,
-        "--v2",
-        help="World v2: two-object scenes and generic styles in every stage's mix, and a DINO-like encoder.",
+        True,
+        "--v2/--v1",
+        help="World v2 (shipped since 2026-12-05): two-object scenes and generic styles in every stage's mix, and a "
+        "DINO-like encoder; --v1: the world shipped before, byte for byte.",
     ),
 ) -> None:
     """Render the world and train its VAE, base model and evaluator (v2: and DINO-like encoder) from nothing (about an
