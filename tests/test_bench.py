@@ -84,7 +84,7 @@ def test_task_files_keep_per_image_scores_paired_by_seed_across_rows_and_methods
             assert len(multi["seed"]) == 4 and set(means) == {"nia", "ta", "presence"}  # presence: a world bench
             for score, mean in means.items():
                 assert mean == pytest.approx(sum(multi[score]) / 4, abs=1e-4)
-            assert set(multi["presence"]) <= {0.0, 1.0} and all(0 < v <= 2.5 for v in multi["ta"])
+            assert set(multi["presence"]) <= {0.0, 1.0} and all(0 <= v <= 2.5 for v in multi["ta"])  # CLIPScore
     ev = bench.evaluated("stripestar")
     assert ev.seeds == final_seeds and ev.row == 2 and ev.prompts[2:] == ev.prompts[:2]  # copy 2 of each prompt
     for method, r in results["methods"].items():
@@ -636,7 +636,10 @@ def test_lookup_routed_is_lookup_on_one_concept_and_puts_each_expert_where_its_t
     a, b, _ = (e.spec.subject for e in experts)
     prompts, seeds = [f"a photo of {a}", f"a photo of {a} and {b}", "a photo of a star"], [0, 1, 2]
     mine, ref = routed.sampler()(prompts, seeds, steps=3), lookup.sampler()(prompts, seeds, steps=3)
-    assert mine[0].tobytes() == ref[0].tobytes() and mine[2].tobytes() == ref[2].tobytes()  # one concept, none
+    # one concept, none: lookup's images, byte for byte, at the same batch (routed samples them together, apart from
+    # the two-concept prompt; another batch moves the CPU's rounding by a grey level)
+    alone = lookup.sampler()([prompts[0], prompts[2]], [0, 2], steps=3)
+    assert mine[0].tobytes() == alone[0].tobytes() and mine[2].tobytes() == alone[1].tobytes()
     assert mine[1].tobytes() != ref[1].tobytes()  # two concepts: routed, not summed
 
     # One step of the routed prediction for a prompt naming expert 0 alone: base + M (eps_0 - base), M in [0, 1] per
