@@ -52,9 +52,9 @@ class BuildSettings:
     # Torch threads. Use 1 while other jobs load the machine: with 2 threads and a busy core each op
     # waits for the starved thread (measured: 4.5 s vs 0.5 s per VAE step).
     threads: int = 2
-    # World v2's mix (issue 14; `fl2t world build --v2`): shares of two-object scenes and of generic styles among
-    # the base model's pretraining pictures and among the VAE's and evaluator's. 0 is the shipped v1 world, whose
-    # pictures these settings then leave byte-identical.
+    # World v2's mix (issue 14; `fl2t world build`, V2_MIX): shares of two-object scenes and of generic styles among
+    # the base model's pretraining pictures and among the VAE's and evaluator's. 0 is the v1 world (shipped until
+    # 2026-12-05; `--v1`), whose pictures these settings then leave byte-identical.
     pair_share: float = 0.0
     style_share: float = 0.0
     rich_pair_share: float = 0.0
@@ -78,7 +78,7 @@ class BuildSettings:
     dino_steps: int = 0
 
 
-# World v2 (issue 14), the best recipe measured so far (docs/world.md, 2026-12-04): 32 x 32 (the 48 px bases read
+# World v2 (issue 14), the shipped world's recipe since 2026-12-05 (docs/world.md; chosen 2026-12-04): 32 x 32 (the 48 px bases read
 # 0.25-0.46 on the pair gate, this one 0.774), both objects of most two-object pictures patterned (pair_patterned
 # 0.8: the base then draws two patterned looks from words in 0.41 of pictures, 0.11 at 0.3), 6000 base steps
 # (2810 s on one thread; the whole build fits the 90 minutes on 2 cores). The VAE trains 6000 steps: through the

@@ -101,7 +101,7 @@ def zero_unused_rows(embedding: torch.nn.Embedding, used: set[int]) -> None:
 
 def world_token_ids(v2: bool = False) -> set[int]:
     """Every token id of every word the world's captions and prompts use; `v2` adds world v2's words (two-object
-    captions, generic styles), left out otherwise so that a rebuild of the shipped v1 world stays byte-identical."""
+    captions, generic styles), left out otherwise so that a rebuild of the v1 world (`--v1`) stays byte-identical."""
     return {i for w in world_words(v2) for i in _ids(w)}
 
 
