@@ -4,16 +4,14 @@ says of the background (issue 14: where a concept's expert falls back to its pla
     THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
 
 The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every concept learned alone" row; per
-concept, also the backgrounds of its reference pictures, and (objects) the presence score's finds on the images CA
-calls the concept's own, as the check's "presence on generations" row counts them, beside the presence score on the
-base model's images of the same prompts with the concept described in the world's words instead of its token ("a
+concept, also (objects) the presence score's finds on the images CA calls the concept's own, as the check's "presence
+on generations" row counts them, beside the presence score on the base model's images of the same prompts with the concept described in the world's words instead of its token ("a
 small blue red-centred ring on a white background"): what the base draws of the look without any expert.
 (`BALANCED=1` drew every concept's references with their backgrounds cycling black, white, gray, an experiment until
 the world's references became those in world v2.)
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
-Printed per concept: its CA, its references' backgrounds, the seconds its expert took to learn (the anchors included)
-and, for the images CA does not call its own, whose references (or the class's images) they are nearest.
+Printed per concept: its CA, the seconds its expert took to learn (the anchors included) and, for the images CA does not call its own, whose references (or the class's images) they are nearest.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from PIL import Image
 
 from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import REFERENCES_PER_CONCEPT, get_concept, reference_scenes
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, get_concept
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
@@ -67,8 +65,7 @@ def main() -> None:
             by = defaultdict(list)
             for p, o in zip(prompts, own):
                 by[next((b for b in BACKGROUNDS if f"{b} background" in p), "none named")].append(o)
-            refs = [s.background for s in reference_scenes(c)]
-            print(f"{name}: CA {ca:.3f}; references' backgrounds {', '.join(refs)}; learned in {learned[name]:.1f} s")
+            print(f"{name}: CA {ca:.3f}; learned in {learned[name]:.1f} s")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]
                 found = presence(mine, [name])[:, 0].mean() if mine else 0.0
