@@ -124,6 +124,21 @@ def test_claims_are_exclusive_and_a_restarted_or_dead_worker_gives_them_back(tmp
     assert not first.claim(unit)  # done: nobody claims it again
 
 
+def test_a_claim_taken_over_between_a_read_and_the_rename_is_not_taken_twice(tmp_path):
+    # The benchmark's restart after a kill: a dead "rank 1/2" holds the unit; the new rank 0 takes it over (a dead
+    # process's claim) while the new rank 1 (the same identity: a restart) has read the old record, before rank 0's.
+    unit = Unit.run("cidm+tokens", 0)
+    rank0, rank1 = Claims(tmp_path, "rank 0/2"), Claims(tmp_path, "rank 1/2")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = {**rank1._record(unit, "running", "task 7/10"), "pid": int(dead.stdout)}
+    rank1.path(unit).write_text(json.dumps(old))
+    assert rank0.claim(unit) and rank0.holder(unit) == "rank 0/2"
+    rank1.read = lambda u: old  # what rank 1 read before rank 0 took the unit over
+    assert not rank1.claim(unit)
+    assert rank0.holder(unit) == "rank 0/2" and rank0.read(unit)["pid"] == os.getpid()  # rank 0's claim, given back
+    assert [p.name for p in tmp_path.iterdir()] == [rank0.path(unit).name]  # nothing left behind
+
+
 def test_shard_text_is_checked():
     assert parse_shard("3/8") == (3, 8)
     for bad in ("3", "8/8", "a/b", "-1/2"):

@@ -12,6 +12,7 @@ cached); a claim whose process is gone from this machine is taken by the next wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -81,6 +82,13 @@ class Claims:
                 os.rename(path, stale)  # of two workers taking it over, one wins the rename
             except FileNotFoundError:
                 return False
+            if _content(stale) != held:
+                # Another worker took it over between our read and the rename, and what was renamed is its fresh
+                # claim: give that back (os.link refuses to replace a file a third worker made meanwhile).
+                with contextlib.suppress(FileExistsError):
+                    os.link(stale, path)
+                stale.unlink()
+                return False
             stale.unlink()
             return self.claim(unit)
         with os.fdopen(fd, "w") as f:
@@ -131,6 +139,13 @@ class Claims:
             "progress": progress,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+
+def _content(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
