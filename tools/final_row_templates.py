@@ -23,13 +23,12 @@ def main(run: Path, method: str, concepts: list[str]) -> None:
     row = json.loads((folder / f"task{last}.json").read_text())
     n_templates = settings["prompts_per_concept"]
     for name in concepts or [k for k in row if not k.startswith("_")]:
-        samples = row[name]["samples"]
-        labels = samples["label"]
-        kind = get_concept(name).kind
+        labels = row[name]["samples"]["label"]
+        concept = get_concept(name)
         print(f"{name}: CA {row[name]['ca']:.3f} over {len(labels)} images; read as {Counter(labels).most_common()}")
         for t in range(n_templates):
             own = [label == name for label in labels[t::n_templates]]
-            template = PROMPT_TEMPLATES[kind][t].format(get_concept(name).subject)
+            template = PROMPT_TEMPLATES[concept.kind][t].format(concept.subject)
             print(f"  template {t:2d} {sum(own)}/{len(own)}  {template}")
 
 

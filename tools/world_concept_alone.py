@@ -4,14 +4,16 @@ says of the background (issue 14: where a concept's expert falls back to its pla
     THREADS=2 python tools/world_concept_alone.py WORLD CONCEPT [CONCEPT ...]
 
 The same expert, prompts, seeds and rule as `fl2t world check --full`'s "every concept learned alone" row; per
-concept, also (objects) the presence score's finds on the images CA calls the concept's own, as the check's "presence
-on generations" row counts them, beside the presence score on the base model's images of the same prompts with the concept described in the world's words instead of its token ("a
-small blue red-centred ring on a white background"): what the base draws of the look without any expert.
+concept, also (objects) the presence score's finds on the images CA calls the concept's own, as the check's
+"presence on generations" row counts them, beside the presence score on the base model's images of the same prompts
+with the concept described in the world's words instead of its token ("a small blue red-centred ring on a white
+background"): what the base draws of the look without any expert.
 (`BALANCED=1` drew every concept's references with their backgrounds cycling black, white, gray, an experiment until
 the world's references became those in world v2.)
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
-Printed per concept: its CA, the seconds its expert took to learn (the anchors included) and, for the images CA does not call its own, whose references (or the class's images) they are nearest.
+Printed per concept: its CA, the seconds its expert took to learn (the anchors included) and, for the images CA
+does not call its own, whose references (or the class's images) they are nearest.
 """
 
 from __future__ import annotations

@@ -82,7 +82,11 @@ class Claims:
                 os.rename(path, stale)  # of two workers taking it over, one wins the rename
             except FileNotFoundError:
                 return False
-            if _content(stale) != held:
+            try:
+                taken = read_json(stale)
+            except Fl2tError:
+                taken = None
+            if taken != held:
                 # Another worker took it over between our read and the rename, and what was renamed is its fresh
                 # claim: give that back (os.link refuses to replace a file a third worker made meanwhile).
                 with contextlib.suppress(FileExistsError):
@@ -139,13 +143,6 @@ class Claims:
             "progress": progress,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-
-
-def _content(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _alive(pid: int) -> bool:

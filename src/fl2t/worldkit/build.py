@@ -78,14 +78,14 @@ class BuildSettings:
     dino_steps: int = 0
 
 
-# World v2 (issue 14), the shipped world's recipe since 2026-12-05 (docs/world.md; chosen 2026-12-04): 32 x 32
-# (the 48 px bases read 0.25-0.46 on the pair gate, this one 0.774), both objects of most two-object pictures patterned (pair_patterned
-# 0.8: the base then draws two patterned looks from words in 0.41 of pictures, 0.11 at 0.3), 6000 base steps
-# (2810 s on one thread; the whole build fits the 90 minutes on 2 cores). The VAE trains 6000 steps: through the
+# World v2 (issue 14), the shipped world's recipe since 2026-12-05 (docs/world.md; chosen 2026-12-04): 32 x 32 (the 48
+# px bases read 0.25-0.46 on the pair gate, this one 0.774), both objects of most two-object pictures patterned
+# (pair_patterned 0.8: the base then draws two patterned looks from words in 0.41 of pictures, 0.11 at 0.3), 6000 base
+# steps (2810 s on one thread; the whole build fits the 90 minutes on 2 cores). The VAE trains 6000 steps: through the
 # 2000-step one, outline's renders came back nearest outline 0.33 and mosaic's 0.67, through a 6000-step one 0.78 and
-# 1.00 (tools/world_vae_ceiling.py; about 11 more minutes on one thread). The evaluator trains 5000 steps (was 2000;
-# its CA ceiling's lowest concept, outline, read 0.90 after 2000): `--jobs 2` trains it beside the VAE and base model,
-# which take longer, so its extra steps cost no wall time there.
+# 1.00 (tools/world_vae_ceiling.py; about 11 more minutes on one thread). The evaluator trains 5000 steps (was 2000; its
+# CA ceiling's lowest concept, outline, read 0.90 after 2000): `--jobs 2` trains it beside the VAE and base model, which
+# take longer, so its extra steps cost no wall time there.
 V2_MIX = {
     "pair_share": 0.35,
     "style_share": 0.20,
