@@ -50,7 +50,7 @@ def write_demo_concept(folder: Path, name: str, pattern: str, n: int = 4) -> Pat
     return folder
 
 
-STEP2 = ConsolidateSettings(steps=6, batch_size=4, pair_anchors=2, pair_anchor_steps=2)
+STEP2 = ConsolidateSettings(relevance="learned", steps=6, batch_size=4, pair_anchors=2, pair_anchor_steps=2)
 # Few steps; the default LoRA lr and a high embedding lr, so the expert moves measurably in seconds.
 FAST = LearnSettings(steps=12, lr=1e-4, embedding_lr=3e-2, num_anchors=2, anchor_steps=2)
 

@@ -36,7 +36,7 @@ def saved_config(lib) -> dict:
 def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
     torch.manual_seed(0)
     G, d, L, r = 5, 32, 7, 4
-    settings = ConsolidateSettings(proxy_attention=proxy_attention, gates=True)
+    settings = ConsolidateSettings(relevance="learned", proxy_attention=proxy_attention, gates=True)
     model = new_model(torch.randn(G, d), {f"layer{i}": (16, 16) for i in range(L)}, r, settings)
     with torch.no_grad():
         model.relevance.weight.normal_()
@@ -57,7 +57,7 @@ def test_permuting_the_concepts_permutes_the_decoder_outputs(proxy_attention):
 
 def test_ablation_switches_remove_their_component():
     proxies, shapes = torch.randn(3, 32), {"a.to_q": (16, 16)}
-    on = ConsolidateSettings(gates=True, shared=True, contrastive=True, proxy_attention=True)
+    on = ConsolidateSettings(relevance="learned", gates=True, shared=True, contrastive=True, proxy_attention=True)
     full = new_model(proxies, shapes, 4, on)
     off = ConsolidateSettings(gates=False, shared=False, contrastive=False, proxy_attention=False)
     bare = new_model(proxies, shapes, 4, off)
@@ -294,7 +294,9 @@ def test_the_selection_is_the_trained_heads(routed):
 def test_saved_model_loads_back_with_its_config_weights_and_outputs(tmp_path):
     torch.manual_seed(0)
     shapes = {"down.attn2.to_k": (32, 16), "up.attn1.to_q": (16, 16)}
-    model = new_model(torch.randn(3, 32), shapes, 4, ConsolidateSettings(decoder_layers=1, gates=True))
+    model = new_model(
+        torch.randn(3, 32), shapes, 4, ConsolidateSettings(relevance="learned", decoder_layers=1, gates=True)
+    )
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     again = ConsolidatedModel.from_pretrained(tmp_path / "m")
@@ -336,3 +338,49 @@ def test_cancel_stops_consolidation_after_k_steps_and_writes_nothing(tmp_path, c
         "history",
         "library.json",
     ]
+
+
+def test_the_default_consolidation_is_the_token_lookup_and_trains_nothing(tmp_path, four_experts, capsys):
+    """`relevance: lookup` (the default): no step is trained and no anchor is read; every layer gives each concept
+    whose tokens the prompt contains the weight 1 and every other 0, for one concept, for two, and for none."""
+    lib = Library(tmp_path / "lib")
+    for e in four_experts[:3]:
+        lib.add(e)
+    steps = []
+    model = consolidate(lib, ConsolidateSettings(), on_step=lambda i, loss: steps.append(i))
+    assert steps == [] and model.config.settings.relevance == "lookup"
+    lib.save_consolidated(model.save_pretrained)
+    pipe = FL2TPipeline.from_pretrained(library=lib)
+    names = pipe.concept_names
+    L = len(pipe.aggregated.stack.modules)
+    for prompt, named in [
+        ("a photo of <c-stripes> ball", {"c-stripes"}),
+        ("a photo of <c-checks> box beside <c-rings> ring", {"c-checks", "c-rings"}),
+        ("a photo of a ball", set()),
+    ]:
+        alpha, gamma = pipe.weights_for(prompt)
+        want = torch.tensor([float(n in named) for n in names]).expand(L, -1)
+        assert gamma is None and torch.equal(alpha, want), prompt
+    code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib.path, "--json"], capsys)
+    assert code == 0 and all(w["c-stripes"] == 1.0 and w["none"] == 0.0 for w in json.loads(out).values())
+
+
+def test_a_model_saved_before_the_lookup_existed_loads_as_learned(tmp_path, consolidated_library):
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    path = tmp_path / "lib" / "consolidated" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["settings"].pop("relevance") == "learned"
+    assert ConsolidatedConfig.model_validate(config).settings.relevance == "learned"
+
+
+def test_a_learned_step2_part_asked_of_the_lookup_is_refused_with_one_message(tmp_path, consolidated_library, capsys):
+    with pytest.raises(ValueError, match="gates belong"):
+        ConsolidateSettings(gates=True)
+    shutil.copytree(consolidated_library, tmp_path / "lib")
+    before = (tmp_path / "lib" / "consolidated" / "config.json").read_bytes()
+    code, out, err = run(["consolidate", "-l", tmp_path / "lib", "--gates"], capsys)
+    assert code != 0 and "gates belong(s) to the learned Step 2" in err and "--learned" in err
+    assert (tmp_path / "lib" / "consolidated" / "config.json").read_bytes() == before
+    code, out, err = run(["consolidate", "-l", tmp_path / "lib", "--learned", "--gates", "--steps", "2"], capsys)
+    assert code == 0, err
+    assert saved_config(tmp_path / "lib")["settings"]["gates"] is True

@@ -36,7 +36,7 @@ def test_learn_consolidate_generate_evaluate_at_sd15_size_on_the_gpu(tmp_path):
         tmp_path / "lib",
         base=str(base),
         learn_settings=settings,
-        consolidate_settings=ConsolidateSettings(steps=3),
+        consolidate_settings=ConsolidateSettings(relevance="learned", steps=3),
     )
     assert result.set_hash and result.refused is None
     lib = Library(tmp_path / "lib")

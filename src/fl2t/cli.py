@@ -120,6 +120,7 @@ def learn(
         bool,
         typer.Option("--consolidate/--no-consolidate", help="Consolidate the library's new set (Step 2) afterwards."),
     ] = True,
+    learned: LearnedStep2 = None,
     accept: Accept = False,
     gate_threshold: GateThreshold = None,
     evaluator: Evaluator = None,
@@ -165,6 +166,7 @@ def learn(
                 gradient_checkpointing=gradient_checkpointing,
                 checkpoint_every=checkpoint_every,
             ),
+            consolidate=dict(relevance=_relevance(learned)),
         )
         result = learn_into(
             concept_dirs,
@@ -206,6 +208,14 @@ def learn(
 
 
 # Options learn and consolidate share. The gate's default is fl2t.learning.GATE_THRESHOLD (a test checks the text).
+LearnedStep2 = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--learned/--lookup",
+        help="Step 2: train the proxies, decoder and relevance heads (the paper's), or the token lookup (default: "
+        "each concept a prompt names at full weight; the learned Step 2 measured no better, BENCHMARKS.md).",
+    ),
+]
 Accept = Annotated[bool, typer.Option(help="Make the consolidation current even if the fidelity gate refuses it.")]
 GateThreshold = Annotated[
     Optional[float],
@@ -227,6 +237,10 @@ References = Annotated[
         "(default on the built-in world: the world's concepts).",
     ),
 ]
+
+
+def _relevance(learned: Optional[bool]) -> Optional[str]:
+    return None if learned is None else ("learned" if learned else "lookup")
 
 
 def gate_option(threshold: Optional[float]) -> dict[str, float]:
@@ -473,6 +487,7 @@ def consolidate(
         Optional[bool],
         typer.Option("--routing/--no-routing", help="Routing term on the relevance weights (off: lambda_route 0)."),
     ] = None,
+    learned: LearnedStep2 = None,
     accept: Accept = False,
     gate_threshold: GateThreshold = None,
     evaluator: Evaluator = None,
@@ -487,6 +502,7 @@ def consolidate(
     settings = load_settings(
         config,
         consolidate=dict(
+            relevance=_relevance(learned),
             steps=steps,
             lr=lr,
             seed=seed,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fl2t.errors import Fl2tError
 
@@ -56,6 +56,13 @@ class ConsolidateSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    relevance: Literal["lookup", "learned"] = Field(
+        "lookup",
+        description="how a prompt weighs the experts: 'lookup', every concept whose tokens the prompt contains at full "
+        "weight and every other at 0, nothing trained; 'learned', the proxies, decoder and relevance heads trained "
+        "below (the paper's Step 2). The lookup is the default: on world v2 the learned Step 2 moved no single-concept "
+        "metric and no presence of two concepts beyond its interval, at twice the compute (BENCHMARKS.md, ablation)",
+    )
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(4, ge=1, description="prompts per step")
@@ -129,6 +136,16 @@ class ConsolidateSettings(BaseModel):
     )
     seed: int = Field(0, description="mixed with the set's hash; the same set and seed give the same model")
 
+    @model_validator(mode="after")
+    def _trained_parts_need_learning(self) -> ConsolidateSettings:
+        trained = [k for k in ("gates", "shared", "contrastive", "proxy_attention") if getattr(self, k)]
+        trained += ["pair_share"] if self.pair_share else []
+        if self.relevance == "lookup" and trained:
+            raise ValueError(
+                f"{', '.join(trained)} belong(s) to the learned Step 2; set relevance: learned (--learned) to use them"
+            )
+        return self
+
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -161,4 +178,6 @@ def load_settings(path: str | Path | None, **overrides: dict[str, Any]) -> Setti
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error":  # a rule across settings: its message names them
+            raise Fl2tError(f"settings: {where}: {msg.removeprefix('Value error, ')}") from None
         raise Fl2tError(f"settings: {where}: {msg} (got {err.get('input')!r})") from None

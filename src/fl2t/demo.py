@@ -1,8 +1,8 @@
 """`fl2t demo`: the first table a user sees, from the built-in benchmark config `demo` (benchmarks/demo.yaml).
 
 Three tiny-world concepts (two objects, one style) learned one task at a time at tiny10's full Step-1 budget, by
-`oracle` (each concept's own expert: the ceiling), `lookup` (the same experts chosen by trigger word, no Step 2),
-`fl2t`, `cidm+tokens` (CIDM with token-driven aggregation, tiny10's strongest baseline) and `lwf` (one LoRA continued
+`oracle` (each concept's own expert: the ceiling), `lookup` (the same experts chosen by trigger word, nothing
+trained: what `fl2t learn` does by default), `fl2t` (the paper's learned Step 2), `cidm+tokens` (CIDM with token-driven aggregation, tiny10's strongest baseline) and `lwf` (one LoRA continued
 task after task, the strongest plain continual LoRA: it shows forgetting); every concept learned so far is generated
 and scored after every task, the report is written, and a short reading of the numbers is printed.
 

@@ -274,7 +274,9 @@ def consolidate_library(
     concept's IA and CA on its references (`evaluate_library`)."""
     settings = settings or ConsolidateSettings()
     lib = open_library(library)
-    with track(f"consolidate {len(lib.names())} concepts", settings.steps) as update:
+    learned = settings.relevance == "learned"
+    label = f"consolidate {len(lib.names())} concepts" + ("" if learned else " (token lookup)")
+    with track(label, settings.steps if learned else 1) as update:
 
         def step(i: int, loss: float) -> None:
             update(i + 1, f"loss {loss:.4f}")
@@ -282,6 +284,8 @@ def consolidate_library(
                 on_step(i, loss)
 
         model = consolidate(lib, settings, base=base, on_step=step, cancel=cancel)
+        if not learned:
+            update(1)
     scores = measure_fidelity(lib, model, base)
     before = lib.fidelity()
     drops = {n: before[n] - f for n, f in scores.items() if n in before and before[n] - f > gate_threshold}

@@ -148,7 +148,7 @@ def bench_consolidation(
     from fl2t.consolidate import consolidate
 
     # Warm-up, not recorded: the first consolidation of a process pays one-time costs (lazy imports, allocator).
-    consolidate(libraries[sizes[0]], ConsolidateSettings(steps=2, seed=settings.seed), base=base)
+    consolidate(libraries[sizes[0]], ConsolidateSettings(relevance="learned", steps=2, seed=settings.seed), base=base)
     return [_consolidation_row(libraries[G], G, settings, base, dense_per_expert, say) for G in sizes]
 
 
@@ -169,7 +169,7 @@ def _consolidation_row(
                 mem.mark()  # phase 0: loading, prompt encoding, first step; phase 1: the steps after it
 
         start = time.perf_counter()
-        cs = ConsolidateSettings(steps=settings.consolidate_steps, seed=settings.seed)
+        cs = ConsolidateSettings(relevance="learned", steps=settings.consolidate_steps, seed=settings.seed)
         model = consolidate(lib, cs, base=base, on_step=on_step)
     lib.save_consolidated(model.save_pretrained)
     del model

@@ -129,7 +129,7 @@ def _ensure_consolidated(lib: Library, G: int, settings: SpeedSettings, base: st
 
     if not (lib.path / "consolidated").is_dir():
         say(f"  G={G}: consolidating (1 step; speed does not depend on training)")
-        model = consolidate(lib, ConsolidateSettings(steps=1, seed=settings.seed), base=base)
+        model = consolidate(lib, ConsolidateSettings(seed=settings.seed), base=base)
         lib.save_consolidated(model.save_pretrained)
 
 

@@ -13,6 +13,7 @@ leaves `pair_anchors.safetensors` there: the composition teacher's latents of th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ class ConsolidatedConfig(BaseModel):
     layer_shapes: dict[str, tuple[int, int]]  # adapted UNet layer -> (in, out) features, in the experts' stack order
     set_hash: str = ""  # the set it was made for (`fl2t.consolidate.set_hash`); empty for a model made by hand
     concepts: list[ConceptRef] = []  # the set's experts in canonical order (empty for a model made by hand)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _made_before_the_lookup(cls, data: Any) -> Any:
+        """A model saved before `relevance` existed was trained (the only Step 2 then): it loads as 'learned'."""
+        if isinstance(data, dict) and isinstance(data.get("settings"), dict) and "relevance" not in data["settings"]:
+            return {**data, "settings": {**data["settings"], "relevance": "learned"}}
+        return data
 
     @model_validator(mode="after")
     def _one_concept_per_proxy(self) -> ConsolidatedConfig:
@@ -202,8 +211,11 @@ class ConsolidatedModel(nn.Module):
         return s - self.none_logit.view(1, -1, 1)
 
     def weights(self, z: torch.Tensor, named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """alpha (B, L, G) in (0, 1), each concept on its own; gamma (B, L, G, r)."""
+        """alpha (B, L, G) in (0, 1), each concept on its own; gamma (B, L, G, r). With `relevance: lookup`, alpha is
+        1 on every layer for each concept all of whose tokens the prompt contains and 0 for every other."""
         B = z.shape[0]
+        if self.config.settings.relevance == "lookup":
+            return (named >= 1 - 1e-6).float().unsqueeze(1).expand(B, len(self.config.layer_shapes), -1), None
         alpha = torch.sigmoid(self.logits(z, named))
         gamma = None
         if self.gate is not None:

@@ -102,7 +102,16 @@ def consolidate(
 ) -> ConsolidatedModel:
     """Train the consolidated model for the library's current set of experts; returns it, not yet saved
     (`lib.save_consolidated(model.save_pretrained)` places it in the library). `cancel` is asked before every step:
-    True raises `Cancelled`, and nothing has been written."""
+    True raises `Cancelled`, and nothing has been written. With `relevance: lookup` nothing is trained: the model
+    records the set, and a prompt's weights are the lookup (`ConsolidatedModel.weights`)."""
+    if settings.relevance == "lookup":
+        experts = canonical(lib.experts())
+        if not experts:
+            raise Fl2tError(f"library {lib.path}: has no concepts to consolidate; learn one first")
+        pipe, _ = ExpertPipeline.for_library(lib, base)
+        model, agg = new_model(pipe, experts, settings)
+        agg.remove()
+        return model
     experts = _experts_to_consolidate(lib)
     seed = (int(set_hash(experts)[:15], 16) + settings.seed) % 2**63
     torch.manual_seed(seed)

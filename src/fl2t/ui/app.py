@@ -285,6 +285,7 @@ class LearnForm:
             precision=0,
             minimum=1,
             elem_id="learn-consolidate-steps",
+            visible=s.consolidate.relevance == "learned",  # the default token lookup trains nothing
             render=False,
         )
 
