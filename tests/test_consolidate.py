@@ -136,13 +136,17 @@ def test_consolidated_library_generates_and_explains_its_choice(consolidated_lib
 
 
 @pytest.mark.parametrize(
-    "pair_share",
+    "relevance, pair_share",
     [
-        0.0,  # the default
-        0.25,  # pair training on: the pair anchors' teacher draws its scheduler's noise from the pair's generator
+        ("lookup", 0.0),  # the default: nothing trained, the saved model's initial weights drawn from the set's seed
+        ("learned", 0.0),
+        (
+            "learned",
+            0.25,
+        ),  # pair training: the pair anchors' teacher draws its scheduler's noise from the pair's generator
     ],
 )
-def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts, pair_share):
+def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts, relevance, pair_share):
     orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]]
     blobs, images = [], []
     for k, order in enumerate(orders):
@@ -150,7 +154,7 @@ def test_library_is_the_same_whatever_the_arrival_order(tmp_path, four_experts, 
         for i in order:  # incremental: consolidate after each arrival
             lib.add(four_experts[i])
             steps = 2 if len(lib.names()) < 4 else 6
-            settings = STEP2.model_copy(update={"steps": steps, "pair_share": pair_share})
+            settings = STEP2.model_copy(update={"steps": steps, "pair_share": pair_share, "relevance": relevance})
             lib.save_consolidated(consolidate(lib, settings).save_pretrained)
         folder = lib.path / "consolidated"
         blobs.append([p.read_bytes() for p in sorted(folder.glob("*.safetensors"))])

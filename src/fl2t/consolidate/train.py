@@ -104,18 +104,15 @@ def consolidate(
     (`lib.save_consolidated(model.save_pretrained)` places it in the library). `cancel` is asked before every step:
     True raises `Cancelled`, and nothing has been written. With `relevance: lookup` nothing is trained: the model
     records the set, and a prompt's weights are the lookup (`ConsolidatedModel.weights`)."""
+    experts = _experts_to_consolidate(lib, anchors=settings.relevance == "learned")
+    seed = (int(set_hash(experts)[:15], 16) + settings.seed) % 2**63
+    torch.manual_seed(seed)  # the model's initial weights: saved even by the lookup, the same for the same set
+    gen = torch.Generator().manual_seed(seed)
     if settings.relevance == "lookup":
-        experts = canonical(lib.experts())
-        if not experts:
-            raise Fl2tError(f"library {lib.path}: has no concepts to consolidate; learn one first")
         pipe, _ = ExpertPipeline.for_library(lib, base)
         model, agg = new_model(pipe, experts, settings)
         agg.remove()
         return model
-    experts = _experts_to_consolidate(lib)
-    seed = (int(set_hash(experts)[:15], 16) + settings.seed) % 2**63
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
 
     pipe = build_pipeline(lib, experts, base)
     model, agg = new_model(pipe, experts, settings)
@@ -169,12 +166,12 @@ def consolidate(
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------
-def _experts_to_consolidate(lib: Library) -> list[Expert]:
-    """The library's experts in canonical order; each must have synthetic anchors."""
+def _experts_to_consolidate(lib: Library, anchors: bool) -> list[Expert]:
+    """The library's experts in canonical order; with `anchors`, each must have synthetic anchors."""
     experts = canonical(lib.experts())
     if not experts:
         raise Fl2tError(f"library {lib.path}: has no concepts to consolidate; learn one first")
-    bad = [e.name for e in experts if e.anchors.numel() == 0]
+    bad = [e.name for e in experts if anchors and e.anchors.numel() == 0]
     if bad:
         raise Fl2tError(
             f"concept {bad[0]!r} has no synthetic anchors (learned with num_anchors 0); relearn it with --replace"
