@@ -182,7 +182,7 @@ def test_stale_consolidation_is_reported(tmp_path, consolidated_library, four_ex
 def test_cli_consolidate_generate_inspect_forget(tmp_path, consolidated_library, capsys):
     lib = tmp_path / "lib"
     shutil.copytree(consolidated_library, lib)
-    code, out, err = run(["consolidate", "-l", lib, "--steps", "3", "--no-gates", "--json"], capsys)
+    code, out, err = run(["consolidate", "-l", lib, "--learned", "--steps", "3", "--no-gates", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["set_hash"] == saved_config(lib)["set_hash"]
     code, out, err = run(["inspect", "a photo of <c-stripes> ball", "-l", lib, "--json"], capsys)
@@ -384,6 +384,8 @@ def test_a_learned_step2_part_asked_of_the_lookup_is_refused_with_one_message(tm
     before = (tmp_path / "lib" / "consolidated" / "config.json").read_bytes()
     code, out, err = run(["consolidate", "-l", tmp_path / "lib", "--gates"], capsys)
     assert code != 0 and "gates belong(s) to the learned Step 2" in err and "--learned" in err
+    code, out, err = run(["consolidate", "-l", tmp_path / "lib", "--steps", "5"], capsys)
+    assert code != 0 and "--steps: the token lookup trains nothing; add --learned" in err
     assert (tmp_path / "lib" / "consolidated" / "config.json").read_bytes() == before
     code, out, err = run(["consolidate", "-l", tmp_path / "lib", "--learned", "--gates", "--steps", "2"], capsys)
     assert code == 0, err

@@ -138,7 +138,10 @@ def test_killed_consolidate_leaves_the_old_or_the_new_version(moment, tmp_path, 
     lib = Library(tmp_path / "lib")
     version = lib.current().number
     old = (tmp_path / "lib" / "consolidated" / "model.safetensors").read_bytes()
-    r = fl2t(["consolidate", "-l", tmp_path / "lib", "--steps", "2", "--seed", "1"], env={"FL2T_KILL_AT": moment})
+    r = fl2t(
+        ["consolidate", "-l", tmp_path / "lib", "--learned", "--steps", "2", "--seed", "1"],
+        env={"FL2T_KILL_AT": moment},
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert lib.check() == []
     committed = moment == "committed"

@@ -186,7 +186,7 @@ def test_gate_refuses_a_consolidation_that_lost_a_concept_and_accept_overrides(t
 
 
 def test_cli_history_rollback_gc_and_gate_exit_code(two, tiny_base, monkeypatch):
-    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2"])
+    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--learned", "--steps", "2"])
     assert r.returncode == 0, r.stderr
     assert "fidelity gate: passed" in r.stdout
     r = fl2t(["library", "history", two.path, "--json"])
@@ -196,10 +196,25 @@ def test_cli_history_rollback_gc_and_gate_exit_code(two, tiny_base, monkeypatch)
     assert r.returncode == 0 and "consolidate" in r.stdout
     r = fl2t(["library", "rollback", two.path, "2"])
     assert r.returncode == 0 and Library(two.path).current().number == 2, r.stderr
-    r = fl2t(["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--gate-threshold", "-2"])
+    r = fl2t(
+        ["consolidate", "-l", two.path, "--base", tiny_base, "--learned", "--steps", "2", "--gate-threshold", "-2"]
+    )
     assert r.returncode == 0  # no version before it had fidelity: nothing to compare
     r = fl2t(
-        ["consolidate", "-l", two.path, "--base", tiny_base, "--steps", "2", "--seed", "4", "--gate-threshold", "-2"]
+        [
+            "consolidate",
+            "-l",
+            two.path,
+            "--base",
+            tiny_base,
+            "--learned",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--gate-threshold",
+            "-2",
+        ]
     )
     assert r.returncode == 3 and "kept as candidate version 5" in r.stderr, r.stderr
     assert Library(two.path).current().number == 4
@@ -244,7 +259,7 @@ def test_a_library_on_the_built_in_world_is_portable(tmp_path):
     (made / "fast.yaml").write_text("learn: {steps: 3, num_anchors: 2, anchor_steps: 2, checkpoint_every: 0}\n")
     for args in (
         ["learn", concept, "--config", "fast.yaml", "--no-consolidate"],
-        ["consolidate", "--steps", "2", "--evaluator", "world"],
+        ["consolidate", "--evaluator", "world"],
     ):
         cmd = [sys.executable, "-m", "fl2t.cli", "-q", *args, "-l", "lib"]
         r = subprocess.run(cmd, cwd=made, capture_output=True, text=True)

@@ -513,6 +513,9 @@ def consolidate(
             lambda_route=None if routing in (None, True) else 0.0,
         ),
     ).consolidate
+    given = [f"--{k}" for k, v in (("steps", steps), ("lr", lr), ("routing", routing)) if v is not None]
+    if settings.relevance == "lookup" and given:
+        raise Fl2tError(f"{', '.join(given)}: the token lookup trains nothing; add --learned for the learned Step 2")
     try:
         h = consolidate_library(
             library,
