@@ -128,7 +128,7 @@ def _ensure_consolidated(lib: Library, G: int, settings: SpeedSettings, base: st
     from fl2t.consolidate import consolidate
 
     if not (lib.path / "consolidated").is_dir():
-        say(f"  G={G}: consolidating (1 step; speed does not depend on training)")
+        say(f"  G={G}: consolidating (the token lookup: generation speed does not depend on training)")
         model = consolidate(lib, ConsolidateSettings(seed=settings.seed), base=base)
         lib.save_consolidated(model.save_pretrained)
 
