@@ -31,7 +31,7 @@ CONFIG = {
     "multi": [["stripestar", "pastel"]],
     "sample": {"steps": 3},
     "learn": {"steps": 4, "num_anchors": 2, "anchor_steps": 2, "checkpoint_every": 0, "embedding_lr": 3e-2},
-    "consolidate": {"steps": 3},
+    "consolidate": {"relevance": "learned", "steps": 3},
     "fidelity": True,
 }
 

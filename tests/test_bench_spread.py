@@ -26,7 +26,7 @@ CONFIG = {
     "class_images": 2,
     "sample": {"steps": 2},
     "learn": {"steps": 3, "num_anchors": 2, "anchor_steps": 2, "checkpoint_every": 0},
-    "consolidate": {"steps": 2},
+    "consolidate": {"relevance": "learned", "steps": 2},
 }
 
 

@@ -26,7 +26,7 @@ CONFIG = {
     "class_images": 2,
     "sample": {"steps": 2},
     "learn": {"steps": 2, "num_anchors": 1, "anchor_steps": 1, "checkpoint_every": 0, "embedding_lr": 3e-2},
-    "consolidate": {"steps": 2},
+    "consolidate": {"relevance": "learned", "steps": 2},
     "variants": {
         "seq@4": {"method": "sequential", "learn": {"steps": 4}},
         "merge@scale=0.25": {"method": "merge", "settings": {"scale": 0.25}},

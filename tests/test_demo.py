@@ -11,7 +11,7 @@ from fl2t.demo import METHODS, reading, run_demo
 TINY = {  # the demo's protocol on two of its concepts, at a budget of seconds
     "concepts": ["stripestar", "pastel"],
     "learn": {"steps": 2, "num_anchors": 1, "anchor_steps": 2, "checkpoint_every": 0},
-    "consolidate": {"steps": 2},
+    "consolidate": {"relevance": "learned", "steps": 2},  # as demo.yaml: fl2t is the learned Step 2
     "prompts_per_concept": 1,
     "class_images": 1,
     "sample": {"steps": 2, "guidance": 5.0},
