@@ -495,7 +495,8 @@ def consolidate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Consolidate a library's experts (Step 2) into LIB/consolidated/, as a new version with each concept's
-    fidelity; exit 3 when the fidelity gate keeps it as a candidate instead."""
+    fidelity; exit 3 when the fidelity gate keeps it as a candidate instead. By default the token lookup (nothing
+    trained); --learned trains the paper's Step 2 (--steps, --gates, ... apply to it)."""
     from fl2t.config import load_settings
     from fl2t.learning import FidelityDropped, consolidate_library, gate_line, open_library
 
