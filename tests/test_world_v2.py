@@ -39,14 +39,14 @@ from fl2t.worldkit.build import V2_MIX, pretraining_scenes
 
 def test_the_concepts_references_are_pinned():
     """The ten concepts' and the tuning concepts' references and captions, as world v2 draws them (digest taken when
-    their backgrounds began to cycle, 2026-12-05; v1's was 279cfccf08a6d827): the concepts do not move under the
-    benchmarks' feet."""
+    the styles' captions took four forms, 2026-12-05; f9fd2be71cef4c75 before, v1's 279cfccf08a6d827): the concepts do
+    not move under the benchmarks' feet."""
     h = hashlib.sha256()
     for c in CONCEPTS + TUNING_CONCEPTS:
-        for s in reference_scenes(c):
+        for i, s in enumerate(reference_scenes(c)):
             h.update(render(s).tobytes())
-            h.update(c.caption(s).encode())
-    assert h.hexdigest()[:16] == "f9fd2be71cef4c75"
+            h.update(c.caption(s, i).encode())
+    assert h.hexdigest()[:16] == "0b0fa65b4dca849b"
 
 
 def test_pretraining_without_the_v2_shares_is_the_v1_pictures_and_with_them_a_mix():

@@ -29,6 +29,13 @@ from fl2t.world.generator import (
 
 CONCEPT_SEED = 20260301
 REFERENCES_PER_CONCEPT = 5
+# A style reference's caption names its content with the background and position it shows, in turn (background,
+# position) both, neither, the background alone, the position alone, as the style prompt templates below name them
+# (and as pretraining's captions leave parts out): with every caption in the first form, a style's expert learned
+# the style only where a prompt names a background too (outline's CA 0.41 on prompts naming none, 0.56 in all; 0.66
+# and 0.71 with the forms in turn; docs/world.md "Style captions in four forms"). Objects' keep the first form:
+# their experts read lower with the forms in turn (checkdiamond 0.76, eyering 0.74, against 0.81 and 0.86).
+STYLE_CAPTION_FORMS = ((True, True), (False, False), (True, False), (False, True))
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,20 @@ class WorldConcept:
             return replace(base, shape=self.shape, pattern=self.pattern, colour=self.colour, colour2=self.colour2)
         return replace(base, style=self.style)
 
-    def caption(self, scene: Scene) -> str:
-        """'a small <c-stripestar> star on a black background, top left';
-        'a red circle on a black background, top left, in the style of <s-outline>'."""
+    def caption(self, scene: Scene, index: int = 0) -> str:
+        """Reference `index`'s caption: 'a small <c-stripestar> star on a black background, top left'; a style's
+        names the picture's content in the form STYLE_CAPTION_FORMS[index % 4] gives, 'a red circle on a black
+        background, top left, in the style of <s-outline>', 'a red circle, in the style of <s-outline>', ..."""
         if self.kind == "object":
             return f"a {scene.size} {self.subject} on a {scene.background} background, {scene.position}"
-        plain = replace(scene, style=None)
+        background, position = STYLE_CAPTION_FORMS[index % len(STYLE_CAPTION_FORMS)]
         # The pastel palette replaces the background, so its captions do not name one.
-        text = caption(plain, with_size=False, with_background=self.style != "pastel")
+        text = caption(
+            replace(scene, style=None),
+            with_size=False,
+            with_background=background and self.style != "pastel",
+            with_position=position,
+        )
         return text + f", in the style of {self.token}"
 
 
@@ -230,7 +243,7 @@ def write_concept(
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(reference_scenes(concept) if scenes is None else scenes):
         render(scene, side).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(concept.caption(scene) + "\n")
+        (folder / f"{i:02d}.txt").write_text(concept.caption(scene, i) + "\n")
     if pair_references and concept.kind == "object":
         for i, (pair, text) in enumerate(pair_reference_scenes(concept, pair_references), REFERENCES_PER_CONCEPT):
             render_pair(pair, side).save(folder / f"{i:02d}.png")
