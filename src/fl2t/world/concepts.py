@@ -30,11 +30,10 @@ from fl2t.world.generator import (
 CONCEPT_SEED = 20260301
 REFERENCES_PER_CONCEPT = 5
 # A style reference's caption names its content with the background and position it shows, in turn (background,
-# position) both, neither, the background alone, the position alone, as the style prompt templates below name them
-# (and as pretraining's captions leave parts out): with every caption in the first form, a style's expert learned
-# the style only where a prompt names a background too (outline's CA 0.41 on prompts naming none, 0.56 in all; 0.66
-# and 0.71 with the forms in turn; docs/world.md "Style captions in four forms"). Objects' keep the first form:
-# their experts read lower with the forms in turn (checkdiamond 0.76, eyering 0.74, against 0.81 and 0.86).
+# position) both, neither, the background alone, the position alone, worded and punctuated as the style prompt
+# templates below (as pretraining's captions, it leaves parts out): with every caption in the first form, a style's
+# expert learned the style only where a prompt names a background too (docs/world.md "Style captions in the
+# templates' forms"). Objects' keep the first form: their experts read lower with the forms in turn.
 STYLE_CAPTION_FORMS = ((True, True), (False, False), (True, False), (False, True))
 
 
@@ -79,7 +78,7 @@ class WorldConcept:
     def caption(self, scene: Scene, index: int = 0) -> str:
         """Reference `index`'s caption: 'a small <c-stripestar> star on a black background, top left'; a style's
         names the picture's content in the form STYLE_CAPTION_FORMS[index % 4] gives, 'a red circle on a black
-        background, top left, in the style of <s-outline>', 'a red circle, in the style of <s-outline>', ..."""
+        background, top left, in the style of <s-outline>', 'a red circle in the style of <s-outline>', ..."""
         if self.kind == "object":
             return f"a {scene.size} {self.subject} on a {scene.background} background, {scene.position}"
         background, position = STYLE_CAPTION_FORMS[index % len(STYLE_CAPTION_FORMS)]
@@ -90,7 +89,7 @@ class WorldConcept:
             with_background=background and self.style != "pastel",
             with_position=position,
         )
-        return text + f", in the style of {self.token}"
+        return text + ("," if position else "") + f" in the style of {self.token}"  # punctuated as the templates
 
 
 CONCEPTS: tuple[WorldConcept, ...] = (
