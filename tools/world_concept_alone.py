@@ -11,9 +11,14 @@ background"): what the base draws of the look without any expert.
 (`BALANCED=1` drew every concept's references with their backgrounds cycling black, white, gray, an experiment until
 the world's references became those in world v2.)
 SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an experiment; the check keeps tiny10's).
+CAPTIONS: the references' captions other than the world's (docs/world.md "Style captions in the templates' forms"):
+`one`, every caption in the first form (background and position named), as before 2026-12-05; `comma`, the styles'
+in four forms with a comma before "in the style of" always; `objects`, the objects' in four forms too.
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
-Printed per concept: its CA, the seconds its expert took to learn (the anchors included) and, for the images CA
-does not call its own, whose references (or the class's images) they are nearest.
+Printed per concept: its CA, the seconds its expert took to learn (the anchors included), for the images CA
+does not call its own, whose references (or the class's images) they are nearest, and, for the images presence does
+not find an object concept in, the labels of the K nearest references of their crops (a plain look, "blue ring", is
+the concept's shape and main colour without its pattern).
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from PIL import Image
 
 from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
-from fl2t.world.concepts import REFERENCES_PER_CONCEPT, get_concept
+from fl2t.world.concepts import REFERENCES_PER_CONCEPT, STYLE_CAPTION_FORMS, WorldConcept, get_concept
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
-from fl2t.world.presence import Presence
+from fl2t.world.presence import K, Presence, crops
 from fl2t.worldkit import check
 
 
@@ -45,8 +50,33 @@ def save_grid(path: Path, references: list[Image.Image], images: list[Image.Imag
     image_grid([*references, *blank, *images], columns=8, scale=2).save(path)
 
 
+def other_captions(kind: str) -> None:
+    """Replace the world concepts' caption rule by the CAPTIONS experiment's (see the module's docstring)."""
+    world_caption = WorldConcept.caption
+
+    def caption(self: WorldConcept, scene: Scene, index: int = 0) -> str:
+        background, position = STYLE_CAPTION_FORMS[index % len(STYLE_CAPTION_FORMS)]
+        if kind == "one":
+            return world_caption(self, scene, 0)
+        if self.kind == "style":
+            text = world_caption(self, scene, index)
+            return text if position else text.replace(" in the style of", ", in the style of")
+        if kind != "objects":
+            return world_caption(self, scene, index)
+        text = f"a {scene.size} {self.subject}"
+        return (
+            text
+            + (f" on a {scene.background} background" if background else "")
+            + (f", {scene.position}" if position else "")
+        )
+
+    WorldConcept.caption = caption  # type: ignore[method-assign]
+
+
 def main() -> None:
     world, names = Path(sys.argv[1]), sys.argv[2:]
+    if os.environ.get("CAPTIONS"):
+        other_captions(os.environ["CAPTIONS"])
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     ctx = check.CheckContext(world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
     s1, settings = ctx.step1, ctx.learn
@@ -70,8 +100,16 @@ def main() -> None:
             print(f"{name}: CA {ca:.3f}; learned in {learned[name]:.1f} s")
             if c.kind == "object":
                 mine = [im for im, o in zip(images, own) if o]
-                found = presence(mine, [name])[:, 0].mean() if mine else 0.0
-                print(f"  presence finds it in {found:.2f} of the {len(mine)} images CA calls its own")
+                hits = presence(mine, [name])[:, 0]
+                print(
+                    f"  presence finds it in {hits.mean() if mine else 0.0:.2f} of the {len(mine)} images CA calls its own"
+                )
+                missed = [im for im, h in zip(mine, hits) if not h]
+                if missed:  # what the score's K nearest references are where it does not find the concept
+                    bank, bank_labels = presence.object_bank(None)
+                    embeds = ctx.evaluator.image_embeds([crop for im in missed for crop in crops(im)])
+                    near = Counter(bank_labels[int(k)] for row in (embeds @ bank.T).topk(K, dim=1).indices for k in row)
+                    print("  its misses' nearest references: " + ", ".join(f"{k} {n}" for k, n in near.most_common(4)))
                 look = Scene(c.shape, c.colour, "black", "in the center", "small", c.pattern, c.colour2)
                 words = object_phrase(look, False)
                 base = ctx.base_images([p.replace(c.subject, words) for p in prompts], seeds)
