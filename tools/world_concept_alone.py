@@ -39,7 +39,7 @@ from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, STYLE_CAPTION_FORMS, WorldConcept, get_concept
 from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
-from fl2t.world.presence import K, Presence, crops
+from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
 
@@ -106,9 +106,8 @@ def main() -> None:
                 )
                 missed = [im for im, h in zip(mine, hits) if not h]
                 if missed:  # what the score's K nearest references are where it does not find the concept
-                    bank, bank_labels = presence.object_bank(None)
-                    embeds = ctx.evaluator.image_embeds([crop for im in missed for crop in crops(im)])
-                    near = Counter(bank_labels[int(k)] for row in (embeds @ bank.T).topk(K, dim=1).indices for k in row)
+                    votes = presence.nearest(missed, *presence.object_bank(None))
+                    near = Counter(label for per_crop in votes for crop in per_crop for label in crop)
                     print("  its misses' nearest references: " + ", ".join(f"{k} {n}" for k, n in near.most_common(4)))
                 look = Scene(c.shape, c.colour, "black", "in the center", "small", c.pattern, c.colour2)
                 words = object_phrase(look, False)

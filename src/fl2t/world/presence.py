@@ -251,22 +251,27 @@ class Presence:
                     out[:, j] = [c.style in f for f in found]
         return out
 
-    def objects_found(self, images: Sequence[Image.Image], bank: torch.Tensor, labels: list[str]) -> list[set[str]]:
-        """Per picture, the labels that win the K-nearest majority in some crop."""
+    def nearest(self, images: Sequence[Image.Image], bank: torch.Tensor, labels: list[str]) -> list[list[list[str]]]:
+        """Per picture, per candidate crop, the labels of its K nearest references in `bank`."""
         cands = [crops(im) for im in images]
         emb = self.evaluator.image_embeds([c for cs in cands for c in cs])
-        top = (emb @ bank.T).topk(K, dim=1).indices
-        found: list[set[str]] = []
-        i = 0
+        top = [[labels[int(k)] for k in row] for row in (emb @ bank.T).topk(K, dim=1).indices]
+        out, i = [], 0
         for cs in cands:
+            out.append(top[i : i + len(cs)])
+            i += len(cs)
+        return out
+
+    def objects_found(self, images: Sequence[Image.Image], bank: torch.Tensor, labels: list[str]) -> list[set[str]]:
+        """Per picture, the labels that win the K-nearest majority in some crop."""
+        found: list[set[str]] = []
+        for per_crop in self.nearest(images, bank, labels):
             winners = set()
-            for row in top[i : i + len(cs)]:
-                votes = [labels[int(k)] for k in row]
+            for votes in per_crop:
                 best = max(set(votes), key=votes.count)
                 if votes.count(best) > K // 2:
                     winners.add(best)
             found.append(winners)
-            i += len(cs)
         return found
 
 
