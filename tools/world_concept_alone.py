@@ -14,6 +14,9 @@ SETTINGS='{"steps": 800}': LearnSettings fields changed from the check's (an exp
 CAPTIONS: the references' captions other than the world's (docs/world.md "Style captions in the templates' forms"):
 `one`, every caption in the first form (background and position named), as before 2026-12-05; `comma`, the styles'
 in four forms with a comma before "in the style of" always; `objects`, the objects' in four forms too.
+STYLE_REFERENCES: the styles' references drawn otherwise than the world's (docs/world.md "Style references on
+varied content"): `varied`, five colours and five shapes, each once; `colours`, five colours each once, the world's
+shapes; `six`, six references, every colour and every shape (one colour twice).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, the seconds its expert took to learn (the anchors included), for the images CA
 does not call its own, whose references (or the class's images) they are nearest, and, for the images presence does
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +41,9 @@ from PIL import Image
 
 from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
+from fl2t.world import concepts
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, STYLE_CAPTION_FORMS, WorldConcept, get_concept
-from fl2t.world.generator import BACKGROUNDS, Scene, object_phrase
+from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, object_phrase
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
 
@@ -73,10 +78,34 @@ def other_captions(kind: str) -> None:
     WorldConcept.caption = caption  # type: ignore[method-assign]
 
 
+def other_style_references(kind: str) -> None:
+    """Replace the styles' references by the STYLE_REFERENCES experiment's (see the module's docstring): the world's
+    draw (backgrounds, positions, sizes), with the colours and shapes taken in turn from a seeded shuffle of each."""
+    world_scenes = concepts.reference_scenes
+
+    def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
+        if concept.kind == "object":
+            return world_scenes(concept, n)
+        n = len(SHAPES) if kind == "six" else n
+        place = (concepts.CONCEPTS + concepts.TUNING_CONCEPTS).index(concept)
+        mix = np.random.default_rng([concepts.CONCEPT_SEED, place, 1])
+        colours = [list(COLOURS)[j] for j in mix.permutation(len(COLOURS))]
+        shapes = [SHAPES[j] for j in mix.permutation(len(SHAPES))]
+        return [
+            replace(s, colour=colours[i % len(colours)], **({} if kind == "colours" else {"shape": shapes[i]}))
+            for i, s in enumerate(world_scenes(concept, n))
+        ]
+
+    concepts.reference_scenes = reference_scenes  # write_concept draws through it
+    check.REFERENCES_PER_CONCEPT = len(SHAPES)  # CA's references: all of them (an object has five)
+
+
 def main() -> None:
     world, names = Path(sys.argv[1]), sys.argv[2:]
     if os.environ.get("CAPTIONS"):
         other_captions(os.environ["CAPTIONS"])
+    if os.environ.get("STYLE_REFERENCES"):
+        other_style_references(os.environ["STYLE_REFERENCES"])
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     ctx = check.CheckContext(world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
     s1, settings = ctx.step1, ctx.learn
