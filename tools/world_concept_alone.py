@@ -16,7 +16,9 @@ CAPTIONS: the references' captions other than the world's (docs/world.md "Style 
 in four forms with a comma before "in the style of" always; `objects`, the objects' in four forms too.
 STYLE_REFERENCES: the styles' references drawn otherwise than the world's (docs/world.md "Style references on
 varied content"): `varied`, five colours and five shapes, each once; `colours`, five colours each once, the world's
-shapes; `six`, six references, every colour and every shape (one colour twice).
+shapes; `six`, six references, every colour and every shape (one colour twice). With `SCORE_REFERENCES=world`, CA
+reads the experts learned from those references against the world's references (whether a style's learning or CA's
+reading of a varied reference set moves its CA).
 GRID=FOLDER: also save FOLDER/<concept>.png, its five references above the first 16 images CA reads (twice the size).
 Printed per concept: its CA, the seconds its expert took to learn (the anchors included), for the images CA
 does not call its own, whose references (or the class's images) they are nearest, and, for the images presence does
@@ -43,9 +45,11 @@ from fl2t.images import image_grid
 from fl2t.methods import METHODS, MethodContext
 from fl2t.world import concepts
 from fl2t.world.concepts import REFERENCES_PER_CONCEPT, STYLE_CAPTION_FORMS, WorldConcept, get_concept
-from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, object_phrase
+from fl2t.world.generator import BACKGROUNDS, COLOURS, SHAPES, Scene, object_phrase, render
 from fl2t.world.presence import Presence
 from fl2t.worldkit import check
+
+WORLD_REFERENCES = concepts.reference_scenes  # the world's draw, before STYLE_REFERENCES replaces it
 
 
 def save_grid(path: Path, references: list[Image.Image], images: list[Image.Image]) -> None:
@@ -109,6 +113,10 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     ctx = check.CheckContext(world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
     s1, settings = ctx.step1, ctx.learn
+    if os.environ.get("SCORE_REFERENCES") == "world":  # CA against the world's references, whatever was learned
+        for c in map(get_concept, names):
+            if c.kind == "style":
+                s1.refs[c.name] = ctx.evaluator.image_embeds([render(s, ctx.side) for s in WORLD_REFERENCES(c)])
     with tempfile.TemporaryDirectory() as tmp:
         lookup = METHODS["lookup"](MethodContext(str(world / "base"), settings, Path(tmp) / "w", Path(tmp) / "s"))
         learned = {}
