@@ -145,7 +145,7 @@ class BenchConfig(BaseModel):
         default_factory=dict,
         description=(
             "named rows that run a method with other settings, usable as a method name (bench/variants.py), e.g. "
-            "lwf+compute: {method: lwf, learn: {steps: 1200}}"
+            "cidm+tokens+compute: {method: cidm+tokens, learn: {steps: 700}}"
         ),
     )
 

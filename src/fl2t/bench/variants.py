@@ -1,17 +1,17 @@
 """Variants: named rows of a benchmark that run a method with other settings.
 
     variants:
-      lwf+compute: {method: lwf, learn: {steps: 1200}}     # the strongest baseline given fl2t's compute
+      cidm+tokens+compute: {method: cidm+tokens, learn: {steps: 700}}   # the strongest baseline at fl2t's compute
       ewc@1e2: {method: ewc, settings: {ewc_lambda: 100}}
       fl2t@lb0.1: {method: fl2t, consolidate: {lambda_base: 0.1}}
 
-A variant's name serves wherever a method's does (`--methods lwf+compute`, results.json, the report's rows), and its
-state has its own folder. For that row only, `learn` overrides the config's Step-1 settings, `consolidate` its
-Step-2 settings, and `settings` the method's own settings (its `settings_model`, over the config's `methods:` entry
-for it). A method that learns each concept alone (an `AloneMethod`: oracle, lookup, merge, magmax-alone, fl2t) takes its
-experts from the run's shared store, learned once at the config's Step-1 settings; a `learn` override for such a
-variant is refused rather than given a store of its own (a second store would be a second run's Step 1: make it a
-benchmark of its own). Fidelity targets always come from the shared store, whatever a row's `learn`.
+A variant's name serves wherever a method's does (`--methods cidm+tokens+compute`, results.json, the report's rows),
+and its state has its own folder. For that row only, `learn` overrides the config's Step-1 settings, `consolidate`
+its Step-2 settings, and `settings` the method's own settings (its `settings_model`, over the config's `methods:`
+entry for it). A method that learns each concept alone (an `AloneMethod`: oracle, lookup, merge, magmax-alone, fl2t)
+takes its experts from the run's shared store, learned once at the config's Step-1 settings; a `learn` override for
+such a variant is refused rather than given a store of its own (a second store would be a second run's Step 1: make
+it a benchmark of its own). Fidelity targets always come from the shared store, whatever a row's `learn`.
 """
 
 from __future__ import annotations
