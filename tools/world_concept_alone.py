@@ -85,6 +85,8 @@ def other_captions(kind: str) -> None:
 def other_style_references(kind: str) -> None:
     """Replace the styles' references by the STYLE_REFERENCES experiment's (see the module's docstring): the world's
     draw (backgrounds, positions, sizes), with the colours and shapes taken in turn from a seeded shuffle of each."""
+    if kind not in ("varied", "colours", "six"):
+        raise SystemExit(f"STYLE_REFERENCES={kind}: one of varied, colours, six")
     world_scenes = concepts.reference_scenes
 
     def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
