@@ -87,11 +87,10 @@ def other_style_references(kind: str) -> None:
     draw (backgrounds, positions, sizes), with the colours and shapes taken in turn from a seeded shuffle of each."""
     if kind not in ("varied", "colours", "six"):
         raise SystemExit(f"STYLE_REFERENCES={kind}: one of varied, colours, six")
-    world_scenes = concepts.reference_scenes
 
     def reference_scenes(concept: WorldConcept, n: int = REFERENCES_PER_CONCEPT) -> list[Scene]:
         if concept.kind == "object":
-            return world_scenes(concept, n)
+            return WORLD_REFERENCES(concept, n)
         n = len(SHAPES) if kind == "six" else n
         place = (concepts.CONCEPTS + concepts.TUNING_CONCEPTS).index(concept)
         mix = np.random.default_rng([concepts.CONCEPT_SEED, place, 1])
@@ -99,7 +98,7 @@ def other_style_references(kind: str) -> None:
         shapes = [SHAPES[j] for j in mix.permutation(len(SHAPES))]
         return [
             replace(s, colour=colours[i % len(colours)], **({} if kind == "colours" else {"shape": shapes[i]}))
-            for i, s in enumerate(world_scenes(concept, n))
+            for i, s in enumerate(WORLD_REFERENCES(concept, n))
         ]
 
     concepts.reference_scenes = reference_scenes  # write_concept draws through it
@@ -115,7 +114,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     ctx = check.CheckContext(world, learn_overrides=json.loads(os.environ.get("SETTINGS", "{}")))
     s1, settings = ctx.step1, ctx.learn
-    if os.environ.get("SCORE_REFERENCES") == "world":  # CA against the world's references, whatever was learned
+    if os.environ.get("SCORE_REFERENCES", "world") != "world":
+        raise SystemExit(f"SCORE_REFERENCES={os.environ['SCORE_REFERENCES']}: only 'world' is known")
+    if os.environ.get("SCORE_REFERENCES"):  # CA against the world's references, whatever was learned
         for c in map(get_concept, names):
             if c.kind == "style":
                 s1.refs[c.name] = ctx.evaluator.image_embeds([render(s, ctx.side) for s in WORLD_REFERENCES(c)])
